@@ -1,0 +1,1 @@
+"""The risk-desk dashboard: Streamlit over the Parquet lake through DuckDB."""

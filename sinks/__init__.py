@@ -1,0 +1,1 @@
+"""Consumers of result records: the Parquet lake and alerting."""
