@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 RESULT_FIELDS: tuple[str, ...] = (
@@ -64,3 +65,23 @@ def decode(payload: bytes) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise ValueError("a result record must be a JSON object")
     return record
+
+
+def format_time(epoch_seconds: float) -> str:
+    """ISO-8601 UTC with milliseconds, the form of the record's period start and end times.
+
+    >>> format_time(0)
+    '1970-01-01T00:00:00.000Z'
+    """
+    moment = datetime.fromtimestamp(epoch_seconds, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> datetime:
+    """The aware UTC datetime of a record time written by ``format_time`` (or any ISO-8601).
+
+    >>> parse_time("1970-01-01T00:00:01.500Z").timestamp()
+    1.5
+    """
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
