@@ -1,0 +1,153 @@
+"""DuckDB over the Parquet lake: the analysts' and the dashboard's read API.
+
+Stable API
+----------
+``connect(lake_dir) -> duckdb.DuckDBPyConnection``
+    An in-memory DuckDB connection with three views over the lake as it is *now*:
+
+    ``scores``
+        One row per result record: every result field in camelCase (``detectorName``,
+        ``measure``, ``timeseriesId``, ``dimensionList`` STRUCT(name, value)[],
+        ``aggregatedMeasureValue``, ``anomalyScore``, ``anomalyDecisionThreshold`` DOUBLE,
+        ``anomalyDecision`` TINYINT, ``anomalyConfidenceScore`` DOUBLE, ``modelStage`` VARCHAR,
+        ``expectedValue`` DOUBLE, ``processedDataPoints`` BIGINT, ``detectionPeriodStartTime``,
+        ``detectionPeriodEndTime`` TIMESTAMP WITH TIME ZONE), any extra result fields (NULL in
+        files written before they existed), one ``dim_<name>`` VARCHAR per dimension,
+        ``kafkaPartition`` INTEGER, ``kafkaOffset`` BIGINT and the Hive partition ``dt`` DATE
+        (UTC date of ``detectionPeriodStartTime``).
+    ``anomalies``
+        ``scores`` where ``anomalyDecision = 1``.
+    ``series``
+        One row per ``timeseriesId``: ``detectorName``, ``measure``, ``dimensionList``, the
+        ``dim_*`` columns, ``modelStage`` and ``anomalyConfidenceScore`` of the latest period,
+        ``points`` (rows), ``anomalies`` (sum of decisions), ``firstDetectionPeriodStartTime`` and
+        ``lastDetectionPeriodStartTime``.
+
+    An empty or missing lake gives the same views, empty, with the base columns.
+
+``refresh(connection, lake_dir)``
+    Re-create the views so that files published since ``connect`` become visible.
+
+``query(lake_dir, sql) -> pyarrow.Table``
+    Run one SQL statement over a fresh snapshot of the lake.
+
+Consistency: the views read an explicit list of files taken from one consistent listing of the
+lake (``sinks.lake_files``), never a partial file (those are named ``.*.tmp``) and never both a
+compacted file and the small files it replaced. The compactor deletes replaced files only after a
+grace period (default 30 s), so a query that starts within that grace period after ``connect``
+reads a complete snapshot; ``query`` takes a new snapshot and retries if a file vanished.
+
+>>> import tempfile
+>>> with tempfile.TemporaryDirectory() as empty:
+...     query(empty, "SELECT count(*) AS n FROM scores").to_pylist()
+[{'n': 0}]
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from sinks.lake_files import list_files, visible_files
+
+DEFAULT_LAKE = "lake"
+
+# The DuckDB types of the base columns as read from the lake's Parquet files; the empty lake's
+# views use them so that a dashboard sees the same columns with or without data.
+BASE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("detectorName", "VARCHAR"),
+    ("measure", "VARCHAR"),
+    ("timeseriesId", "VARCHAR"),
+    ("dimensionList", "STRUCT(name VARCHAR, value VARCHAR)[]"),
+    ("aggregatedMeasureValue", "DOUBLE"),
+    ("anomalyScore", "DOUBLE"),
+    ("anomalyDecisionThreshold", "DOUBLE"),
+    ("anomalyDecision", "TINYINT"),
+    ("anomalyConfidenceScore", "DOUBLE"),
+    ("modelStage", "VARCHAR"),
+    ("expectedValue", "DOUBLE"),
+    ("processedDataPoints", "BIGINT"),
+    ("detectionPeriodStartTime", "TIMESTAMP WITH TIME ZONE"),
+    ("detectionPeriodEndTime", "TIMESTAMP WITH TIME ZONE"),
+    ("kafkaPartition", "INTEGER"),
+    ("kafkaOffset", "BIGINT"),
+    ("dt", "DATE"),
+)
+_RETRIES = 5
+
+
+def visible_paths(lake_dir: str | Path) -> list[Path]:
+    """The Parquet files that make up the lake right now (one consistent snapshot)."""
+    return [item.path for item in visible_files(list_files(Path(lake_dir)))]
+
+
+def connect(lake_dir: str | Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the views ``scores``, ``anomalies`` and ``series``."""
+    connection = duckdb.connect()
+    # Results are UTC; without this, timestamps come back in the machine's zone.
+    connection.execute("SET TimeZone = 'UTC'")
+    refresh(connection, lake_dir)
+    return connection
+
+
+def refresh(connection: duckdb.DuckDBPyConnection, lake_dir: str | Path) -> None:
+    """(Re-)create the views over a new snapshot of the lake."""
+    paths = visible_paths(lake_dir)
+    if paths:
+        listing = ", ".join(_quote(str(p.absolute())) for p in paths)
+        scores = (
+            f"SELECT * FROM read_parquet([{listing}], hive_partitioning = true, "
+            "union_by_name = true, hive_types = {'dt': DATE})"
+        )
+    else:
+        typed_nulls = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in BASE_COLUMNS)
+        scores = f"SELECT {typed_nulls} WHERE false"
+    connection.execute(f"CREATE OR REPLACE VIEW scores AS {scores}")
+    connection.execute(
+        "CREATE OR REPLACE VIEW anomalies AS SELECT * FROM scores WHERE anomalyDecision = 1"
+    )
+    columns = [row[0] for row in connection.execute("DESCRIBE scores").fetchall()]
+    latest = [
+        "detectorName",
+        "measure",
+        "dimensionList",
+        *sorted(c for c in columns if c.startswith("dim_")),
+        "modelStage",
+        "anomalyConfidenceScore",
+    ]
+    picks = ",\n  ".join(f'arg_max("{c}", detectionPeriodStartTime) AS "{c}"' for c in latest)
+    connection.execute(
+        f"""CREATE OR REPLACE VIEW series AS
+SELECT timeseriesId,
+  {picks},
+  count(*) AS points,
+  CAST(coalesce(sum(anomalyDecision), 0) AS BIGINT) AS anomalies,
+  min(detectionPeriodStartTime) AS firstDetectionPeriodStartTime,
+  max(detectionPeriodStartTime) AS lastDetectionPeriodStartTime
+FROM scores
+GROUP BY timeseriesId"""
+    )
+
+
+def query(lake_dir: str | Path, sql: str) -> pa.Table:
+    """Run ``sql`` against the views over a fresh snapshot of the lake."""
+    for attempt in range(_RETRIES):
+        connection = connect(lake_dir)
+        try:
+            relation = connection.sql(sql)
+            return relation.to_arrow_table() if relation is not None else pa.table({})
+        except duckdb.IOException:
+            # A file of the snapshot was compacted away and deleted meanwhile: take a new one.
+            if attempt == _RETRIES - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+        finally:
+            connection.close()
+    raise AssertionError("unreachable")
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
