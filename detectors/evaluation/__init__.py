@@ -1,0 +1,24 @@
+"""Scoring detectors against labelled corpora (NAB rules) and running them over one."""
+
+from detectors.evaluation.corpus import CorpusFile, load_corpus
+from detectors.evaluation.nab import (
+    PROFILES,
+    CorpusScore,
+    Profile,
+    Tally,
+    ThresholdSweep,
+    optimize_threshold,
+    score_corpus,
+)
+
+__all__ = [
+    "PROFILES",
+    "CorpusFile",
+    "CorpusScore",
+    "Profile",
+    "Tally",
+    "ThresholdSweep",
+    "load_corpus",
+    "optimize_threshold",
+    "score_corpus",
+]
