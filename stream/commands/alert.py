@@ -1,0 +1,105 @@
+"""``anomstream alert``: page on-call through apprise; ``alert silence`` mutes matching alerts."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import TYPE_CHECKING
+
+from stream.cli import CliError
+
+if TYPE_CHECKING:
+    from sinks.alerting.config import AlertConfig
+
+HELP = "Notify on-call (apprise) about anomalous series; 'alert silence' mutes matching alerts."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=False, help="alerts YAML (see examples/alerts.yaml)")
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides the config)")
+    parser.add_argument("--topic", help="result topic (overrides the config)")
+    parser.add_argument(
+        "--until-idle",
+        type=float,
+        metavar="SECONDS",
+        help="stop once no record arrived and nothing was pending for this long (batch runs)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    silence = actions.add_parser(
+        "silence",
+        help="silence alerts matching labels for a while (a running alerter honours it at once)",
+        description="Matchers are label=glob; labels: detector, measure, series, rule, severity "
+        "and any dimension name.",
+    )
+    silence.add_argument("--config", default=argparse.SUPPRESS, help="alerts YAML")
+    silence.add_argument(
+        "--match", action="append", default=[], metavar="LABEL=GLOB", help="repeatable"
+    )
+    silence.add_argument("--for", dest="duration", default="1h", help="e.g. 30m, 2h, 1d")
+    silence.add_argument("--comment", default="", help="why, for the next person")
+
+
+def _load(args: argparse.Namespace) -> AlertConfig:
+    from sinks.alerting.config import ConfigError, load_config
+
+    if not args.config:
+        raise CliError("--config is required (an alerts YAML, see examples/alerts.yaml)")
+    overrides = {}
+    if getattr(args, "bootstrap", None):
+        overrides["bootstrap_servers"] = args.bootstrap
+    if getattr(args, "topic", None):
+        overrides["result_topic"] = args.topic
+    try:
+        return load_config(args.config, overrides)
+    except ConfigError as error:
+        raise CliError(str(error)) from None
+
+
+def _silence(args: argparse.Namespace) -> int:
+    from sinks.alerting.config import parse_duration
+    from sinks.alerting.silences import Silence, parse_matchers, write_silence
+
+    config = _load(args)
+    try:
+        matchers = parse_matchers(args.match)
+        seconds = parse_duration(args.duration)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    now = time.time()
+    path = write_silence(config.silences_dir, Silence(matchers, now, now + seconds, args.comment))
+    shown = ", ".join(f"{k}={v}" for k, v in matchers.items())
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + seconds))
+    print(f"silenced {shown} until {until} ({path})")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "silence":
+        return _silence(args)
+
+    import logging
+    import signal
+    import threading
+
+    from sinks.alerting.redact import Redactor, install_logging
+
+    config = _load(args)
+    redactor = Redactor(r.resolved_url() for r in config.receivers)
+    install_logging(redactor, logging.DEBUG if args.verbose else logging.INFO)
+
+    from sinks.alerting.service import Alerter
+
+    if config.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port, addr="127.0.0.1")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        alerter = Alerter(config, redactor)
+    except ValueError as error:
+        raise CliError(redactor(str(error))) from None
+    alerter.run(stop, until_idle=args.until_idle)
+    return 0
