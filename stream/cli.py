@@ -10,6 +10,7 @@ from types import ModuleType
 
 # Sub-command name -> module implementing it (see stream/commands/__init__.py for the protocol).
 COMMANDS: dict[str, str] = {
+    "alert": "stream.commands.alert",
 }
 
 
