@@ -11,6 +11,8 @@ from types import ModuleType
 # Sub-command name -> module implementing it (see stream/commands/__init__.py for the protocol).
 COMMANDS: dict[str, str] = {
     "alert": "stream.commands.alert",
+    "backtest": "stream.commands.backtest",
+    "generate": "stream.commands.generate",
 }
 
 
