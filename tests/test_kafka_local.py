@@ -1,0 +1,138 @@
+"""The local broker and the shared Kafka helpers, against the real broker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, ConfigResource
+
+from stream import kafka_local
+from stream.kafka_io import consume_all, create_topics, producer_config
+from stream.kafka_local import KafkaError, LocalKafka, free_port
+
+
+def _transactional_producer(bootstrap: str) -> Producer:
+    producer = Producer(
+        producer_config(bootstrap, **{"transactional.id": f"test-{free_port()}"})
+    )
+    producer.init_transactions(30)
+    return producer
+
+
+@pytest.mark.kafka
+def test_committed_transactions_are_read_back_and_aborted_ones_are_not(
+    kafka_bootstrap: str, topic_factory
+) -> None:
+    topic = topic_factory()
+    producer = _transactional_producer(kafka_bootstrap)
+    producer.begin_transaction()
+    for i in range(3):
+        producer.produce(topic, key=b"k", value=f"committed-{i}".encode())
+    producer.commit_transaction(30)
+    producer.begin_transaction()
+    producer.produce(topic, key=b"k", value=b"aborted")
+    producer.flush(30)
+    producer.abort_transaction(30)
+
+    committed = consume_all(kafka_bootstrap, topic)
+    everything = consume_all(kafka_bootstrap, topic, read_committed=False)
+
+    assert [m.value() for m in committed] == [b"committed-0", b"committed-1", b"committed-2"]
+    # The aborted record did reach the log: only the isolation level hides it.
+    assert [m.value() for m in everything][-1] == b"aborted"
+
+
+@pytest.mark.kafka
+def test_consume_all_reads_every_partition_in_offset_order(
+    kafka_bootstrap: str, topic_factory
+) -> None:
+    topic = topic_factory(partitions=3)
+    producer = Producer(producer_config(kafka_bootstrap))
+    for i in range(30):
+        producer.produce(topic, value=str(i).encode(), partition=i % 3)
+    producer.flush(30)
+
+    messages = consume_all(kafka_bootstrap, topic)
+
+    assert sorted(int(m.value() or b"") for m in messages) == list(range(30))
+    keys = [(m.partition(), m.offset()) for m in messages]
+    assert keys == sorted(keys)
+    assert {m.partition() for m in messages} == {0, 1, 2}
+
+
+@pytest.mark.kafka
+def test_consume_all_of_an_empty_topic_returns_nothing(kafka_bootstrap: str, topic_factory) -> None:
+    assert consume_all(kafka_bootstrap, topic_factory(partitions=2)) == []
+
+
+@pytest.mark.kafka
+def test_create_topics_is_idempotent_and_sets_compaction(
+    kafka_bootstrap: str, topic_factory
+) -> None:
+    topic = topic_factory("state", partitions=4, compacted=True)
+    create_topics(kafka_bootstrap, [topic], partitions=4, compacted=True)
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    assert len(admin.list_topics(topic, timeout=10).topics[topic].partitions) == 4
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    configs = admin.describe_configs([resource])[resource].result(timeout=10)
+    assert configs["cleanup.policy"].value == "compact"
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_second_broker_restarts_with_its_topics_and_stops_cleanly(tmp_path: Path) -> None:
+    kafka = LocalKafka(tmp_path / "data", port=free_port(), controller_port=free_port())
+    with kafka:
+        pid = kafka.running_pid()
+        assert pid is not None
+        assert (tmp_path / "data" / "kafka.pid").read_text().strip() == str(pid)
+        create_topics(kafka.bootstrap, ["kept"])
+        with pytest.raises(KafkaError, match="already runs"):
+            kafka.start()
+    assert kafka.running_pid() is None
+    assert not Path(f"/proc/{pid}").exists()
+    assert not (tmp_path / "data" / "kafka.pid").exists()
+
+    # A fresh object on the same data dir: no re-format, the topic is still there.
+    with LocalKafka(tmp_path / "data", port=kafka.config.port,
+                    controller_port=kafka.config.controller_port) as again:
+        topics = AdminClient({"bootstrap.servers": again.bootstrap}).list_topics(timeout=10).topics
+        assert "kept" in topics
+
+
+def test_start_refuses_a_port_in_use(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(KafkaError, match=f"port {port}"):
+            LocalKafka(tmp_path, port=port, controller_port=free_port()).start()
+
+
+@pytest.mark.slow
+def test_two_processes_fetching_at_once_both_get_the_complete_jars(tmp_path: Path) -> None:
+    script = (
+        "from stream.kafka_local import ensure_jars; "
+        "print(sorted(p.name for p in ensure_jars().glob('*.jar')))"
+    )
+    env = {**os.environ, "ANOMSTREAM_CACHE": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
+                             stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+
+    assert [run.returncode for run in runs] == [0, 0]
+    expected = str(sorted(p.name for p in kafka_local.ensure_jars().glob("*.jar")))
+    assert [out.strip() for out in outputs] == [expected, expected]
+    assert f"kafka_2.13-{kafka_local.KAFKA_VERSION}.jar" in expected
+    # Only the finished directory and the lock remain: no half-written work dirs.
+    version_dir = tmp_path / "kafka" / kafka_local.KAFKA_VERSION
+    assert sorted(p.name for p in version_dir.iterdir()) == ["fetch.lock", "libs"]
