@@ -161,7 +161,11 @@ def _is_nested(kind: pa.DataType) -> bool:
 
 def _extras_as_json(table: pa.Table, every: bool = False) -> pa.Table:
     for name in table.column_names:
-        if name in RESULT_FIELDS:
+        if (
+            name in RESULT_FIELDS
+            or name in PROVENANCE_SCHEMA.names
+            or name.startswith(DIMENSION_PREFIX)
+        ):
             continue
         column = table.column(name)
         if every or _is_nested(column.type):
@@ -245,3 +249,30 @@ def day_name(day_number: int) -> str:
     '2026-11-21'
     """
     return str(np.datetime64(int(day_number), "D"))
+
+
+def concat(tables: Sequence[pa.Table]) -> pa.Table:
+    """Rows of ``tables`` in order, columns united by name in the lake's column order.
+
+    Columns missing from a table read as nulls; an extra field whose type differs between tables
+    (a producer changed it) is kept as text rather than refusing the rows.
+    """
+    try:
+        merged = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        merged = pa.concat_tables(
+            [_extras_as_json(t, every=True) for t in tables], promote_options="permissive"
+        )
+    return canonical_order(merged)
+
+
+def canonical_order(table: pa.Table) -> pa.Table:
+    """Base fields, extra fields (sorted), ``dim_*`` (sorted), then the provenance columns."""
+    names = table.column_names
+    provenance = [n for n in PROVENANCE_SCHEMA.names if n in names]
+    dims = sorted(n for n in names if n.startswith(DIMENSION_PREFIX))
+    extras = sorted(
+        n for n in names if n not in RESULT_FIELDS and n not in provenance and n not in dims
+    )
+    base = [n for n in RESULT_FIELDS if n in names]
+    return table.select(base + extras + dims + provenance)

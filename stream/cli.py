@@ -13,6 +13,8 @@ COMMANDS: dict[str, str] = {
     "alert": "stream.commands.alert",
     "backtest": "stream.commands.backtest",
     "generate": "stream.commands.generate",
+    "sink": "stream.commands.sink",
+    "query": "stream.commands.query",
 }
 
 

@@ -1,0 +1,373 @@
+"""The Parquet sink: result topic -> date-partitioned Parquet lake, exactly once.
+
+Per assigned partition, records are buffered and cut into files by a rule that depends on the
+records only (``RotationPolicy``): a file closes before a record that would make it hold more
+than ``max_records`` rows, span more than ``max_span_ms`` of detection time, or cross into another
+UTC day. The sink also publishes its buffers when the topic has been idle for
+``idle_flush_s`` (so that the lake stays fresh) and when it stops gracefully.
+
+Each file is written under a temporary name, fsynced, renamed to
+``dt=<day>/<topic>+<partition>+<firstOffset>.parquet``, the directory fsynced, and only then the
+offset after the file's last record is committed (synchronously: a file is never followed by
+another before its commit has succeeded).
+
+On assignment the sink starts from the committed offset or, if the lake already holds records
+beyond it (killed between rename and commit; or a compacted day), right after the last offset in
+the lake, read back from the files' metadata. So a restart never writes a row the lake already
+has, whatever the cut points of the earlier run were. See docs/decisions/0003.
+
+>>> policy = RotationPolicy(max_records=3, max_span_ms=60_000)
+>>> import numpy as np
+>>> cut_points(policy, np.array([0, 1, 2, 3, 4]), state=None)[0]  # 3 rows per file
+[3]
+>>> cut_points(policy, np.array([0, 1, 70_000, 70_001]), state=None)[0]  # span over 60 s
+[2]
+>>> cut_points(policy, np.array([86_399_999, 86_400_000]), state=None)[0]  # next UTC day
+[1]
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from sinks.lake_files import lake_end, publish_sink_file, remove_temp_files
+from sinks.result_table import MS_PER_DAY, concat, day_name, epoch_millis, parse_results
+
+log = logging.getLogger("anomstream.sink.parquet")
+
+DEFAULT_GROUP = "anomstream-parquet-sink"
+
+
+@dataclass(frozen=True)
+class RotationPolicy:
+    """When a file closes; a pure function of the partition's records (never wall-clock)."""
+
+    max_records: int = 100_000
+    max_span_ms: int = 3_600_000
+
+    def __post_init__(self) -> None:
+        if self.max_records < 1:
+            raise ValueError("max_records must be at least 1")
+        if self.max_span_ms < 0:
+            raise ValueError("max_span_ms must not be negative")
+
+
+@dataclass
+class OpenFile:
+    """What the rotation rule needs to know about the file being filled."""
+
+    rows: int
+    day: int
+    min_ms: int
+    max_ms: int
+
+
+def cut_points(
+    policy: RotationPolicy,
+    millis: np.ndarray,
+    days: np.ndarray | None = None,
+    *,
+    state: OpenFile | None,
+) -> tuple[list[int], OpenFile | None]:
+    """Row indices before which a file closes, and the open file's state after the rows.
+
+    ``millis`` are detection start times (epoch ms) in offset order; ``state`` is the file left
+    open by earlier rows (None when nothing is buffered).
+    """
+    if days is None:
+        days = millis // MS_PER_DAY
+    cuts: list[int] = []
+    for index in range(len(millis)):
+        t = int(millis[index])
+        day = int(days[index])
+        if state is not None and (
+            state.rows >= policy.max_records
+            or day != state.day
+            or max(state.max_ms, t) - min(state.min_ms, t) > policy.max_span_ms
+        ):
+            cuts.append(index)
+            state = None
+        if state is None:
+            state = OpenFile(1, day, t, t)
+        else:
+            state.rows += 1
+            state.min_ms = min(state.min_ms, t)
+            state.max_ms = max(state.max_ms, t)
+    return cuts, state
+
+
+@dataclass
+class PartitionBuffer:
+    """Rows of one partition not yet in the lake."""
+
+    partition: int
+    policy: RotationPolicy
+    pieces: list[pa.Table] = field(default_factory=list)
+    state: OpenFile | None = None
+    first_offset: int | None = None
+    next_offset: int | None = None  # after the last record consumed (parsed or rejected)
+
+    def add(self, table: pa.Table, next_offset: int) -> list[pa.Table]:
+        """Buffer rows (offset order); return the files the rotation rule closed."""
+        self.next_offset = next_offset
+        if table.num_rows == 0:
+            return []
+        millis = epoch_millis(table)
+        cuts, state = cut_points(self.policy, millis, state=self.state)
+        closed: list[pa.Table] = []
+        start = 0
+        for cut in cuts:
+            if cut > start:
+                self.pieces.append(table.slice(start, cut - start))
+            closed.append(self._take())
+            start = cut
+        self.pieces.append(table.slice(start))
+        if self.first_offset is None:
+            self.first_offset = int(self.pieces[0].column("kafkaOffset")[0].as_py())
+        self.state = state
+        return closed
+
+    def take_all(self) -> pa.Table | None:
+        """The buffered rows as one file (idle or shutdown flush), or None if empty."""
+        if not self.pieces:
+            return None
+        self.state = None
+        return self._take()
+
+    def _take(self) -> pa.Table:
+        table = concat(self.pieces) if len(self.pieces) > 1 else self.pieces[0]
+        self.pieces = []
+        self.first_offset = None
+        return table
+
+    def safe_offset(self) -> int | None:
+        """The offset up to which everything consumed is in the lake (or was dead-lettered)."""
+        if self.pieces:
+            return int(self.pieces[0].column("kafkaOffset")[0].as_py())
+        return self.next_offset
+
+
+@dataclass
+class SinkConfig:
+    lake: Path
+    topic: str = "results"
+    bootstrap: str = "127.0.0.1:9092"
+    group: str = DEFAULT_GROUP
+    policy: RotationPolicy = field(default_factory=RotationPolicy)
+    idle_flush_s: float = 5.0
+    stop_after_idle_s: float | None = None
+    batch_size: int = 10_000
+    dead_letter_topic: str | None = None
+    metrics_every_s: float = 10.0
+
+    @property
+    def dead_letters(self) -> str:
+        return self.dead_letter_topic or f"{self.topic}-parquet-dlq"
+
+
+@dataclass
+class SinkStats:
+    rows: int = 0
+    files: int = 0
+    rejected: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return (
+            f"parquet-sink rows={self.rows} files={self.files} rejected={self.rejected} "
+            f"rows_per_s={self.rows / elapsed:.0f}"
+        )
+
+
+class ParquetSink:
+    """Consume ``config.topic`` (read_committed, manual commits) into the lake."""
+
+    def __init__(self, config: SinkConfig) -> None:
+        self.config = config
+        self.stats = SinkStats()
+        self._buffers: dict[int, PartitionBuffer] = {}
+        self._committed: dict[int, int] = {}
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Ask the run loop to flush its buffers and return (signal-safe)."""
+        self._stopping = True
+
+    def run(self) -> SinkStats:
+        from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+        from stream.kafka_io import consumer_config, create_topics, producer_config
+
+        config = self.config
+        consumer = Consumer(
+            consumer_config(
+                config.bootstrap,
+                group_id=config.group,
+                **{"client.id": "anomstream-parquet-sink", "enable.auto.offset.store": False},
+            )
+        )
+        producer: Any = None
+
+        def on_assign(client: Any, partitions: list[Any]) -> None:
+            committed = client.committed(partitions, timeout=30)
+            for tp in committed:
+                remove_temp_files(config.lake, f"{config.topic}+{tp.partition}+")
+                start = max(tp.offset, 0)
+                end = lake_end(config.lake, config.topic, tp.partition)
+                if end is not None and end + 1 > start:
+                    log.info(
+                        "parquet-sink partition=%d resumes after lake offset %d (committed %d)",
+                        tp.partition,
+                        end,
+                        tp.offset,
+                    )
+                    start = end + 1
+                tp.offset = start
+                self._buffers[tp.partition] = PartitionBuffer(tp.partition, config.policy)
+                self._buffers[tp.partition].next_offset = start
+                self._committed[tp.partition] = -1
+            client.assign(committed)
+
+        def on_revoke(client: Any, partitions: list[Any]) -> None:
+            # Buffered rows were never committed: the next owner reads them again.
+            for tp in partitions:
+                self._buffers.pop(tp.partition, None)
+                self._committed.pop(tp.partition, None)
+
+        def commit(partition: int) -> None:
+            buffer = self._buffers.get(partition)
+            offset = buffer.safe_offset() if buffer else None
+            if offset is None or offset <= self._committed.get(partition, -1):
+                return
+            if producer is not None:
+                producer.flush(30)
+            consumer.commit(
+                offsets=[TopicPartition(config.topic, partition, offset)], asynchronous=False
+            )
+            self._committed[partition] = offset
+
+        def publish(partition: int, table: pa.Table) -> None:
+            day = day_name(int(epoch_millis(table.slice(0, 1))[0] // MS_PER_DAY))
+            path = publish_sink_file(config.lake, config.topic, partition, day, table)
+            self.stats.rows += table.num_rows
+            self.stats.files += 1
+            log.info(
+                "parquet-sink wrote %s rows=%d offsets=%d-%d",
+                path.relative_to(config.lake),
+                table.num_rows,
+                table.column("kafkaOffset")[0].as_py(),
+                table.column("kafkaOffset")[-1].as_py(),
+            )
+            commit(partition)
+
+        consumer.subscribe(
+            [config.topic], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_revoke
+        )
+        last_record = time.monotonic()
+        last_metrics = last_record
+        flushed_since_idle = True
+        try:
+            while not self._stopping:
+                messages = consumer.consume(config.batch_size, timeout=0.2)
+                now = time.monotonic()
+                by_partition: dict[int, list[Any]] = defaultdict(list)
+                for message in messages:
+                    error = message.error()
+                    if error is not None:
+                        if error.fatal():
+                            raise KafkaException(error)
+                        log.warning("parquet-sink consumer: %s", error)
+                        continue
+                    by_partition[int(message.partition() or 0)].append(message)
+                for partition, batch in by_partition.items():
+                    buffer = self._buffers.get(partition)
+                    if buffer is None:
+                        continue  # revoked meanwhile
+                    parsed = parse_results(
+                        [m.value() for m in batch], partition, [m.offset() for m in batch]
+                    )
+                    if parsed.rejected:
+                        if producer is None:
+                            create_topics(config.bootstrap, [config.dead_letters])
+                            producer = Producer(producer_config(config.bootstrap))
+                        self._dead_letter(producer, batch, parsed.rejected)
+                    for closed in buffer.add(parsed.table, batch[-1].offset() + 1):
+                        publish(partition, closed)
+                    if not buffer.pieces:
+                        commit(partition)
+                if by_partition:
+                    last_record = now
+                    flushed_since_idle = False
+                elif not flushed_since_idle and now - last_record >= config.idle_flush_s:
+                    self._flush_all(publish)
+                    flushed_since_idle = True
+                if now - last_metrics >= config.metrics_every_s:
+                    log.info("%s", self.stats.line())
+                    last_metrics = now
+                if (
+                    config.stop_after_idle_s is not None
+                    and now - last_record >= config.stop_after_idle_s
+                ):
+                    break
+            self._flush_all(publish)
+        finally:
+            log.info("%s", self.stats.line())
+            if producer is not None:
+                producer.flush(30)
+            consumer.close()
+        return self.stats
+
+    def _flush_all(self, publish: Callable[[int, pa.Table], None]) -> None:
+        for partition, buffer in list(self._buffers.items()):
+            table = buffer.take_all()
+            if table is not None:
+                publish(partition, table)
+
+    def _dead_letter(
+        self, producer: Any, batch: list[Any], rejected: list[tuple[int, str]]
+    ) -> None:
+        for index, reason in rejected:
+            message = batch[index]
+            producer.produce(
+                self.config.dead_letters,
+                key=message.key(),
+                value=message.value(),
+                headers=[
+                    ("error", reason.encode()),
+                    ("source.topic", message.topic().encode()),
+                    ("source.partition", str(message.partition()).encode()),
+                    ("source.offset", str(message.offset()).encode()),
+                ],
+            )
+            log.warning(
+                "parquet-sink dead-lettered %s[%d]@%d: %s",
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                reason,
+            )
+        self.stats.rejected += len(rejected)
+        producer.poll(0)
+
+
+def install_signal_handlers(sink: ParquetSink) -> None:
+    """SIGTERM / SIGINT: publish the buffers, commit, and exit cleanly."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        sink.stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
