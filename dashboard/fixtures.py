@@ -1,0 +1,291 @@
+"""Synthetic result lakes for the dashboard's tests, demo and benchmark.
+
+``build_lake`` writes N series × M intervals of result records through the lake's own file
+writer (``sinks.lake_files.publish_sink_file``, so the layout is the sink's), deterministic for
+a seed: the same arguments give the same rows, so tests can compare what the page shows with an
+independent DuckDB count over the same files.
+
+>>> import tempfile
+>>> with tempfile.TemporaryDirectory() as lake:
+...     summary = build_lake(lake, series=8, intervals=30, seed=1)
+...     (summary.rows, summary.series, summary.files > 0)
+(240, 8, True)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from sinks.lake_files import publish_sink_file
+from stream.records import dimension_list, timeseries_id
+
+TOPIC = "anomstream.results"
+THRESHOLD = 70.0
+DEFAULT_START = datetime(2026, 11, 20, 0, 0, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Detector:
+    name: str
+    measure: str
+    primary: str  # dimension unique to each series of the detector
+    primary_values: tuple[str, ...]
+    secondary: str  # dimension shared by several series, the natural filter
+    secondary_values: tuple[str, ...]
+    level: float
+    swing: float
+
+
+DETECTORS: tuple[Detector, ...] = (
+    Detector(
+        "fx-spread", "spread_bps", "pair",
+        ("EURUSD", "GBPUSD", "USDJPY", "AUDUSD", "USDCHF", "USDCAD", "NZDUSD", "EURGBP"),
+        "venue", ("EBS", "Reuters", "LMAX", "Currenex"), 1.2, 0.4,
+    ),
+    Detector(
+        "equity-price", "last_price", "ticker",
+        ("AAPL", "MSFT", "NVDA", "AMZN", "GOOGL", "META", "TSLA", "JPM", "XOM", "UNH"),
+        "exchange", ("XNAS", "XNYS", "BATS"), 180.0, 3.0,
+    ),
+    Detector(
+        "cpu-utilisation", "cpu_util_pct", "host", ("web", "api", "db", "cache"),
+        "region", ("eu-west-1", "us-east-1", "ap-south-1"), 55.0, 20.0,
+    ),
+    Detector(
+        "api-latency", "p99_latency_ms", "service", ("orders", "quotes", "auth", "risk", "fills"),
+        "region", ("eu-west-1", "us-east-1", "ap-south-1"), 120.0, 30.0,
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesSpec:
+    detector: Detector
+    dimensions: dict[str, str]
+
+    @property
+    def timeseries_id(self) -> str:
+        return timeseries_id(self.detector.name, self.detector.measure, self.dimensions)
+
+
+@dataclass(frozen=True, slots=True)
+class LakeSummary:
+    lake_dir: Path
+    rows: int
+    series: int
+    anomalies: int
+    files: int
+    first_start: datetime
+    last_start: datetime
+
+
+def series_specs(count: int) -> list[SeriesSpec]:
+    """``count`` distinct series spread round-robin over the detectors."""
+    specs = []
+    for index in range(count):
+        detector = DETECTORS[index % len(DETECTORS)]
+        member = index // len(DETECTORS)
+        base = detector.primary_values[member % len(detector.primary_values)]
+        lap = member // len(detector.primary_values)
+        primary = base if lap == 0 else f"{base}-{lap:02d}"
+        secondary = detector.secondary_values[member % len(detector.secondary_values)]
+        dimensions = {detector.primary: primary, detector.secondary: secondary}
+        specs.append(SeriesSpec(detector, dimensions))
+    return specs
+
+
+def _schema(dimension_names: list[str]) -> pa.Schema:
+    fields = [
+        pa.field("detectorName", pa.string()),
+        pa.field("measure", pa.string()),
+        pa.field("timeseriesId", pa.string()),
+        pa.field(
+            "dimensionList",
+            pa.list_(pa.struct([pa.field("name", pa.string()), pa.field("value", pa.string())])),
+        ),
+        pa.field("aggregatedMeasureValue", pa.float64()),
+        pa.field("anomalyScore", pa.float64()),
+        pa.field("anomalyDecisionThreshold", pa.float64()),
+        pa.field("anomalyDecision", pa.int8()),
+        pa.field("anomalyConfidenceScore", pa.float64()),
+        pa.field("modelStage", pa.dictionary(pa.int8(), pa.string())),
+        pa.field("expectedValue", pa.float64()),
+        pa.field("processedDataPoints", pa.int64()),
+        pa.field("detectionPeriodStartTime", pa.timestamp("ms", tz="UTC")),
+        pa.field("detectionPeriodEndTime", pa.timestamp("ms", tz="UTC")),
+    ]
+    fields += [pa.field(f"dim_{name}", pa.string()) for name in dimension_names]
+    fields += [pa.field("kafkaPartition", pa.int32()), pa.field("kafkaOffset", pa.int64())]
+    return pa.schema(fields)
+
+
+def build_lake(
+    lake_dir: str | Path,
+    *,
+    series: int,
+    intervals: int,
+    start: datetime = DEFAULT_START,
+    interval: timedelta = timedelta(minutes=1),
+    seed: int = 0,
+    anomaly_rate: float = 0.004,
+    partitions: int = 4,
+    intervals_per_file: int = 60,
+) -> LakeSummary:
+    """Write ``series`` × ``intervals`` result records and return what was written.
+
+    Each series is a daily sine around its detector's level plus noise; the model learns for the
+    first few intervals (score 0, stage LEARNING, confidence rising), then spikes injected at
+    ``anomaly_rate`` (ten times as often on every 17th series, the "hot" ones) score above the
+    threshold of 70 and are flagged.
+    """
+    lake = Path(lake_dir)
+    rng = np.random.default_rng(seed)
+    specs = series_specs(series)
+    learning = max(1, min(30, intervals // 5))
+
+    step = np.arange(intervals)[:, None]
+    level = np.array([s.detector.level for s in specs]) * rng.uniform(0.8, 1.2, series)
+    swing = np.array([s.detector.swing for s in specs]) * rng.uniform(0.5, 1.5, series)
+    phase = rng.uniform(0, 2 * np.pi, series)
+    period = timedelta(days=1) / interval
+    noise_scale = swing * 0.08
+    expected = level + swing * np.sin(2 * np.pi * step / period + phase)
+    noise = rng.normal(0.0, 1.0, (intervals, series))
+    rate = np.where(np.arange(series) % 17 == 0, anomaly_rate * 10, anomaly_rate)
+    spike = (rng.random((intervals, series)) < rate) & (step >= learning)
+    jump = rng.choice([-1.0, 1.0], (intervals, series)) * rng.uniform(6, 12, (intervals, series))
+    noise = np.where(spike, jump, noise)
+    value = expected + noise * noise_scale
+    score = np.round(100 * (1 - np.exp(-np.abs(noise) / 2.9)), 2)
+    score = np.where(step < learning, 0.0, score)
+    decision = ((score >= THRESHOLD) & (step >= learning)).astype(np.int8)
+    seen = np.broadcast_to(step + 1, (intervals, series))
+    confidence = np.round(100 * (1 - np.exp(-seen / (2 * learning))), 2)
+    learning_stage = np.broadcast_to(step < learning, (intervals, series))
+
+    dimension_names = sorted({name for s in specs for name in s.dimensions})
+    schema = _schema(dimension_names)
+    grid = _Grid(
+        specs=specs,
+        dimension_names=dimension_names,
+        start_ms=int(start.timestamp() * 1000),
+        step_ms=int(interval.total_seconds() * 1000),
+        value=value,
+        expected=expected,
+        score=score,
+        decision=decision,
+        confidence=confidence,
+        learning=learning_stage,
+        seen=seen,
+    )
+    partition_of = np.array([int(s.timeseries_id, 16) % partitions for s in specs])
+
+    day_of_step = [(start + interval * k).date() for k in range(intervals)]
+    offsets = [0] * partitions
+    files = 0
+    for first in range(0, intervals, intervals_per_file):
+        block = range(first, min(first + intervals_per_file, intervals))
+        for day in sorted({day_of_step[k] for k in block}):
+            steps = np.array([k for k in block if day_of_step[k] == day])
+            for partition in range(partitions):
+                members = np.flatnonzero(partition_of == partition)
+                if members.size == 0:
+                    continue
+                # Offset order: interval by interval, the partition's series within each.
+                rows_step = np.repeat(steps, members.size)
+                rows_series = np.tile(members, steps.size)
+                table = grid.table(schema, rows_step, rows_series, partition, offsets[partition])
+                publish_sink_file(lake, TOPIC, partition, day.isoformat(), table)
+                offsets[partition] += table.num_rows
+                files += 1
+    return LakeSummary(
+        lake_dir=lake,
+        rows=series * intervals,
+        series=series,
+        anomalies=int(decision.sum()),
+        files=files,
+        first_start=start,
+        last_start=start + interval * (intervals - 1),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _Grid:
+    """The generated (interval × series) arrays, sliced into Arrow tables file by file."""
+
+    specs: list[SeriesSpec]
+    dimension_names: list[str]
+    start_ms: int
+    step_ms: int
+    value: np.ndarray
+    expected: np.ndarray
+    score: np.ndarray
+    decision: np.ndarray
+    confidence: np.ndarray
+    learning: np.ndarray
+    seen: np.ndarray
+
+    @functools.cache  # noqa: B019 - one grid per build_lake call, dropped with it
+    def per_series(self, schema: pa.Schema) -> dict[str, pa.Array]:
+        """The columns that depend only on the series, one entry per series."""
+        specs = self.specs
+        columns = {
+            "detectorName": pa.array([s.detector.name for s in specs]),
+            "measure": pa.array([s.detector.measure for s in specs]),
+            "timeseriesId": pa.array([s.timeseries_id for s in specs]),
+            "dimensionList": pa.array(
+                [dimension_list(s.dimensions) for s in specs],
+                type=schema.field("dimensionList").type,
+            ),
+        }
+        for name in self.dimension_names:
+            columns[f"dim_{name}"] = pa.array(
+                [s.dimensions.get(name) for s in specs], type=pa.string()
+            )
+        return columns
+
+    def table(
+        self,
+        schema: pa.Schema,
+        rows_step: np.ndarray,
+        rows_series: np.ndarray,
+        partition: int,
+        first_offset: int,
+    ) -> pa.Table:
+        per_series = self.per_series(schema)
+        take = pa.array(rows_series)
+        at = (rows_step, rows_series)
+        starts = self.start_ms + rows_step.astype(np.int64) * self.step_ms
+        stage = pa.DictionaryArray.from_arrays(
+            pa.array(np.where(self.learning[at], 0, 1).astype(np.int8)),
+            pa.array(["LEARNING", "INFERENCE"]),
+        )
+        columns: dict[str, pa.Array] = {
+            name: per_series[name].take(take)
+            for name in ("detectorName", "measure", "timeseriesId", "dimensionList")
+        }
+        columns |= {
+            "aggregatedMeasureValue": pa.array(np.round(self.value[at], 4)),
+            "anomalyScore": pa.array(self.score[at]),
+            "anomalyDecisionThreshold": pa.array(np.full(rows_step.size, THRESHOLD)),
+            "anomalyDecision": pa.array(self.decision[at]),
+            "anomalyConfidenceScore": pa.array(self.confidence[at]),
+            "modelStage": stage,
+            "expectedValue": pa.array(np.round(self.expected[at], 4)),
+            "processedDataPoints": pa.array(self.seen[at].astype(np.int64)),
+            "detectionPeriodStartTime": pa.array(starts, type=pa.timestamp("ms", tz="UTC")),
+            "detectionPeriodEndTime": pa.array(
+                starts + self.step_ms, type=pa.timestamp("ms", tz="UTC")
+            ),
+        }
+        for name in self.dimension_names:
+            columns[f"dim_{name}"] = per_series[f"dim_{name}"].take(take)
+        columns["kafkaPartition"] = pa.array(np.full(rows_step.size, partition, dtype=np.int32))
+        columns["kafkaOffset"] = pa.array(first_offset + np.arange(rows_step.size, dtype=np.int64))
+        return pa.Table.from_pydict(columns, schema=schema)

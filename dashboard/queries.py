@@ -1,0 +1,298 @@
+"""The dashboard's questions to the lake, as plain functions: DuckDB connection in, DataFrame out.
+
+Every function reads the views of ``sinks.lake.connect`` (``scores``, ``anomalies``, ``series``)
+and nothing else, takes its filters as a ``Filters`` value and binds every user-supplied value as
+a query parameter; dimension column names are checked against the view's own columns before
+they are quoted into SQL. No Streamlit here, so each query is unit-tested and benchmarked alone.
+
+>>> import tempfile
+>>> from dashboard.fixtures import build_lake
+>>> from sinks.lake import connect
+>>> with tempfile.TemporaryDirectory() as lake:
+...     _ = build_lake(lake, series=4, intervals=60, seed=3)
+...     con = connect(lake)
+...     (kpis(con, Filters()).series, kpis(con, Filters()).data_points)
+(4, 240)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import duckdb
+import pandas as pd
+
+DIMENSION_PREFIX = "dim_"
+_DIMENSION_COLUMN = re.compile(r"^dim_[A-Za-z0-9_.\-]+$")
+
+def label_sql(dimension_columns: list[str]) -> str:
+    """SQL for "detector · measure · name=value, name=value", the name of a series on the page.
+
+    Built from the ``dim_*`` columns (NULL where a series lacks that dimension, and skipped by
+    ``concat_ws``) rather than from ``dimensionList``: reading the nested list costs more than
+    the rest of a catalog query.
+    """
+    pairs = ", ".join(
+        f"""CASE WHEN "{c}" IS NOT NULL THEN '{c[len(DIMENSION_PREFIX):]}=' || "{c}" END"""
+        for c in dimension_columns
+    )
+    dims = f" || ' · ' || concat_ws(', ', {pairs})" if pairs else ""
+    return f"detectorName || ' · ' || measure{dims}"
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the desk is looking at. Empty tuples mean "all"; ``start``/``end`` are a half-open
+    range on ``detectionPeriodStartTime`` (None: unbounded); ``min_score`` applies to the
+    anomalies table only."""
+
+    detectors: tuple[str, ...] = ()
+    dimensions: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    start: datetime | None = None
+    end: datetime | None = None
+    min_score: float = 0.0
+
+    def series_sql(self, known_columns: set[str]) -> tuple[str, list[object]]:
+        """The detector and dimension predicates (no time), for the series view or scores."""
+        clauses: list[str] = []
+        params: list[object] = []
+        if self.detectors:
+            clauses.append(f"detectorName IN ({_marks(self.detectors)})")
+            params += self.detectors
+        for column, values in self.dimensions:
+            if not values:
+                continue
+            if not _DIMENSION_COLUMN.match(column) or column not in known_columns:
+                raise ValueError(f"unknown dimension column {column!r}")
+            clauses.append(f'"{column}" IN ({_marks(values)})')
+            params += values
+        return " AND ".join(clauses) or "true", params
+
+    def time_sql(self) -> tuple[str, list[object]]:
+        clauses: list[str] = []
+        params: list[object] = []
+        if self.start is not None:
+            clauses.append("detectionPeriodStartTime >= ?")
+            params.append(self.start)
+        if self.end is not None:
+            clauses.append("detectionPeriodStartTime < ?")
+            params.append(self.end)
+        return " AND ".join(clauses) or "true", params
+
+
+@dataclass(frozen=True)
+class Kpis:
+    series: int
+    data_points: int
+    anomalies: int
+    mean_confidence: float | None
+
+
+@dataclass(frozen=True)
+class LakeExtent:
+    """How much the lake holds: no rows means an empty (or missing) lake."""
+
+    rows: int
+    first: datetime | None
+    last: datetime | None
+    dimension_columns: list[str] = field(default_factory=list)
+
+
+def extent(con: duckdb.DuckDBPyConnection) -> LakeExtent:
+    # Epoch milliseconds, not TIMESTAMPTZ: DuckDB hands aware datetimes to Python through pytz.
+    rows, first, last = _one(
+        con,
+        "SELECT count(*), epoch_ms(min(detectionPeriodStartTime)), "
+        "epoch_ms(max(detectionPeriodStartTime)) FROM scores",
+    )
+    first_start, last_start = _from_epoch_ms(first), _from_epoch_ms(last)
+    return LakeExtent(int(rows), first_start, last_start, dimension_columns(con))
+
+
+def dimension_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The ``dim_<name>`` columns of the lake, sorted."""
+    names = [row[0] for row in con.sql("DESCRIBE scores").fetchall()]
+    return sorted(n for n in names if n.startswith(DIMENSION_PREFIX))
+
+
+def series_catalog(con: duckdb.DuckDBPyConnection, filters: Filters) -> pd.DataFrame:
+    """One row per series matching the detector and dimension filters: ``timeseriesId``,
+    ``label``, ``detectorName``, ``measure``, the ``dim_*`` columns, ``modelStage`` and
+    ``anomalyConfidenceScore`` (latest), ``points``, ``anomalies``; sorted by label.
+    The source of the filter options and of the series picker.
+
+    Aggregates ``scores`` itself instead of reading the ``series`` view: detector, measure and
+    dimensions are fixed per ``timeseriesId`` (it hashes them), so ``any_value`` does, where the
+    view's ``arg_max`` of ``dimensionList`` costs several times the whole query.
+    """
+    dims = dimension_columns(con)
+    where, params = filters.series_sql(set(dims))
+    dim_select = "".join(f', any_value("{d}") AS "{d}"' for d in dims)
+    return _frame(
+        con,
+        f"""SELECT timeseriesId, {label_sql(dims)} AS label, * EXCLUDE (timeseriesId)
+        FROM (
+            SELECT timeseriesId, any_value(detectorName) AS detectorName,
+                   any_value(measure) AS measure{dim_select},
+                   CAST(arg_max(modelStage, detectionPeriodStartTime) AS VARCHAR) AS modelStage,
+                   arg_max(anomalyConfidenceScore, detectionPeriodStartTime)
+                       AS anomalyConfidenceScore,
+                   count(*) AS points, CAST(sum(anomalyDecision) AS BIGINT) AS anomalies
+            FROM scores WHERE {where} GROUP BY timeseriesId
+        ) ORDER BY label""",
+        params,
+    )
+
+
+def kpis(con: duckdb.DuckDBPyConnection, filters: Filters) -> Kpis:
+    """The KPI row over the series matching the detector and dimension filters.
+
+    ``series``: series tracked; ``data_points``: points the detectors have processed (the latest
+    ``processedDataPoints`` of each series, summed); ``anomalies``: flagged intervals within the
+    time range; ``mean_confidence``: mean of each series' latest confidence.
+    """
+    where, params = filters.series_sql(set(dimension_columns(con)))
+    when, when_params = filters.time_sql()
+    series, points, anomalies, confidence = _one(
+        con,
+        f"""SELECT count(*), coalesce(sum(points), 0), coalesce(sum(anomalies), 0),
+                   avg(confidence)
+        FROM (
+            SELECT max(processedDataPoints) AS points,
+                   count(*) FILTER (WHERE anomalyDecision = 1 AND {when}) AS anomalies,
+                   arg_max(anomalyConfidenceScore, detectionPeriodStartTime) AS confidence
+            FROM scores WHERE {where} GROUP BY timeseriesId
+        )""",
+        when_params + params,
+    )
+    return Kpis(
+        series=int(series),
+        data_points=int(points),
+        anomalies=int(anomalies),
+        mean_confidence=None if confidence is None else float(confidence),
+    )
+
+
+ANOMALY_COLUMNS = (
+    "detectionPeriodStartTime",
+    "label",
+    "aggregatedMeasureValue",
+    "expectedValue",
+    "anomalyScore",
+    "anomalyConfidenceScore",
+    "detectorName",
+    "measure",
+    "timeseriesId",
+)
+
+
+def anomalies(con: duckdb.DuckDBPyConnection, filters: Filters, limit: int) -> pd.DataFrame:
+    """Flagged intervals matching every filter (including ``min_score``), newest first, at most
+    ``limit`` rows; columns ``ANOMALY_COLUMNS``."""
+    dims = dimension_columns(con)
+    where, params = _anomaly_filters(dims, filters)
+    return _frame(
+        con,
+        f"""SELECT detectionPeriodStartTime, {label_sql(dims)} AS label, aggregatedMeasureValue,
+               expectedValue, anomalyScore, anomalyConfidenceScore, detectorName, measure,
+               timeseriesId
+        FROM anomalies WHERE {where}
+        ORDER BY detectionPeriodStartTime DESC, anomalyScore DESC, timeseriesId
+        LIMIT {int(limit)}""",
+        params,
+    )
+
+
+def anomaly_count(con: duckdb.DuckDBPyConnection, filters: Filters) -> int:
+    """How many flagged intervals match every filter (the table shows at most its limit)."""
+    where, params = _anomaly_filters(dimension_columns(con), filters)
+    (count,) = _one(con, f"SELECT count(*) FROM anomalies WHERE {where}", params)
+    return int(count)
+
+
+def heatmap(con: duckdb.DuckDBPyConnection, filters: Filters, top: int) -> pd.DataFrame:
+    """Maximum score per series per hour (UTC) within the time range, for the ``top`` series
+    with the highest maximum (ties: more anomalies first): ``timeseriesId``, ``label``,
+    ``hour``, ``maxScore``, ``anomalies``, ``rank`` (1 = hottest)."""
+    dims = dimension_columns(con)
+    where, params = filters.series_sql(set(dims))
+    when, when_params = filters.time_sql()
+    # time_bucket buckets on the UTC epoch: several times cheaper than ICU's date_trunc.
+    return _frame(
+        con,
+        f"""WITH hourly AS (
+            SELECT timeseriesId,
+                   time_bucket(INTERVAL 1 HOUR, detectionPeriodStartTime) AS hour,
+                   max(anomalyScore) AS maxScore,
+                   CAST(sum(anomalyDecision) AS BIGINT) AS anomalies
+            FROM scores WHERE {where} AND {when}
+            GROUP BY ALL
+        ), ranked AS (
+            SELECT timeseriesId,
+                   row_number() OVER (ORDER BY max(maxScore) DESC, sum(anomalies) DESC,
+                                      timeseriesId) AS rank
+            FROM hourly GROUP BY timeseriesId
+            QUALIFY rank <= {int(top)}
+        ), named AS (
+            SELECT timeseriesId, any_value({label_sql(dims)}) AS label
+            FROM scores WHERE timeseriesId IN (SELECT timeseriesId FROM ranked)
+            GROUP BY timeseriesId
+        )
+        SELECT timeseriesId, label, hour, maxScore, anomalies, rank
+        FROM hourly JOIN ranked USING (timeseriesId) JOIN named USING (timeseriesId)
+        ORDER BY rank, hour""",
+        params + when_params,
+    )
+
+
+def series_points(
+    con: duckdb.DuckDBPyConnection, timeseries_id: str, filters: Filters
+) -> pd.DataFrame:
+    """Every interval of one series within the time range, oldest first: ``time``, ``value``,
+    ``expected``, ``score``, ``threshold``, ``anomaly`` (0/1), ``confidence``, ``stage``."""
+    when, when_params = filters.time_sql()
+    return _frame(
+        con,
+        f"""SELECT detectionPeriodStartTime AS time, aggregatedMeasureValue AS value,
+               expectedValue AS expected, anomalyScore AS score,
+               anomalyDecisionThreshold AS threshold, anomalyDecision AS anomaly,
+               anomalyConfidenceScore AS confidence, CAST(modelStage AS VARCHAR) AS stage
+        FROM scores WHERE timeseriesId = ? AND {when}
+        ORDER BY time""",
+        [timeseries_id, *when_params],
+    )
+
+
+def series_label(con: duckdb.DuckDBPyConnection, timeseries_id: str) -> str | None:
+    """The label of one series, or None if the lake does not hold it."""
+    rows = con.sql(
+        f"SELECT {label_sql(dimension_columns(con))} FROM scores WHERE timeseriesId = ? LIMIT 1",
+        params=[timeseries_id],
+    ).fetchall()
+    return str(rows[0][0]) if rows else None
+
+
+def _anomaly_filters(dims: list[str], filters: Filters) -> tuple[str, list[object]]:
+    where, params = filters.series_sql(set(dims))
+    when, when_params = filters.time_sql()
+    return f"{where} AND {when} AND anomalyScore >= ?", [*params, *when_params, filters.min_score]
+
+
+def _from_epoch_ms(value: int | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value / 1000, tz=UTC)
+
+
+def _marks(values: tuple[str, ...]) -> str:
+    return ", ".join("?" for _ in values)
+
+
+def _frame(con: duckdb.DuckDBPyConnection, sql: str, params: list[object]) -> pd.DataFrame:
+    # Through Arrow: timestamps arrive as aware UTC pandas columns, with no pytz involved.
+    return con.sql(sql, params=params).to_arrow_table().to_pandas()
+
+
+def _one(con: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None) -> tuple:
+    (row,) = con.sql(sql, params=params or []).fetchall()  # an aggregate: exactly one row
+    return tuple(row)
