@@ -1,0 +1,131 @@
+"""``anomstream evaluate`` on a tiny hand-made corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detectors.evaluation import PROFILES, load_corpus, score_corpus
+from stream.cli import main
+
+START = datetime(2024, 5, 1, tzinfo=UTC)
+
+
+def stamp(row: int) -> str:
+    return (START + timedelta(minutes=5 * row)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> tuple[Path, Path]:
+    """Two series with one anomaly window each: a spike, and a level shift."""
+    data = tmp_path / "data"
+    (data / "ops").mkdir(parents=True)
+    (data / "market").mkdir()
+    spike = [10 + math.sin(i / 6) for i in range(300)]
+    spike[200] = 40.0
+    shift = [5 + 0.5 * math.cos(i / 4) + (8 if i >= 300 else 0) for i in range(400)]
+    shift_rows = [f"{stamp(i)},{v:.4f}" for i, v in enumerate(shift)]
+    shift_rows[50] = f"{stamp(50)},"  # a missing value
+    (data / "ops" / "spike.csv").write_text(
+        "timestamp,value\n" + "".join(f"{stamp(i)},{v:.4f}\n" for i, v in enumerate(spike))
+    )
+    (data / "market" / "shift.csv").write_text("timestamp,value\n" + "\n".join(shift_rows) + "\n")
+    labels = {
+        "ops/spike.csv": [[stamp(190) + ".000000", stamp(220) + ".000000"]],
+        "market/shift.csv": [[stamp(290) + ".000000", stamp(330) + ".000000"]],
+        "elsewhere/not_here.csv": [],  # labels for files outside the subset are fine
+    }
+    labels_path = tmp_path / "windows.json"
+    labels_path.write_text(json.dumps(labels))
+    return data, labels_path
+
+
+def write_results(directory: Path, scores: dict[str, np.ndarray]) -> None:
+    """Per-file outputs in the layout and columns of ``anomstream backtest``."""
+    for key, values in scores.items():
+        path = directory / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["timestamp,value,anomalyScore,anomalyDecision"]
+        lines += [f"{stamp(i)},0,{float(s)!r},{int(s >= 70)}" for i, s in enumerate(values)]
+        path.write_text("\n".join(lines) + "\n")
+
+
+def test_runs_the_detector_and_writes_the_report(corpus_dir, tmp_path, capsys):
+    data, labels = corpus_dir
+    out = tmp_path / "report.json"
+    argv = ["evaluate", "--data", str(data), "--labels", str(labels), "--json", str(out)]
+    assert main([*argv, "--jobs", "2", "--param", "num_trees=20", "--param", "warmup=32"]) == 0
+    report = json.loads(out.read_text())
+    assert report["corpus"] == {"files": 2, "rows": 700, "windows": 2}
+    assert report["detector_config"]["num_trees"] == 20
+    assert report["deployed_threshold"] == 70.0
+    assert set(report["profiles"]) == set(PROFILES)
+    for name, entry in report["profiles"].items():
+        assert entry["weights"]["fp"] == PROFILES[name].fp_weight
+        optimized, deployed = entry["optimized"], entry["deployed"]
+        assert deployed["threshold"] == 70.0
+        assert optimized["score"] >= deployed["score"] - 1e-9
+        assert set(optimized["categories"]) == {"ops", "market"}
+        assert set(optimized["files"]) == {"ops/spike.csv", "market/shift.csv"}
+        assert optimized["tp"] + optimized["fn"] == 2
+        assert optimized["raw_perfect"] == 2 * PROFILES[name].tp_weight
+    # The spike is obvious: the detector's best threshold catches it.
+    assert report["profiles"]["standard"]["optimized"]["files"]["ops/spike.csv"]["tp"] == 1
+    printed = capsys.readouterr().out
+    assert "reward_low_FN_rate" in printed and "corpus" in printed
+
+
+def test_results_directory_is_scored_as_given(corpus_dir, tmp_path):
+    data, labels = corpus_dir
+    corpus = load_corpus(data, labels)
+    rng = np.random.default_rng(3)
+    scores = {f.key: np.round(100 * rng.random(f.rows) ** 4, 2) for f in corpus}
+    scores["ops/spike.csv"][195] = 99.5
+    results = tmp_path / "results"
+    write_results(results, scores)
+    out = tmp_path / "report.json"
+    argv = ["evaluate", "--data", str(data), "--labels", str(labels), "--results", str(results)]
+    assert main([*argv, "--json", str(out), "--param", "threshold=60"]) == 0
+    report = json.loads(out.read_text())
+    assert report["results"] == str(results) and report["detector_config"] is None
+    for name in PROFILES:
+        optimized = score_corpus(scores, corpus, name)
+        deployed = score_corpus(scores, corpus, name, threshold=60.0)
+        entry = report["profiles"][name]
+        assert entry["optimized"]["threshold"] == optimized.threshold
+        assert entry["optimized"]["score"] == pytest.approx(optimized.score)
+        assert entry["deployed"]["threshold"] == 60.0
+        assert entry["deployed"]["score"] == pytest.approx(deployed.score)
+        assert entry["deployed"]["fp"] == deployed.fp
+        spike = entry["deployed"]["files"]["ops/spike.csv"]
+        assert spike["raw"] == pytest.approx(deployed.files["ops/spike.csv"].raw)
+
+    # A perfect set of results scores 100 under every profile.
+    perfect = {f.key: np.zeros(f.rows) for f in corpus}
+    for f in corpus:
+        perfect[f.key][f.windows[:, 0]] = 100.0
+    write_results(results, perfect)
+    assert main([*argv, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for entry in report["profiles"].values():
+        assert entry["optimized"]["score"] == pytest.approx(100.0)
+        assert entry["deployed"]["score"] == pytest.approx(100.0)
+
+
+def test_user_errors_are_reported_without_a_traceback(corpus_dir, tmp_path, capsys):
+    data, labels = corpus_dir
+    argv = ["evaluate", "--data", str(data), "--labels", str(labels)]
+    assert main([*argv, "--param", "num_tress=3"]) == 2
+    assert "unknown detector parameter" in capsys.readouterr().err
+    assert main([*argv, "--param", "num_trees=many"]) == 2
+    assert "'many' is not a valid int" in capsys.readouterr().err
+    results = tmp_path / "short"
+    corpus = load_corpus(data, labels)
+    write_results(results, {f.key: np.zeros(f.rows - 1) for f in corpus})
+    assert main([*argv, "--results", str(results)]) == 2
+    assert "result rows, but the data file has" in capsys.readouterr().err
