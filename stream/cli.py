@@ -12,7 +12,6 @@ from types import ModuleType
 COMMANDS: dict[str, str] = {
     "alert": "stream.commands.alert",
     "backtest": "stream.commands.backtest",
-    "detect": "stream.commands.detect",
     "generate": "stream.commands.generate",
     "evaluate": "stream.commands.evaluate",
     "sink": "stream.commands.sink",
