@@ -51,7 +51,8 @@ def run_corpus(
 
     ``jobs`` processes (default: one per CPU) share the files, largest first so that the long
     ones do not finish last; ``jobs=1`` runs in this process. ``show_progress`` draws a rich
-    progress bar counting rows.
+    progress bar counting rows. Workers are spawned, so a script calling this with ``jobs > 1``
+    needs the usual ``if __name__ == "__main__":`` guard.
     """
     config = config or DetectorConfig()
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(corpus) or 1))
