@@ -10,6 +10,7 @@ from types import ModuleType
 
 # Sub-command name -> module implementing it (see stream/commands/__init__.py for the protocol).
 COMMANDS: dict[str, str] = {
+    "detect": "stream.commands.detect",
     "alert": "stream.commands.alert",
     "backtest": "stream.commands.backtest",
     "generate": "stream.commands.generate",

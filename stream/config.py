@@ -1,0 +1,240 @@
+"""Typed configuration of ``anomstream detect``: a YAML file validated by pydantic v2.
+
+Errors name the file and the field path (``detectors[1].interval``) and say what is expected,
+so a typo in the YAML is reported before the worker touches Kafka.
+
+>>> config = DetectConfig.model_validate({
+...     "kafka": {"bootstrap": "127.0.0.1:9092"},
+...     "topics": {"output": "results"},
+...     "detectors": [{"name": "cpu", "input": "metrics", "measure": "util",
+...                    "dimensions": ["host"], "interval": "60s"}],
+... })
+>>> config.detectors[0].interval_ms, config.detectors[0].measures
+(60000, ('util',))
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from detectors import DetectorConfig
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
+
+
+def parse_duration_ms(value: Any) -> int:
+    """Milliseconds of ``"500ms"``, ``"60s"``, ``"5m"``, ``"1h"``, ``"1d"`` or a number of seconds.
+
+    >>> parse_duration_ms("60s"), parse_duration_ms("250ms"), parse_duration_ms(2)
+    (60000, 250, 2000)
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '60s', '500ms', '5m'")
+    if isinstance(value, int | float):
+        return round(float(value) * 1000)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"expected a duration such as '60s', '500ms', '5m', got {value!r}")
+    return round(float(match.group(1)) * _UNIT_MS[match.group(2)])
+
+
+class Aggregation(StrEnum):
+    SUM = "sum"
+    AVG = "avg"
+    MIN = "min"
+    MAX = "max"
+    COUNT = "count"
+    LAST = "last"
+
+
+class EmptyIntervals(StrEnum):
+    """What an interval with no record feeds the detector: nothing, zeros, or the last value."""
+
+    SKIP = "skip"
+    ZERO = "zero"
+    PREVIOUS = "previous"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Strict):
+    bootstrap: str
+    group_id: str = "anomstream"
+    # Stable per worker: it names the transactional producers (a restarted worker fences and
+    # aborts its predecessor's open transaction at once) and the static group membership.
+    instance_id: str | None = None
+    static_membership: bool = True
+    session_timeout: int = Field(default=10_000, description="ms")
+    transaction_timeout: int = Field(default=30_000, description="ms")
+
+
+class TopicSettings(_Strict):
+    output: str
+    dead_letter: str = "anomstream-dead-letter"
+    repartition: str = "anomstream-repartition"
+    state: str = "anomstream-state"
+    # Partitions of the repartition and state topics (which must match) when the worker creates
+    # them; an existing topic keeps its own count.
+    partitions: int = Field(default=4, ge=1)
+    replication: int = Field(default=1, ge=1)
+
+
+class WorkerSettings(_Strict):
+    max_live_models: int = Field(default=10_000, ge=1)
+    snapshot_interval_ms: int = 30_000
+    commit_interval_ms: int = 100
+    max_batch: int = Field(default=2000, ge=1)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # Longest run of empty intervals filled with zero/previous in one gap; beyond it the series
+    # resumes without filling, so a series silent for a year does not score millions of zeros.
+    max_fill_intervals: int = Field(default=10_000, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _durations(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("snapshot_interval", "commit_interval"):
+                if key in data:
+                    data[f"{key}_ms"] = parse_duration_ms(data.pop(key))
+        return data
+
+
+class DetectorSpec(_Strict):
+    name: str = Field(min_length=1)
+    input: str = Field(min_length=1, description="input topic")
+    timestamp: str = "timestamp"
+    measures: tuple[str, ...] = Field(min_length=1)
+    dimensions: tuple[str, ...] = ()
+    aggregation: Aggregation = Aggregation.AVG
+    interval_ms: int = Field(gt=0)
+    delay_ms: int = Field(default=0, ge=0)
+    empty: EmptyIntervals = EmptyIntervals.SKIP
+    threshold: float = Field(default=70.0, ge=0.0, le=100.0)
+    # Only records whose fields equal these values feed this detector (several detectors can
+    # share a topic); a record that matches no detector is dead-lettered as ``no_detector``.
+    match: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "measure" in data:
+            if "measures" in data:
+                raise ValueError("give either 'measure' or 'measures', not both")
+            data["measures"] = [data.pop("measure")]
+        for key in ("interval", "delay"):
+            if key in data:
+                data[f"{key}_ms"] = parse_duration_ms(data.pop(key))
+        return data
+
+    @field_validator("measures", "dimensions")
+    @classmethod
+    def _distinct(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"names must be distinct, got {list(names)}")
+        return names
+
+    @field_validator("params")
+    @classmethod
+    def _detector_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        if "threshold" in params:
+            raise ValueError("set the threshold on the detector ('threshold:'), not in params")
+        DetectorConfig.from_dict(params)  # ValueError names the unknown or invalid parameter
+        return params
+
+    @property
+    def measure(self) -> str:
+        """The ``measure`` of the result record: the measure names joined with ','."""
+        return ",".join(self.measures)
+
+    def detector_config(self) -> DetectorConfig:
+        return DetectorConfig.from_dict({**self.params, "threshold": self.threshold})
+
+
+class DetectConfig(_Strict):
+    kafka: KafkaSettings
+    topics: TopicSettings
+    worker: WorkerSettings = WorkerSettings()
+    detectors: tuple[DetectorSpec, ...] = Field(min_length=1)
+
+    @field_validator("detectors")
+    @classmethod
+    def _unique_names(cls, specs: tuple[DetectorSpec, ...]) -> tuple[DetectorSpec, ...]:
+        names = [spec.name for spec in specs]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"detector names must be unique; repeated: {', '.join(duplicates)}")
+        return specs
+
+    @model_validator(mode="after")
+    def _topics_disjoint(self) -> DetectConfig:
+        internal = {
+            self.topics.output,
+            self.topics.dead_letter,
+            self.topics.repartition,
+            self.topics.state,
+        }
+        if len(internal) != 4:
+            raise ValueError("topics.output, dead_letter, repartition and state must differ")
+        clash = sorted({spec.input for spec in self.detectors} & internal)
+        if clash:
+            raise ValueError(f"a detector reads {', '.join(clash)}, which the worker writes")
+        return self
+
+    @property
+    def input_topics(self) -> list[str]:
+        return sorted({spec.input for spec in self.detectors})
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and the field."""
+
+
+def load_config(path: str | Path) -> DetectConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from error
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with kafka, topics, detectors")
+    try:
+        return DetectConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {describe_errors(error, data)}") from None
+
+
+def describe_errors(error: ValidationError, data: Any = None) -> str:
+    """One line per problem: ``detectors[0].interval: expected a duration ...``."""
+    lines = []
+    for item in error.errors():
+        parts: list[str] = []
+        for loc in item["loc"]:
+            if isinstance(loc, int):
+                parts.append(f"[{loc}]")
+            else:
+                parts.append(("." if parts else "") + str(loc).removesuffix("_ms"))
+        field = "".join(parts) or "(top level)"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        lines.append(f"{field}: {message}")
+    return "; ".join(lines)

@@ -1,0 +1,152 @@
+"""Per-series state (windows + detector) and its snapshot record on the compacted state topic.
+
+State topic layout (see docs/decisions/0002-exactly-once.md): partition ``p`` of the state topic
+holds the snapshots of the series owned through partition ``p`` of the repartition topic.
+- key = timeseriesId, value = ``encode_snapshot``: the series' state after every record of its
+  repartition partition below ``offset``;
+- key = ``CHECKPOINT_KEY``, value = ``{"offset": X}``: every series of the partition that has a
+  record below ``X`` has a snapshot at or after its last such record, so a restore may start
+  replaying the partition at ``X``.
+Both are written inside the transaction that commits the input offsets they match.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from detectors import RcfDetector
+from stream.config import DetectorSpec
+from stream.windowing import SeriesWindows
+
+CHECKPOINT_KEY = b"__checkpoint__"
+_MAGIC = b"ASS1"
+
+
+@dataclass(slots=True)
+class Snapshot:
+    detector_name: str
+    dimensions: dict[str, str]
+    windows: dict[str, Any]
+    model: bytes
+    offset: int  # the state includes every record of the partition below this offset
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    header = json.dumps(
+        {
+            "detector": snapshot.detector_name,
+            "dimensions": snapshot.dimensions,
+            "windows": snapshot.windows,
+            "offset": snapshot.offset,
+        },
+        separators=(",", ":"),
+    ).encode()
+    return _MAGIC + struct.pack(">I", len(header)) + header + snapshot.model
+
+
+def decode_snapshot(payload: bytes) -> Snapshot:
+    if not payload.startswith(_MAGIC):
+        raise ValueError("not an anomstream series snapshot")
+    (length,) = struct.unpack_from(">I", payload, len(_MAGIC))
+    start = len(_MAGIC) + 4
+    header = json.loads(payload[start : start + length])
+    return Snapshot(
+        detector_name=header["detector"],
+        dimensions=header["dimensions"],
+        windows=header["windows"],
+        model=payload[start + length :],
+        offset=int(header["offset"]),
+    )
+
+
+def snapshot_offset(payload: bytes) -> int:
+    """The offset of a snapshot without decoding its model."""
+    (length,) = struct.unpack_from(">I", payload, len(_MAGIC))
+    start = len(_MAGIC) + 4
+    return int(json.loads(payload[start : start + length])["offset"])
+
+
+def encode_checkpoint(offset: int) -> bytes:
+    return json.dumps({"offset": offset}).encode()
+
+
+def decode_checkpoint(payload: bytes) -> int:
+    return int(json.loads(payload)["offset"])
+
+
+class Series:
+    """One live series: its spec, dimensions, windows and model, and what it last persisted."""
+
+    __slots__ = (
+        "detector",
+        "dimensions",
+        "dirty",
+        "partition",
+        "record_prefix",
+        "skip_below",
+        "spec",
+        "spec_index",
+        "timeseries_id",
+        "windows",
+    )
+
+    def __init__(
+        self,
+        timeseries_id: str,
+        spec_index: int,
+        spec: DetectorSpec,
+        dimensions: dict[str, str],
+        partition: int,
+        max_fill: int,
+        detector: RcfDetector | None = None,
+    ) -> None:
+        self.timeseries_id = timeseries_id
+        self.spec_index = spec_index
+        self.spec = spec
+        self.dimensions = dimensions
+        self.partition = partition
+        self.windows = SeriesWindows(
+            spec.interval_ms, spec.delay_ms, spec.aggregation, spec.empty, max_fill
+        )
+        self.detector = detector or RcfDetector(spec.detector_config(), len(spec.measures))
+        self.dirty = False  # changed since its last snapshot
+        self.record_prefix = b""  # the constant head of its result records, set by the worker
+        # Records of its partition below this offset are already in the state (its snapshot is
+        # newer than the partition's checkpoint): a replay must not apply them twice.
+        self.skip_below = 0
+
+    def snapshot(self, offset: int) -> bytes:
+        return encode_snapshot(
+            Snapshot(
+                self.spec.name,
+                self.dimensions,
+                self.windows.to_dict(),
+                self.detector.to_bytes(),
+                offset,
+            )
+        )
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        snapshot: Snapshot,
+        timeseries_id: str,
+        spec_index: int,
+        spec: DetectorSpec,
+        partition: int,
+        max_fill: int,
+    ) -> Series:
+        series = cls(
+            timeseries_id,
+            spec_index,
+            spec,
+            snapshot.dimensions,
+            partition,
+            max_fill,
+            RcfDetector.from_bytes(snapshot.model),
+        )
+        series.windows.restore(snapshot.windows)
+        return series

@@ -1,0 +1,779 @@
+"""The ``detect`` worker: two transactional consume-process-produce stages.
+
+- ``RouteStage`` (group ``<group_id>``) reads the input topics, validates records and forwards
+  each series point to the repartition topic keyed by timeseriesId, so every series has exactly
+  one owner whatever input partition its records came in on. Bad records go to the dead-letter
+  topic with their original bytes.
+- ``ScoreStage`` (group ``<group_id>.score``) owns partitions of the repartition topic: per
+  series event-time windows and a detector; each closed window yields one result record.
+
+Both commit with Kafka transactions: what a batch produced (results, dead letters, repartitioned
+records, snapshots) and the input offsets it consumed become visible together or not at all.
+State recovery (snapshots + replay with suppressed output) is explained in
+docs/decisions/0002-exactly-once.md and in ``ScoreStage._restore``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+
+from stream.config import DetectConfig
+from stream.kafka_io import consumer_config, create_topics, producer_config
+from stream.metrics import Heartbeat, WorkerMetrics
+from stream.records import dimension_list, encode, format_time
+from stream.routing import LATE, NO_DETECTOR, InvalidRecord, Router, load_object
+from stream.state import (
+    CHECKPOINT_KEY,
+    Series,
+    decode_checkpoint,
+    decode_snapshot,
+    encode_checkpoint,
+)
+from stream.windowing import ClosedWindow, LateRecord
+
+log = logging.getLogger("anomstream.worker")
+
+# Snapshots of big forests exceed Kafka's default 1 MB record limit.
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+_EVENT = struct.Struct(">q")
+# Kafka record headers as confluent-kafka takes and returns them.
+Headers = list[tuple[str, Any]]
+# Header positions of a repartition record, written by RouteStage, read by ScoreStage.
+_H_DETECTOR, _H_EVENT, _H_SOURCE_TOPIC, _H_SOURCE_PARTITION, _H_SOURCE_OFFSET = range(5)
+
+
+class WorkerError(Exception):
+    """The worker cannot go on (fenced by a newer instance, broker unreachable, bad topics)."""
+
+
+def default_instance_id() -> str:
+    return socket.gethostname()
+
+
+def ensure_topics(config: DetectConfig) -> None:
+    """Create the worker's own topics; the repartition and state topics must match partitions."""
+    topics = config.topics
+    bootstrap = config.kafka.bootstrap
+    create_topics(bootstrap, [topics.repartition, topics.output, topics.dead_letter],
+                  partitions=topics.partitions)
+    create_topics(
+        bootstrap, [topics.state], partitions=topics.partitions, compacted=True,
+        config={
+            "max.message.bytes": str(MAX_RECORD_BYTES),
+            # Compact eagerly: a restore reads the whole partition, superseded snapshots included.
+            "segment.ms": "60000",
+            "min.cleanable.dirty.ratio": "0.1",
+        },
+    )
+    admin_consumer = Consumer(consumer_config(bootstrap))
+    try:
+        metadata = admin_consumer.list_topics(timeout=30)
+        counts = {
+            name: len(metadata.topics[name].partitions)
+            for name in (topics.repartition, topics.state)
+        }
+    finally:
+        admin_consumer.close()
+    if counts[topics.repartition] != counts[topics.state]:
+        raise WorkerError(
+            f"topics {topics.repartition} and {topics.state} must have the same number of "
+            f"partitions (have {counts[topics.repartition]} and {counts[topics.state]})"
+        )
+
+
+class _Stage:
+    """A consume-process-produce loop committing through one transactional producer."""
+
+    name = "stage"
+
+    def __init__(
+        self,
+        config: DetectConfig,
+        instance_id: str,
+        metrics: WorkerMetrics,
+        stop: threading.Event,
+        group_id: str,
+        topics: list[str],
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.stop = stop
+        self.heartbeat = Heartbeat()
+        self.ready = False
+        self.topics = topics
+        kafka = config.kafka
+        self.producer = Producer(
+            producer_config(
+                kafka.bootstrap,
+                **{
+                    # Stable per instance and stage: a restarted worker fences its predecessor
+                    # and aborts the transaction the predecessor left open, at once.
+                    "transactional.id": f"{kafka.group_id}.{instance_id}.{self.name}",
+                    "transaction.timeout.ms": kafka.transaction_timeout,
+                    "message.max.bytes": MAX_RECORD_BYTES,
+                },
+            )
+        )
+        self.producer.init_transactions(60)
+        consumer_settings: dict[str, Any] = {
+            "partition.assignment.strategy": "range",
+            "session.timeout.ms": kafka.session_timeout,
+            "heartbeat.interval.ms": max(500, kafka.session_timeout // 5),
+            "statistics.interval.ms": 5000,
+            "stats_cb": lambda stats: metrics.observe_stats(self.name, stats),
+            "fetch.max.bytes": MAX_RECORD_BYTES * 2,
+        }
+        if kafka.static_membership:
+            consumer_settings["group.instance.id"] = f"{instance_id}.{self.name}"
+        self.consumer = Consumer(consumer_config(kafka.bootstrap, group_id, **consumer_settings))
+        self.in_transaction = False
+        self.transaction_began = 0.0
+        self.commit_interval_s = config.worker.commit_interval_ms / 1000
+
+    # -- transactions -------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        if not self.in_transaction:
+            self.producer.begin_transaction()
+            self.in_transaction = True
+            self.transaction_began = time.monotonic()
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | str | None = None,
+        headers: Headers | None = None,
+        partition: int = -1,
+    ) -> None:
+        self.begin()
+        while True:
+            try:
+                self.producer.produce(topic, value, key, partition=partition, headers=headers)
+                return
+            except BufferError:  # local queue full: let librdkafka send, then retry
+                self.producer.poll(0.05)
+
+    def offsets_to_commit(self) -> list[TopicPartition]:
+        raise NotImplementedError
+
+    def prepare_commit(self, checkpoint: Iterable[int] = ()) -> None:
+        """Last writes of a transaction (the score stage's snapshots)."""
+
+    def committed(self, offsets: list[TopicPartition]) -> None:
+        """After a successful commit."""
+
+    def aborted(self) -> None:
+        """After an aborted transaction: the in-memory state is ahead of Kafka; rewind it."""
+        raise NotImplementedError
+
+    def commit(self, checkpoint: Iterable[int] = ()) -> None:
+        self.prepare_commit(checkpoint)
+        if not self.in_transaction:
+            return
+        offsets = self.offsets_to_commit()
+        try:
+            if offsets:
+                self._retry(
+                    lambda: self.producer.send_offsets_to_transaction(
+                        offsets, self.consumer.consumer_group_metadata(), 60
+                    )
+                )
+            self._retry(lambda: self.producer.commit_transaction(60))
+        except KafkaException as error:
+            kafka_error = error.args[0]
+            if not kafka_error.txn_requires_abort():
+                raise WorkerError(f"{self.name}: transaction failed: {kafka_error}") from error
+            log.warning("%s: aborting transaction: %s", self.name, kafka_error)
+            self.producer.abort_transaction(60)
+            self.in_transaction = False
+            self.metrics.transactions.labels(self.name, "aborted").inc()
+            self.aborted()
+            return
+        self.in_transaction = False
+        self.metrics.transactions.labels(self.name, "committed").inc()
+        self.committed(offsets)
+
+    @staticmethod
+    def _retry(call: Any, attempts: int = 10) -> None:
+        for attempt in range(attempts):
+            try:
+                call()
+                return
+            except KafkaException as error:
+                if not error.args[0].retriable() or attempt == attempts - 1:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+
+    def abort_if_open(self) -> None:
+        if self.in_transaction:
+            self.producer.abort_transaction(60)
+            self.in_transaction = False
+            self.metrics.transactions.labels(self.name, "aborted").inc()
+
+    # -- loop ---------------------------------------------------------------------------------
+
+    def subscribe(self) -> None:
+        self.consumer.subscribe(
+            self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        raise NotImplementedError
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        raise NotImplementedError
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        raise NotImplementedError
+
+    def process(self, messages: list[Any]) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        self.subscribe()
+        batch = self.config.worker.max_batch
+        while not self.stop.is_set():
+            self.heartbeat.beat()
+            messages = self.consumer.consume(batch, 0.05)
+            if messages:
+                self.process(messages)
+            if self.in_transaction and (
+                time.monotonic() - self.transaction_began >= self.commit_interval_s
+            ):
+                self.commit()
+            self.tick()
+        self.commit()
+        self.consumer.close()  # revokes (commits/checkpoints) and leaves the group
+        self.abort_if_open()
+
+    def tick(self) -> None:
+        """Housekeeping once per loop turn."""
+
+    def close(self) -> None:
+        self.producer.flush(10)
+
+
+class RouteStage(_Stage):
+    name = "route"
+
+    def __init__(
+        self, config: DetectConfig, instance_id: str, metrics: WorkerMetrics,
+        stop: threading.Event,
+    ) -> None:
+        super().__init__(config, instance_id, metrics, stop, config.kafka.group_id,
+                         config.input_topics)
+        self.router = Router(config.detectors)
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.assignment: list[TopicPartition] = []
+        self._in = {topic: metrics.records_in.labels(self.name, topic) for topic in self.topics}
+        self._forwarded = metrics.records_out.labels("repartition")
+
+    def process(self, messages: list[Any]) -> None:
+        repartition = self.config.topics.repartition
+        detectors = self.router.detectors
+        forwarded = 0
+        for message in messages:
+            if message.error() is not None:
+                self._consumer_error(message)
+                continue
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            value = message.value()
+            points, rejections = self.router.route(topic, value)
+            source: Headers = [
+                ("source_topic", topic),
+                ("source_partition", str(partition)),
+                ("source_offset", str(offset)),
+            ]
+            for point in points:
+                event = _EVENT.pack(point.event_ms) + struct.pack(
+                    f">{len(point.values)}d", *point.values
+                )
+                self.produce(
+                    repartition, value, point.timeseries_id,
+                    [("detector", detectors[point.detector].name), ("event", event), *source],
+                )
+            forwarded += len(points)
+            if rejections:
+                first = rejections[0]
+                headers: Headers = [
+                    ("reason", first.reason),
+                    ("detail", "; ".join(r.detail for r in rejections)),
+                    *source,
+                ]
+                if first.detector:
+                    headers.append(("detector", first.detector))
+                self.produce(self.config.topics.dead_letter, value, message.key(), headers)
+                self.metrics.dead_letters.labels(first.reason).inc()
+            self.begin()
+            self.offsets[(topic, partition)] = offset + 1
+            self._in[topic].inc()
+        self._forwarded.inc(forwarded)
+
+    def _consumer_error(self, message: Any) -> None:
+        error = message.error()
+        if error.fatal():
+            raise WorkerError(f"{self.name}: consumer failed: {error}")
+        log.warning("%s: %s", self.name, error)
+
+    def offsets_to_commit(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p, o) for (t, p), o in self.offsets.items()]
+
+    def committed(self, offsets: list[TopicPartition]) -> None:
+        self.offsets.clear()
+
+    def aborted(self) -> None:
+        self.offsets.clear()
+        if self.assignment:
+            for tp in self.consumer.committed(self.assignment, 60):
+                self.consumer.seek(
+                    TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0
+                                   else OFFSET_BEGINNING)
+                )
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assignment = list(partitions)
+        self.ready = True
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.commit()
+        self.assignment = []
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.abort_if_open()
+        self.offsets.clear()
+        self.assignment = []
+
+
+class _Partition:
+    """What the score stage holds for one owned repartition partition."""
+
+    __slots__ = ("checkpoint_offset", "checkpointed_at", "committed", "live", "next_offset",
+                 "number", "stored")
+
+    def __init__(self, number: int, start: int, committed: int) -> None:
+        self.number = number
+        self.next_offset = start  # one past the last record applied
+        self.committed = committed  # records below were processed and committed already
+        self.checkpoint_offset = start
+        self.checkpointed_at = time.monotonic()
+        self.live: dict[str, Series] = {}
+        self.stored: dict[str, bytes] = {}  # snapshots of series not in memory
+
+
+class ScoreStage(_Stage):
+    name = "score"
+
+    def __init__(
+        self, config: DetectConfig, instance_id: str, metrics: WorkerMetrics,
+        stop: threading.Event,
+    ) -> None:
+        super().__init__(config, instance_id, metrics, stop, f"{config.kafka.group_id}.score",
+                         [config.topics.repartition])
+        self.router = Router(config.detectors)
+        self.spec_index = {spec.name: i for i, spec in enumerate(config.detectors)}
+        self.partitions: dict[int, _Partition] = {}
+        self.lru: OrderedDict[str, Series] = OrderedDict()
+        self.max_live = config.worker.max_live_models
+        self.max_fill = config.worker.max_fill_intervals
+        self.snapshot_interval_s = config.worker.snapshot_interval_ms / 1000
+        self._last_gauges = 0.0
+        self._in = metrics.records_in.labels(self.name, config.topics.repartition)
+        self._results = metrics.records_out.labels("result")
+        self._windows = {spec.name: metrics.windows_closed.labels(spec.name)
+                         for spec in config.detectors}
+        self._scoring = metrics.scoring_seconds
+
+    # -- processing ---------------------------------------------------------------------------
+
+    def process(self, messages: list[Any]) -> None:
+        output = self.config.topics.output
+        produce = self.produce
+        perf = time.perf_counter
+        closed_count = 0
+        for message in messages:
+            if message.error() is not None:
+                error = message.error()
+                if error.fatal():
+                    raise WorkerError(f"{self.name}: consumer failed: {error}")
+                log.warning("%s: %s", self.name, error)
+                continue
+            part = self.partitions.get(message.partition())
+            if part is None:  # a record fetched just before its partition was revoked
+                continue
+            offset = message.offset()
+            live_output = offset >= part.committed
+            headers = message.headers() or []
+            tsid = message.key().decode()
+            series = self._series(part, tsid, headers, message.value(), live_output)
+            if series is None or offset < series.skip_below:
+                part.next_offset = offset + 1
+                continue
+            event = headers[_H_EVENT][1]
+            values = struct.unpack_from(f">{len(series.spec.measures)}d", event, 8)
+            try:
+                closed = series.windows.add(_EVENT.unpack_from(event)[0], values)
+            except LateRecord as late:
+                if live_output:
+                    self._dead_letter(message, headers, LATE, str(late))
+                part.next_offset = offset + 1
+                continue
+            series.dirty = True
+            for window in closed:
+                began = perf()
+                result = series.detector.update(window.start_ms / 1000, window.values)
+                self._scoring.observe(perf() - began)
+                if live_output:
+                    produce(output, _result_record(series, window, result), tsid)
+                closed_count += 1
+            if closed:
+                self._windows[series.spec.name].inc(len(closed))
+            part.next_offset = offset + 1
+        if not self.in_transaction and any(
+            p.next_offset > p.committed for p in self.partitions.values()
+        ):
+            self.begin()  # offsets advanced (even without output): commit them on schedule
+        self._in.inc(len(messages))
+        self._results.inc(closed_count)
+
+    def _series(
+        self, part: _Partition, tsid: str, headers: Headers, value: bytes | None,
+        live_output: bool,
+    ) -> Series | None:
+        series = self.lru.get(tsid)
+        if series is not None:
+            self.lru.move_to_end(tsid)
+            return series
+        detector_name = headers[_H_DETECTOR][1].decode()
+        index = self.spec_index.get(detector_name)
+        if index is None:  # the detector was removed from the configuration
+            if live_output:
+                self._dead_letter_raw(value, headers, NO_DETECTOR,
+                                      f"detector {detector_name!r} is no longer configured")
+            return None
+        spec = self.config.detectors[index]
+        payload = part.stored.pop(tsid, None)
+        if payload is not None:
+            snapshot = decode_snapshot(payload)
+            series = Series.from_snapshot(snapshot, tsid, index, spec, part.number, self.max_fill)
+            series.skip_below = snapshot.offset
+        else:
+            try:
+                dimensions = self.router.point(index, load_object(value)).dimensions
+            except InvalidRecord as error:  # the route stage validated it; a config change?
+                if live_output:
+                    self._dead_letter_raw(value, headers, error.reason, error.detail)
+                return None
+            series = Series(tsid, index, spec, dimensions, part.number, self.max_fill)
+        series.record_prefix = _record_prefix(series)
+        part.live[tsid] = series
+        self.lru[tsid] = series
+        while len(self.lru) > self.max_live:
+            self._evict(next(iter(self.lru.values())))
+        return series
+
+    def _evict(self, series: Series) -> None:
+        part = self.partitions[series.partition]
+        payload = series.snapshot(part.next_offset)
+        if series.dirty:
+            self.produce(self.config.topics.state, payload, series.timeseries_id,
+                         partition=part.number)
+            self.metrics.snapshots.labels("eviction").inc()
+        part.stored[series.timeseries_id] = payload
+        del part.live[series.timeseries_id]
+        del self.lru[series.timeseries_id]
+        self.metrics.evictions.inc()
+
+    def _dead_letter(
+        self, message: Any, headers: Headers, reason: str, detail: str
+    ) -> None:
+        self._dead_letter_raw(message.value(), headers, reason, detail)
+
+    def _dead_letter_raw(
+        self, value: bytes | None, headers: Headers, reason: str, detail: str
+    ) -> None:
+        out: Headers = [("reason", reason), ("detail", detail)]
+        out.extend(headers[_H_SOURCE_TOPIC:])
+        out.append(headers[_H_DETECTOR])
+        self.produce(self.config.topics.dead_letter, value, None, out)
+        self.metrics.dead_letters.labels(reason).inc()
+
+    # -- commits and checkpoints --------------------------------------------------------------
+
+    def prepare_commit(self, checkpoint: Iterable[int] = ()) -> None:
+        due = [self.partitions[p] for p in checkpoint if p in self.partitions]
+        if not due:
+            now = time.monotonic()
+            stale = [
+                p for p in self.partitions.values()
+                if p.next_offset > p.checkpoint_offset
+                and now - p.checkpointed_at >= self.snapshot_interval_s
+            ]
+            # One partition per commit spreads the cost of snapshotting over time.
+            due = sorted(stale, key=lambda p: p.checkpointed_at)[:1]
+        for part in due:
+            self._checkpoint(part)
+
+    def _checkpoint(self, part: _Partition) -> None:
+        state = self.config.topics.state
+        offset = part.next_offset
+        for series in part.live.values():
+            if series.dirty:
+                self.produce(state, series.snapshot(offset), series.timeseries_id,
+                             partition=part.number)
+                series.dirty = False
+                self.metrics.snapshots.labels("checkpoint").inc()
+        self.produce(state, encode_checkpoint(offset), CHECKPOINT_KEY,
+                     partition=part.number)
+        part.checkpoint_offset = offset
+        part.checkpointed_at = time.monotonic()
+
+    def offsets_to_commit(self) -> list[TopicPartition]:
+        topic = self.config.topics.repartition
+        return [
+            TopicPartition(topic, p.number, p.next_offset)
+            for p in self.partitions.values()
+            if p.next_offset > p.committed
+        ]
+
+    def committed(self, offsets: list[TopicPartition]) -> None:
+        for tp in offsets:
+            part = self.partitions.get(tp.partition)
+            if part is not None:
+                part.committed = max(part.committed, tp.offset)
+
+    def aborted(self) -> None:
+        # The models are ahead of what Kafka now holds: rebuild them exactly as after a restart.
+        numbers = sorted(self.partitions)
+        self._drop(numbers)
+        self._assign_restored(numbers)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_gauges < 1.0:
+            return
+        self._last_gauges = now
+        unsaved = [p for p in self.partitions.values() if p.next_offset > p.checkpoint_offset]
+        if any(now - p.checkpointed_at >= self.snapshot_interval_s for p in unsaved):
+            self.commit()  # a quiet partition still gets its checkpoint on time
+        self.metrics.live_series.set(len(self.lru))
+        self.metrics.stored_series.set(sum(len(p.stored) for p in self.partitions.values()))
+        # How old the state a restore would start from is: 0 when the checkpoint is current.
+        self.metrics.snapshot_age.set(
+            max((now - p.checkpointed_at for p in unsaved), default=0.0)
+        )
+
+    # -- rebalances and restores --------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assign_restored(sorted(tp.partition for tp in partitions))
+        self.ready = True
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = [tp.partition for tp in partitions]
+        # Checkpoint what is handed over, so the next owner restores without replaying.
+        self.commit(checkpoint=numbers)
+        self._drop(numbers)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.abort_if_open()
+        self._drop([tp.partition for tp in partitions])
+
+    def _drop(self, numbers: Iterable[int]) -> None:
+        for number in numbers:
+            part = self.partitions.pop(number, None)
+            if part is not None:
+                for tsid in part.live:
+                    self.lru.pop(tsid, None)
+
+    def _assign_restored(self, numbers: list[int]) -> None:
+        began = time.monotonic()
+        self._restore(numbers)
+        topic = self.config.topics.repartition
+        self.consumer.assign(
+            [TopicPartition(topic, n, self.partitions[n].next_offset) for n in numbers]
+        )
+        self.metrics.restore_seconds.observe(time.monotonic() - began)
+
+    def _restore(self, numbers: list[int]) -> None:
+        """Load the latest snapshots of ``numbers`` and decide where to resume each partition.
+
+        A partition resumes at its last checkpoint offset (or at its beginning, if it has none).
+        Records from there up to the group's committed offset were processed before: they are
+        replayed into the models with output suppressed. A series whose own snapshot is newer
+        than the checkpoint (it was evicted later) skips the records its snapshot already holds.
+        """
+        if not numbers:
+            return
+        config = self.config
+        latest = read_state(config, numbers, config.kafka.transaction_timeout / 1000 + 60)
+        committed = self.consumer.committed(
+            [TopicPartition(config.topics.repartition, n) for n in numbers], 60
+        )
+        committed_by_partition = {tp.partition: tp.offset for tp in committed}
+        for number in numbers:
+            entries = latest.get(number, {})
+            marker = entries.pop(CHECKPOINT_KEY, None)
+            low, _high = self.consumer.get_watermark_offsets(
+                TopicPartition(config.topics.repartition, number), 30, False
+            )
+            start = max(low, decode_checkpoint(marker)) if marker is not None else low
+            committed_offset = max(committed_by_partition.get(number, -1), 0)
+            part = _Partition(number, start, committed_offset)
+            part.stored = {
+                key.decode(): value for key, value in entries.items() if value is not None
+            }
+            self.partitions[number] = part
+            log.info(
+                "score: partition %d: %d series restored, replay %d..%d suppressed",
+                number, len(part.stored), start, committed_offset,
+            )
+            if committed_offset > start:
+                self.metrics.replayed.inc(committed_offset - start)
+
+
+def read_state(
+    config: DetectConfig, numbers: list[int], timeout_s: float
+) -> dict[int, dict[bytes, bytes | None]]:
+    """The latest committed value per key in partitions ``numbers`` of the state topic."""
+    topic = config.topics.state
+    reader = Consumer(
+        consumer_config(
+            config.kafka.bootstrap,
+            None,
+            **{"enable.partition.eof": True, "fetch.max.bytes": MAX_RECORD_BYTES * 4},
+        )
+    )
+    latest: dict[int, dict[bytes, bytes | None]] = {n: {} for n in numbers}
+    try:
+        pending = set()
+        for number in numbers:
+            low, high = reader.get_watermark_offsets(TopicPartition(topic, number), 30, False)
+            if high > low:
+                pending.add(number)
+        if not pending:
+            return latest
+        reader.assign([TopicPartition(topic, n, OFFSET_BEGINNING) for n in pending])
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise WorkerError(
+                    f"restoring from {topic} partitions {sorted(pending)} took over "
+                    f"{timeout_s:.0f} s (an open transaction of a dead worker?)"
+                )
+            messages: list[Any] = reader.consume(1000, 0.5)
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(message.partition())
+                        continue
+                    raise WorkerError(f"restoring from {topic}: {error}")
+                latest[message.partition()][message.key()] = message.value()
+        return latest
+    finally:
+        reader.close()
+
+
+def _record_prefix(series: Series) -> bytes:
+    """The constant fields of a series' result records, encoded once: ``{...,``."""
+    spec = series.spec
+    head = encode(
+        {
+            "detectorName": spec.name,
+            "measure": spec.measure,
+            "timeseriesId": series.timeseries_id,
+            "dimensionList": dimension_list(series.dimensions),
+            "anomalyDecisionThreshold": spec.threshold,
+        }
+    )
+    return head[:-1] + b","
+
+
+def _result_record(series: Series, window: ClosedWindow, result: Any) -> bytes:
+    fields: dict[str, Any] = {
+        "aggregatedMeasureValue": window.values[0],
+        "anomalyScore": result.anomaly_score,
+        "anomalyDecision": result.anomaly_decision,
+        "anomalyConfidenceScore": result.confidence,
+        "modelStage": result.model_stage.value,
+        "expectedValue": result.expected_values[0],
+        "processedDataPoints": result.processed_data_points,
+        "detectionPeriodStartTime": format_time(window.start_ms / 1000),
+        "detectionPeriodEndTime": format_time(window.end_ms / 1000),
+        "rawScore": result.raw_score,
+    }
+    measures = series.spec.measures
+    if len(measures) > 1:
+        fields["measures"] = {
+            name: {"value": value, "expected": expected}
+            for name, value, expected in zip(
+                measures, window.values, result.expected_values, strict=True
+            )
+        }
+        if result.attribution is not None:
+            fields["attribution"] = dict(zip(measures, result.attribution, strict=True))
+    return series.record_prefix + json.dumps(fields, separators=(",", ":")).encode()[1:]
+
+
+class Worker:
+    """Both stages of one worker instance, in two threads, plus the health/metrics endpoint."""
+
+    def __init__(self, config: DetectConfig, instance_id: str | None = None) -> None:
+        self.config = config
+        self.instance_id = instance_id or config.kafka.instance_id or default_instance_id()
+        self.metrics = WorkerMetrics()
+        self.stop = threading.Event()
+        self.stages: list[_Stage] = []
+        self.errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+
+    def healthy(self) -> bool:
+        return not self.errors and all(stage.heartbeat.alive() for stage in self.stages)
+
+    def ready(self) -> bool:
+        return len(self.stages) == 2 and all(stage.ready for stage in self.stages)
+
+    def start(self) -> None:
+        ensure_topics(self.config)
+        for stage_class in (RouteStage, ScoreStage):
+            thread = threading.Thread(target=self._run_stage, args=(stage_class,),
+                                      name=stage_class.name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _run_stage(self, stage_class: type[RouteStage] | type[ScoreStage]) -> None:
+        try:
+            stage = stage_class(self.config, self.instance_id, self.metrics, self.stop)
+            self.stages.append(stage)
+            stage.run()
+        except BaseException as error:  # one failed stage stops the worker, with the reason
+            log.exception("%s stage failed", stage_class.name)
+            self.errors.append(error)
+            self.stop.set()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait until both stages end; True if they did."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for thread in self._threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            thread.join(remaining)
+        return not any(thread.is_alive() for thread in self._threads)
