@@ -318,3 +318,29 @@ def test_evaluate_prints_a_table_and_json(
         assert heading in table
     assert "unexplained_spike" in table and "(anomaly-free series)" in table
     assert (tmp_path / "evaluation-bookstore.png").stat().st_size > 10_000
+
+
+@pytest.mark.kafka
+def test_topic_output_produces_every_record_keyed_by_entity(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    from stream.kafka_io import consume_all
+
+    topic = f"generate-bookstore-{tmp_path.name}"
+    labels = tmp_path / "bookstore.labels.json"
+    argv = ["generate", "bookstore", "--topic", topic, "--bootstrap", kafka_bootstrap,
+            "--labels", str(labels), "--points", "40", "--seed", "4", "--partitions", "2",
+            "--speed", "72000", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    expected = list(feed_of("bookstore", 40, seed=4).records())
+    messages = consume_all(kafka_bootstrap, topic)
+    assert len(messages) == len(expected) == 120
+    by_item: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for message in messages:
+        record = json.loads(message.value())
+        assert message.key() == f"item={record['item']}".encode()
+        by_item[record["item"]].append(record)
+    for item, records in by_item.items():
+        # One entity lives on one partition, so its records arrive in time order.
+        assert records == [r for r in expected if r["item"] == item]
+    assert json.loads(labels.read_text())["feed"] == "bookstore"
