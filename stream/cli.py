@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "stream.commands.evaluate",
     "sink": "stream.commands.sink",
     "query": "stream.commands.query",
+    "kafka": "stream.commands.kafka",
 }
 
 

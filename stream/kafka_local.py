@@ -246,6 +246,15 @@ class LocalKafka:
         self.start_timeout_s = start_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
 
+    @classmethod
+    def from_data_dir(cls, data_dir: str | os.PathLike[str]) -> LocalKafka | None:
+        """The broker last started from ``data_dir`` (ports from its server.properties), if any."""
+        properties = Path(data_dir).expanduser() / "server.properties"
+        if not properties.exists():
+            return None
+        config = BrokerConfig.read(properties)
+        return cls(data_dir, port=config.port, controller_port=config.controller_port)
+
     @property
     def bootstrap(self) -> str:
         """``host:port`` for Kafka clients' ``bootstrap.servers``."""
