@@ -40,7 +40,7 @@ _COMPACTED_NAME = re.compile(
 _DAY_DIR = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class LakeFile:
     """One published file of the lake. ``last`` is known from the name for compacted files only."""
 
@@ -54,6 +54,9 @@ class LakeFile:
     @property
     def compacted(self) -> bool:
         return self.last is not None
+
+    def sort_key(self) -> tuple[str, str, int, int, int, str]:
+        return (self.day, self.topic, self.partition, self.first, self.last or -1, self.path.name)
 
 
 def sink_file_name(topic: str, partition: int, first_offset: int) -> str:
@@ -152,7 +155,7 @@ def _list_once(lake: Path) -> list[LakeFile]:
             parsed = parse_name(match[1], Path(entry.path) / name)
             if parsed is not None:
                 found.append(parsed)
-    return sorted(found)
+    return sorted(found, key=LakeFile.sort_key)
 
 
 def list_files(lake: Path, attempts: int = 10) -> list[LakeFile]:
@@ -182,7 +185,7 @@ def visible_files(files: Iterable[LakeFile]) -> list[LakeFile]:
         for item in members:
             if not any(_covers(c, item) for c in compacted if c is not item):
                 visible.append(item)
-    return sorted(visible)
+    return sorted(visible, key=LakeFile.sort_key)
 
 
 def _covers(compacted: LakeFile, other: LakeFile) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -170,6 +171,9 @@ class SinkConfig:
     batch_size: int = 10_000
     dead_letter_topic: str | None = None
     metrics_every_s: float = 10.0
+    # Static group membership: a restarted sink takes its partitions back at once instead of
+    # waiting for the killed one's session to expire, and a second live copy is fenced off.
+    instance_id: str | None = None
 
     @property
     def dead_letters(self) -> str:
@@ -215,7 +219,13 @@ class ParquetSink:
             consumer_config(
                 config.bootstrap,
                 group_id=config.group,
-                **{"client.id": "anomstream-parquet-sink", "enable.auto.offset.store": False},
+                **{
+                    "client.id": "anomstream-parquet-sink",
+                    "enable.auto.offset.store": False,
+                    "group.instance.id": config.instance_id
+                    or f"{config.group}-{socket.gethostname()}",
+                    "session.timeout.ms": 10_000,
+                },
             )
         )
         producer: Any = None

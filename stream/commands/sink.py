@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--group", default=None, help="consumer group (default: anomstream-parquet-sink)"
     )
     sink.add_argument(
+        "--instance-id",
+        default=None,
+        help="static group member id (default: <group>-<hostname>); one per running sink",
+    )
+    sink.add_argument(
         "--max-records", type=int, default=100_000, metavar="N", help="rows per file at most"
     )
     sink.add_argument(
@@ -135,6 +140,7 @@ def _sink(args: argparse.Namespace) -> int:
             idle_flush_s=args.idle_flush,
             stop_after_idle_s=args.stop_after_idle,
             dead_letter_topic=args.dead_letter_topic,
+            instance_id=args.instance_id,
         )
     )
     install_signal_handlers(sink)
