@@ -177,6 +177,9 @@ class AlertConfig(_Strict):
     bootstrap_servers: str = "127.0.0.1:9092"
     result_topic: str = "anomstream-results"
     group_id: str = "anomstream-alerter"
+    # Static group membership: a restarted alerter (even after kill -9) takes its partitions back
+    # at once instead of waiting out the dead member's session. One alerter per group.
+    instance_id: str = "alerter-0"
     auto_offset_reset: Literal["earliest", "latest"] = "latest"
     # Holds the durable alert state (with the offsets it reflects) and the silences directory.
     state_dir: Path = Path("alert-state")

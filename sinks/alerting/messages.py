@@ -36,8 +36,7 @@ def _describe(event: Event, dashboard_url: str) -> str:
         f"peak {event.peak_score:.1f}), confidence {event.confidence:.0f}",
         f"  interval {format_time(event.start)} - {format_time(event.end)}",
     ]
-    if event.kind is not Kind.RESOLVED:
-        lines.append(f"  incident since {format_time(event.incident_start)}")
+    lines.append(f"  incident since {format_time(event.incident_start)}")
     lines.append(f"  {series_link(dashboard_url, event.series_id)}")
     return "\n".join(lines)
 

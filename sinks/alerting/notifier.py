@@ -107,21 +107,31 @@ class AppriseSender:
     """Sends to one receiver's apprise URL; failures become redacted DeliveryErrors."""
 
     def __init__(self, receiver: Receiver, timeout: float, redactor: Redactor) -> None:
-        import apprise
-
         self.name = receiver.name
         self._redact = redactor
         self._timeout = timeout
-        self._apprise = apprise.Apprise()
-        url = receiver.resolved_url()
-        if not self._apprise.add(url, tag=receiver.tags or None):
+        self._url = receiver.resolved_url()
+        self._tags = receiver.tags or None
+        self._apprise()  # fail at start-up, not at the first page, on a URL apprise rejects
+
+    def _apprise(self) -> Any:
+        """A fresh apprise object per send.
+
+        apprise throttles each service object by a fixed delay (5.5 s for e-mail); pacing is
+        the receiver's own ``rate_limit`` here, so a burst of pages is not held back by it.
+        """
+        import apprise
+
+        instance = apprise.Apprise()
+        if not instance.add(self._url, tag=self._tags):
             raise ValueError(
-                f"receiver {receiver.name}: apprise cannot use the URL {redacted_url(url)}"
+                f"receiver {self.name}: apprise cannot use the URL {redacted_url(self._url)}"
             )
+        return instance
 
     def __call__(self, entry: OutboxEntry) -> None:
         try:
-            result = self._apprise.notify(
+            result = self._apprise().notify(
                 body=entry.body,
                 title=entry.title,
                 notify_type=entry.notify_type,

@@ -143,7 +143,11 @@ class Alerter:
             consumer_config(
                 config.bootstrap_servers,
                 group_id=config.group_id,
-                **{"auto.offset.reset": config.auto_offset_reset},
+                **{
+                    "auto.offset.reset": config.auto_offset_reset,
+                    "group.instance.id": config.instance_id,
+                    "session.timeout.ms": 10000,
+                },
             )
         )
 

@@ -123,6 +123,7 @@ class AlertEngine:
         trusted = not (rule.skip_learning and obs.stage.upper() == "LEARNING")
         hot = trusted and obs.score >= enter and obs.confidence >= rule.min_confidence
         event_kind: Kind | None = None
+        incident = state  # what the event reports on, even once the state is reset
 
         if not state.firing:
             state.recent = [*state.recent, hot][-rule.fire_after.n :]
@@ -148,7 +149,7 @@ class AlertEngine:
 
         event = None
         if event_kind is not None:
-            event = self._event(event_kind, rule, obs, enter, state)
+            event = self._event(event_kind, rule, obs, enter, incident)
             if is_silenced(event.labels()):
                 event = None
             elif event_kind is not Kind.RESOLVED:
@@ -177,7 +178,7 @@ class AlertEngine:
             confidence=obs.confidence,
             start=obs.start,
             end=obs.end,
-            incident_start=st.incident_start if kind is not Kind.RESOLVED else obs.start,
+            incident_start=st.incident_start,
             peak_score=max(st.peak_score, obs.score),
         )
 
