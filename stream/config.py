@@ -18,10 +18,18 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from detectors import DetectorConfig
 
@@ -43,6 +51,10 @@ def parse_duration_ms(value: Any) -> int:
     if not match:
         raise ValueError(f"expected a duration such as '60s', '500ms', '5m', got {value!r}")
     return round(float(match.group(1)) * _UNIT_MS[match.group(2)])
+
+
+# Milliseconds, written in YAML as "60s", "500ms", "5m" or a number of seconds.
+DurationMs = Annotated[int, BeforeValidator(parse_duration_ms)]
 
 
 class Aggregation(StrEnum):
@@ -90,8 +102,8 @@ class TopicSettings(_Strict):
 
 class WorkerSettings(_Strict):
     max_live_models: int = Field(default=10_000, ge=1)
-    snapshot_interval_ms: int = 30_000
-    commit_interval_ms: int = 100
+    snapshot_interval: DurationMs = Field(default=30_000, ge=0)
+    commit_interval: DurationMs = Field(default=100, ge=0)
     max_batch: int = Field(default=2000, ge=1)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
@@ -99,15 +111,13 @@ class WorkerSettings(_Strict):
     # resumes without filling, so a series silent for a year does not score millions of zeros.
     max_fill_intervals: int = Field(default=10_000, ge=0)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _durations(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            data = dict(data)
-            for key in ("snapshot_interval", "commit_interval"):
-                if key in data:
-                    data[f"{key}_ms"] = parse_duration_ms(data.pop(key))
-        return data
+    @property
+    def snapshot_interval_ms(self) -> int:
+        return self.snapshot_interval
+
+    @property
+    def commit_interval_ms(self) -> int:
+        return self.commit_interval
 
 
 class DetectorSpec(_Strict):
@@ -117,8 +127,8 @@ class DetectorSpec(_Strict):
     measures: tuple[str, ...] = Field(min_length=1)
     dimensions: tuple[str, ...] = ()
     aggregation: Aggregation = Aggregation.AVG
-    interval_ms: int = Field(gt=0)
-    delay_ms: int = Field(default=0, ge=0)
+    interval: DurationMs = Field(gt=0)
+    delay: DurationMs = Field(default=0, ge=0)
     empty: EmptyIntervals = EmptyIntervals.SKIP
     threshold: float = Field(default=70.0, ge=0.0, le=100.0)
     # Only records whose fields equal these values feed this detector (several detectors can
@@ -136,9 +146,6 @@ class DetectorSpec(_Strict):
             if "measures" in data:
                 raise ValueError("give either 'measure' or 'measures', not both")
             data["measures"] = [data.pop("measure")]
-        for key in ("interval", "delay"):
-            if key in data:
-                data[f"{key}_ms"] = parse_duration_ms(data.pop(key))
         return data
 
     @field_validator("measures", "dimensions")
@@ -155,6 +162,14 @@ class DetectorSpec(_Strict):
             raise ValueError("set the threshold on the detector ('threshold:'), not in params")
         DetectorConfig.from_dict(params)  # ValueError names the unknown or invalid parameter
         return params
+
+    @property
+    def interval_ms(self) -> int:
+        return self.interval
+
+    @property
+    def delay_ms(self) -> int:
+        return self.delay
 
     @property
     def measure(self) -> str:
@@ -233,7 +248,7 @@ def describe_errors(error: ValidationError, data: Any = None) -> str:
             if isinstance(loc, int):
                 parts.append(f"[{loc}]")
             else:
-                parts.append(("." if parts else "") + str(loc).removesuffix("_ms"))
+                parts.append(("." if parts else "") + str(loc))
         field = "".join(parts) or "(top level)"
         message = str(item["msg"]).removeprefix("Value error, ")
         lines.append(f"{field}: {message}")

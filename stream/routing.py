@@ -7,7 +7,7 @@ is dead-lettered with that reason (it still feeds the detectors that accepted it
 
 >>> from stream.config import DetectorSpec
 >>> router = Router([DetectorSpec(name="cpu", input="m", measures=("util",),
-...                               dimensions=("host",), interval_ms=60_000)])
+...                               dimensions=("host",), interval="60s")])
 >>> points, rejections = router.route("m", b'{"timestamp": 60000, "util": 0.5, "host": "a"}')
 >>> points[0].event_ms, points[0].values, points[0].dimensions, rejections
 (60000, (0.5,), {'host': 'a'}, [])

@@ -1,0 +1,258 @@
+"""Kafka-free parts of ``anomstream detect``: windows, aggregation, routing, config, snapshots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from detectors import ModelStage
+from stream.config import (
+    Aggregation,
+    ConfigError,
+    DetectorSpec,
+    EmptyIntervals,
+    load_config,
+    parse_duration_ms,
+)
+from stream.records import timeseries_id
+from stream.routing import Router, parse_event_ms
+from stream.state import Series, decode_snapshot, encode_snapshot, snapshot_offset
+from stream.windowing import LateRecord, SeriesWindows
+
+
+def windows(aggregation: Aggregation = Aggregation.AVG, delay_ms: int = 0,
+            empty: EmptyIntervals = EmptyIntervals.SKIP) -> SeriesWindows:
+    return SeriesWindows(interval_ms=1000, delay_ms=delay_ms, aggregation=aggregation,
+                         empty=empty)
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "expected"),
+    [
+        (Aggregation.SUM, 6.0),
+        (Aggregation.AVG, 2.0),
+        (Aggregation.MIN, 1.0),
+        (Aggregation.MAX, 3.0),
+        (Aggregation.COUNT, 3.0),
+        # 'last' is by event time, not arrival: the record at 900 ms wins over the one at 500 ms.
+        (Aggregation.LAST, 3.0),
+    ],
+)
+def test_aggregations(aggregation: Aggregation, expected: float) -> None:
+    w = windows(aggregation, delay_ms=500)
+    assert w.add(100, (2.0,)) == []
+    assert w.add(900, (3.0,)) == []
+    assert w.add(500, (1.0,)) == []
+    closed = w.add(1500, (7.0,))
+    assert [(c.start_ms, c.end_ms, c.values, c.count) for c in closed] == [
+        (0, 1000, (expected,), 3)
+    ]
+
+
+def test_multivariate_windows_aggregate_each_measure() -> None:
+    w = windows(Aggregation.MAX)
+    w.add(0, (1.0, 10.0))
+    w.add(10, (2.0, 5.0))
+    assert w.add(1000, (0.0, 0.0))[0].values == (2.0, 10.0)
+
+
+def test_delay_keeps_windows_open_and_late_is_older_than_watermark() -> None:
+    w = windows(Aggregation.SUM, delay_ms=1500)
+    assert w.add(100, (1.0,)) == []
+    assert w.add(2000, (1.0,)) == []  # watermark 500: window [0, 1000) still open
+    assert w.add(600, (1.0,)) == []  # out of order but not older than the watermark: counted
+    closed = w.add(2600, (1.0,))  # watermark 1100 closes [0, 1000)
+    assert [(c.start_ms, c.values) for c in closed] == [(0, (2.0,))]
+    with pytest.raises(LateRecord):
+        w.add(1099, (1.0,))
+    assert w.add(1100, (1.0,)) == []  # exactly at the watermark is on time
+
+
+@pytest.mark.parametrize(
+    ("empty", "expected"),
+    [
+        (EmptyIntervals.SKIP, [(0, (5.0,))]),
+        (EmptyIntervals.ZERO, [(0, (5.0,)), (1000, (0.0,)), (2000, (0.0,))]),
+        (EmptyIntervals.PREVIOUS, [(0, (5.0,)), (1000, (5.0,)), (2000, (5.0,))]),
+    ],
+)
+def test_empty_intervals(empty: EmptyIntervals, expected: list[tuple[int, tuple[float]]]) -> None:
+    w = windows(Aggregation.SUM, empty=empty)
+    w.add(0, (5.0,))
+    closed = w.add(3500, (1.0,))
+    assert [(c.start_ms, c.values) for c in closed] == expected
+    assert all(c.count == 0 for c in closed[1:])
+
+
+def test_windows_round_trip_through_a_dict() -> None:
+    w = windows(Aggregation.AVG, delay_ms=2000, empty=EmptyIntervals.PREVIOUS)
+    for t, v in [(0, 1.0), (500, 3.0), (1500, 4.0), (2600, 2.0)]:
+        w.add(t, (v,))
+    copy = windows(Aggregation.AVG, delay_ms=2000, empty=EmptyIntervals.PREVIOUS)
+    copy.restore(json.loads(json.dumps(w.to_dict())))
+    follow = [(5200, 1.0), (9000, 2.0)]
+    assert [w.add(t, (v,)) for t, v in follow] == [copy.add(t, (v,)) for t, v in follow]
+
+
+SPEC = DetectorSpec(name="cpu", input="metrics", measures=("util",), dimensions=("host", "dc"),
+                    interval="60s")
+
+
+def test_route_valid_record_to_its_series() -> None:
+    router = Router([SPEC])
+    payload = b'{"timestamp": "2024-01-01T00:00:30Z", "util": 3, "host": "a", "dc": 7}'
+    points, rejections = router.route("metrics", payload)
+    assert rejections == []
+    (point,) = points
+    assert point.event_ms == 1704067230000
+    assert point.values == (3.0,)
+    assert point.dimensions == {"host": "a", "dc": "7"}
+    assert point.timeseries_id == timeseries_id("cpu", "util", {"dc": "7", "host": "a"})
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\xff\xfe not json", "not_json"),
+        (b"[1, 2]", "not_object"),
+        (b'{"util": 1, "host": "a", "dc": "x"}', "missing_field"),
+        (b'{"timestamp": 1, "host": "a", "dc": "x"}', "missing_field"),
+        (b'{"timestamp": 1, "util": 1, "dc": "x"}', "missing_field"),
+        (b'{"timestamp": 1, "util": "7", "host": "a", "dc": "x"}', "bad_type"),
+        (b'{"timestamp": 1, "util": true, "host": "a", "dc": "x"}', "bad_type"),
+        (b'{"timestamp": 1, "util": 1, "host": null, "dc": "x"}', "bad_type"),
+        (b'{"timestamp": 1, "util": NaN, "host": "a", "dc": "x"}', "non_finite"),
+        (b'{"timestamp": 1, "util": Infinity, "host": "a", "dc": "x"}', "non_finite"),
+        (b'{"timestamp": "yesterday", "util": 1, "host": "a", "dc": "x"}', "bad_timestamp"),
+        (b'{"timestamp": -5, "util": 1, "host": "a", "dc": "x"}', "bad_timestamp"),
+    ],
+)
+def test_bad_records_get_a_reason(payload: bytes, reason: str) -> None:
+    points, rejections = Router([SPEC]).route("metrics", payload)
+    assert points == []
+    assert [r.reason for r in rejections] == [reason]
+    assert rejections[0].detail
+
+
+def test_one_record_feeds_several_detectors_and_match_filters() -> None:
+    specs = [
+        SPEC,
+        DetectorSpec(name="both", input="metrics", measures=("util", "mem"), interval=1,
+                     aggregation=Aggregation.MAX),
+        DetectorSpec(name="gpu-only", input="metrics", measures=("util",), interval=1,
+                     match={"kind": "gpu"}),
+    ]
+    router = Router(specs)
+    payload = b'{"timestamp": 0, "util": 1.5, "mem": 2, "host": "a", "dc": "x", "kind": "cpu"}'
+    points, rejections = router.route("metrics", payload)
+    assert [specs[p.detector].name for p in points] == ["cpu", "both"]
+    assert points[1].values == (1.5, 2.0)
+    assert rejections == []
+    # Matches no detector at all: a topic nobody reads, or no 'match' fits.
+    assert [r.reason for r in router.route("other", payload)[1]] == ["no_detector"]
+    only_gpu = Router(specs[2:])
+    assert [r.reason for r in only_gpu.route("metrics", payload)[1]] == ["no_detector"]
+
+
+def test_record_rejected_by_one_detector_still_feeds_the_other() -> None:
+    specs = [SPEC, DetectorSpec(name="mem", input="metrics", measures=("mem",), interval=1)]
+    points, rejections = Router(specs).route(
+        "metrics", b'{"timestamp": 0, "util": 1, "host": "a", "dc": "x"}'
+    )
+    assert [specs[p.detector].name for p in points] == ["cpu"]
+    assert [(r.reason, r.detector) for r in rejections] == [("missing_field", "mem")]
+
+
+def test_timestamps() -> None:
+    assert parse_event_ms("2024-01-01T00:00:00+01:00") == 1704063600000
+    assert parse_event_ms("2024-01-01 00:00:00") == 1704067200000
+    assert parse_event_ms(1704067200000.4) == 1704067200000
+    assert parse_duration_ms("1.5s") == 1500
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "detectors.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+kafka: {bootstrap: "127.0.0.1:9092"}
+topics: {output: results}
+detectors:
+  - name: cpu
+    input: metrics
+    measure: util
+    dimensions: [host]
+    aggregation: max
+    interval: 60s
+    delay: 5s
+    empty: previous
+    threshold: 80
+    params: {num_trees: 10}
+"""
+
+
+def test_config_loads(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    spec = config.detectors[0]
+    assert (spec.interval_ms, spec.delay_ms, spec.aggregation, spec.empty) == (
+        60_000, 5_000, Aggregation.MAX, EmptyIntervals.PREVIOUS
+    )
+    assert spec.detector_config().num_trees == 10
+    assert spec.detector_config().threshold == 80
+    assert config.input_topics == ["metrics"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("interval: 60s", "interval: soon"), "detectors[0].interval: expected a duration"),
+        (("aggregation: max", "aggregation: median"), "detectors[0].aggregation"),
+        (("num_trees: 10", "num_tree: 10"), "unknown detector parameter(s) num_tree"),
+        (("num_trees: 10", "num_trees: 0"), "num_trees=0"),
+        (("empty: previous", "empty: fill"), "detectors[0].empty"),
+        (("threshold: 80", "threshold: 180"), "detectors[0].threshold"),
+        (("    delay: 5s", "    delay: 5s\n    color: red"), "detectors[0].color: Extra"),
+        (("output: results", "output: metrics"), "which the worker writes"),
+        (("measure: util", "measures: []"), "detectors[0].measures"),
+    ],
+)
+def test_config_errors_name_file_and_field(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    path = write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+    assert message in str(error.value)
+
+
+def test_config_yaml_error_names_line(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD + "  - name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"line \d+"):
+        load_config(path)
+
+
+def test_series_snapshot_restores_exactly() -> None:
+    spec = DetectorSpec(name="cpu", input="m", measures=("util",), interval=1,
+                        params={"num_trees": 10, "sample_size": 64, "warmup": 16})
+    series = Series("id", 0, spec, {"host": "a"}, 0, 100)
+    for i in range(80):
+        for window in series.windows.add(i * 1000, (math.sin(i / 3),)):
+            series.detector.update(window.start_ms / 1000, window.values)
+    payload = series.snapshot(offset=42)
+    assert snapshot_offset(payload) == 42
+    snapshot = decode_snapshot(payload)
+    assert encode_snapshot(snapshot) == payload
+    copy = Series.from_snapshot(snapshot, "id", 0, spec, 0, 100)
+    for i in range(80, 120):
+        a = [series.detector.update(w.start_ms / 1000, w.values)
+             for w in series.windows.add(i * 1000, (math.cos(i),))]
+        b = [copy.detector.update(w.start_ms / 1000, w.values)
+             for w in copy.windows.add(i * 1000, (math.cos(i),))]
+        assert a == b
+    assert a[-1].model_stage is ModelStage.INFERENCE
