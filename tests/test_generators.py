@@ -318,6 +318,12 @@ def test_evaluate_prints_a_table_and_json(
         assert heading in table
     assert "unexplained_spike" in table and "(anomaly-free series)" in table
     assert (tmp_path / "evaluation-bookstore.png").stat().st_size > 10_000
+    report = tmp_path / "report.md"
+    report.write_text("# Prose\n<!-- evaluation:begin -->\nSTALE-TABLE\n<!-- evaluation:end -->\nMore.\n")
+    assert main([*argv, "--markdown", str(report)]) == 0
+    text = report.read_text()
+    assert text.startswith("# Prose\n<!-- evaluation:begin -->\nRun ") and text.endswith("More.\n")
+    assert "STALE-TABLE" not in text and "| bookstore | unexplained_spike | 2 |" in text
 
 
 @pytest.mark.kafka

@@ -90,6 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --evaluate: save one figure per feed, DIR/evaluation-<feed>.png",
     )
     parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE.md",
+        help="with --evaluate: write the table to FILE.md, replacing only the part between "
+        "its evaluation markers if it has them (docs/evaluation-generators.md does)",
+    )
+    parser.add_argument(
         "--tolerance",
         type=int,
         default=3,
@@ -120,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--out {args.out}: use a {', '.join(OUTPUT_SUFFIXES)} file")
     if args.labels is not None and not args.topic:
         raise CliError("--labels goes with --topic; with --out the labels go to FILE.labels.json")
-    if (args.json or args.plot) and not args.evaluate:
-        raise CliError("--json and --plot report an evaluation; add --evaluate")
+    if (args.json or args.plot or args.markdown) and not args.evaluate:
+        raise CliError("--json, --plot and --markdown report an evaluation; add --evaluate")
     if args.instruments is not None and args.feed not in ("market", "all"):
         raise CliError("--instruments is for the market feed")
     if args.hosts is not None and args.feed not in ("ops", "all"):
@@ -255,7 +262,12 @@ def _evaluate(feeds: list[Feed], args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
-    from stream.generators.evaluate import evaluate_feed, plot_evaluation, render_table
+    from stream.generators.evaluate import (
+        evaluate_feed,
+        plot_evaluation,
+        render_table,
+        write_markdown,
+    )
 
     evaluations = []
     with Progress(console=Console(stderr=True), disable=args.no_progress, transient=True) as bar:
@@ -272,12 +284,54 @@ def _evaluate(feeds: list[Feed], args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
     else:
         # Piped output gets room for the whole table instead of rich's 80-column default.
-        Console(width=None if sys.stdout.isatty() else 120).print(render_table(evaluations))
+        Console(width=None if sys.stdout.isatty() else 140).print(render_table(evaluations))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
             print(f"evaluation -> {args.json}")
+    if args.markdown is not None:
+        write_markdown(args.markdown, evaluations, _provenance(args))
+        print(f"table -> {args.markdown}", file=sys.stderr if args.json == "-" else sys.stdout)
     if args.plot is not None:
         for evaluation in evaluations:
             path = args.plot / f"evaluation-{evaluation.feed}.png"
             plot_evaluation(evaluation, path)
             print(f"plot -> {path}", file=sys.stderr if args.json == "-" else sys.stdout)
+
+
+def _provenance(args: argparse.Namespace) -> str:
+    """Which run made the numbers: date, command, the detectors' last commit and parameters."""
+    import subprocess
+    from datetime import UTC, datetime
+
+    from detectors import DetectorConfig
+
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "log", "-1", "--format=%h %s", "--", "detectors"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    dirty = ""
+    if commit:
+        status = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "detectors"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        dirty = " (plus uncommitted changes)" if status.strip() else ""
+    command = (
+        f"anomstream generate {args.feed} --evaluate --seed {args.seed} --points {args.points}"
+        f" --tolerance {args.tolerance}"
+    )
+    params = ", ".join(f"{k}={v}" for k, v in DetectorConfig().to_dict().items())
+    return (
+        f"Run {datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC: `{command}`.  \n"
+        f"Detector: `detectors/` at `{commit or 'unknown commit'}`{dirty}; default "
+        f"`DetectorConfig({params})`."
+    )

@@ -231,8 +231,8 @@ def render_table(evaluations: Iterable[FeedEvaluation]) -> Any:
         ("True events", "right"),
         ("Precision", "right"),
     ):
-        # Names never wrap: a reader greps the printed table for a kind.
-        table.add_column(name, justify=justify, no_wrap=name in ("Feed", "Anomaly kind"))  # type: ignore[arg-type]
+        # Cells never wrap: a reader greps the printed table for a kind.
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for evaluation in evaluations:
         for kind, score in sorted(evaluation.kinds.items()):
             table.add_row(
@@ -315,3 +315,53 @@ def plot_evaluation(evaluation: FeedEvaluation, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
     plt.close(figure)
+
+
+def markdown_table(evaluations: Iterable[FeedEvaluation]) -> str:
+    """The rich table's rows as a Markdown table."""
+    lines = [
+        "| Feed | Anomaly kind | Series | Labels | Found | Recall | Alert events | True events "
+        "| Precision |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for evaluation in evaluations:
+        for kind, score in sorted(evaluation.kinds.items()):
+            carriers = sum(any(label.kind == kind for label in r.labels) for r in evaluation.runs)
+            lines.append(
+                f"| {evaluation.feed} | {kind} | {carriers} | {score.labels} | {score.found} "
+                f"| {_percent(score.recall)} | {score.events + score.false_events} "
+                f"| {score.events} | {_percent(score.precision)} |"
+            )
+        lines.append(
+            f"| {evaluation.feed} | (anomaly-free series) | {evaluation.clean_series} "
+            f"({evaluation.clean_series_alerting} alerting) | 0 | - | - "
+            f"| {evaluation.clean_events} | 0 | - |"
+        )
+        lines.append(
+            f"| **{evaluation.feed}** | **all** | {len(evaluation.runs)} | {evaluation.labels} "
+            f"| {evaluation.found} | **{_percent(evaluation.recall)}** | {evaluation.events} "
+            f"| {evaluation.true_events} | **{_percent(evaluation.precision)}** |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+BEGIN_MARKER = "<!-- evaluation:begin -->"
+END_MARKER = "<!-- evaluation:end -->"
+
+
+def write_markdown(path: Path, evaluations: Sequence[FeedEvaluation], provenance: str) -> None:
+    """Put the results table (with ``provenance``: command, detector version) into ``path``.
+
+    When ``path`` already holds the markers, only the text between them is replaced, so the
+    prose of a report survives a re-run; otherwise the file is just the block.
+    """
+    block = f"{BEGIN_MARKER}\n{provenance.strip()}\n\n{markdown_table(evaluations)}{END_MARKER}"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN_MARKER in text and END_MARKER in text:
+        head, rest = text.split(BEGIN_MARKER, 1)
+        tail = rest.split(END_MARKER, 1)[1]
+        text = f"{head}{block}{tail}"
+    else:
+        text = block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
