@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "sink": "stream.commands.sink",
     "query": "stream.commands.query",
     "kafka": "stream.commands.kafka",
+    "produce": "stream.commands.produce",
 }
 
 
