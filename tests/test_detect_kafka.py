@@ -1,0 +1,191 @@
+"""``anomstream detect`` against the real local broker: scores, dead letters, kill -9, rebalances.
+
+Workers run as real processes (``python -m stream.cli detect``) so a kill -9 is a real one.
+Each test uses its own topics and consumer groups. Detectors are small (10 trees, 64 samples,
+warm-up 16) to keep the suite quick; the logic under test does not depend on the model size.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from detectors import DetectorConfig, RcfDetector
+from stream.kafka_io import consume_all, create_topics
+from stream.records import timeseries_id
+from tests.detect_support import (
+    ROOT,
+    SMALL_MODEL,
+    WorkerProcess,
+    by_series,
+    produce,
+    wait_for,
+    wait_for_results,
+    write_config,
+)
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
+
+
+def names(prefix: str) -> dict[str, str]:
+    tag = uuid.uuid4().hex[:8]
+    return {
+        "group": f"{prefix}-{tag}",
+        "output": f"{prefix}-out-{tag}",
+        "dead_letter": f"{prefix}-dlq-{tag}",
+        "repartition": f"{prefix}-rep-{tag}",
+        "state": f"{prefix}-state-{tag}",
+    }
+
+
+def signal_value(host_index: int, i: int) -> float:
+    """A periodic series per host, with an obvious spike now and then."""
+    base = 10.0 + host_index + math.sin(i / (4.0 + host_index)) * 2.0
+    return base + (25.0 if i % 97 == 60 else 0.0)
+
+
+def test_replayed_file_scores_equal_backtest(kafka_bootstrap: str, tmp_path: Path) -> None:
+    rows = 240
+    start_s = 1_704_067_200  # 2024-01-01T00:00:00Z; one row a minute
+    csv_path = tmp_path / "series.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["timestamp", "value"])
+        for i in range(rows):
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start_s + 60 * i))
+            writer.writerow([stamp, repr(signal_value(0, i))])
+    out_path = tmp_path / "backtest.csv"
+    params = [f"--param={k}={v}" for k, v in SMALL_MODEL.items()]
+    subprocess.run(
+        [sys.executable, "-m", "stream.cli", "backtest", str(csv_path), "--out", str(out_path),
+         "--no-progress", *params],
+        cwd=ROOT, check=True, capture_output=True, timeout=120,
+    )
+    with out_path.open() as handle:
+        expected = list(csv.DictReader(handle))
+
+    input_topic = f"replay-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka_bootstrap, [input_topic])
+    with csv_path.open() as handle:
+        produce(kafka_bootstrap, input_topic, [
+            ("feed", json.dumps({"timestamp": r["timestamp"], "value": float(r["value"]),
+                                 "feed": "replay"}).encode())
+            for r in csv.DictReader(handle)
+        ])
+    topics = names("replay")
+    config = write_config(
+        tmp_path / "detect.yaml", kafka_bootstrap, input_topic=input_topic, **topics,
+        detectors=[{"name": "replay", "input": input_topic, "measure": "value",
+                    "dimensions": ["feed"], "aggregation": "last", "interval": "60s",
+                    "params": SMALL_MODEL}],
+    )
+    worker = WorkerProcess(config, "replay-0", tmp_path)
+    try:
+        worker.wait_ready()
+        # The last row's window stays open: nothing later moves the watermark past its end.
+        records = wait_for_results(kafka_bootstrap, topics["output"], rows - 1, 120, [worker])
+    finally:
+        assert worker.stop() == 0, worker.log()
+    (series,) = by_series(records).values()
+    assert len(series) == rows - 1
+    for row, record in zip(expected, series, strict=False):
+        assert record["detectionPeriodStartTime"] == row["timestamp"].replace("Z", ".000Z")
+        assert record["aggregatedMeasureValue"] == float(row["value"])
+        assert record["anomalyScore"] == pytest.approx(float(row["anomalyScore"]), abs=1e-9)
+        assert record["anomalyDecision"] == int(row["anomalyDecision"])
+        assert record["modelStage"] == row["modelStage"]
+        assert record["anomalyConfidenceScore"] == pytest.approx(
+            float(row["anomalyConfidenceScore"]), abs=1e-9)
+        assert record["expectedValue"] == pytest.approx(float(row["expectedValue"]), abs=1e-9)
+    assert {r["modelStage"] for r in series} == {"LEARNING", "INFERENCE"}
+    assert any(r["anomalyDecision"] == 1 for r in series)
+
+
+def reference_scores(points: dict[str, list[tuple[int, float]]]) -> dict[str, list[float]]:
+    """What an undisturbed detector scores per host when each record is one window."""
+    scores = {}
+    for host, items in points.items():
+        detector = RcfDetector(DetectorConfig.from_dict(SMALL_MODEL))
+        scores[host] = [detector.update(t / 1000, v).anomaly_score for t, v in items[:-1]]
+    return scores
+
+
+def test_bad_and_late_records_are_dead_lettered(kafka_bootstrap: str, tmp_path: Path) -> None:
+    input_topic = f"dirty-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka_bootstrap, [input_topic], partitions=2)
+    hosts = ["a", "b", "c"]
+    good: dict[str, list[tuple[int, float]]] = {h: [] for h in hosts}
+    records: list[tuple[str | None, bytes]] = []
+    bad: dict[bytes, str] = {}
+
+    def add_bad(payload: bytes, reason: str) -> None:
+        bad[payload] = reason
+        records.append(("a", payload))
+
+    def cpu(payload: dict[str, Any]) -> bytes:
+        return json.dumps({**payload, "kind": "cpu"}).encode()
+
+    for i in range(120):
+        for k, host in enumerate(hosts):
+            good[host].append((i * 1000, signal_value(k, i)))
+            records.append((host, cpu({"timestamp": i * 1000, "value": signal_value(k, i),
+                                       "host": host})))
+        if i == 30:
+            add_bad(b"\x00not json at all", "not_json")
+            add_bad(b'"just a string"', "not_object")
+            add_bad(cpu({"timestamp": 30000, "host": "a"}), "missing_field")
+            add_bad(cpu({"timestamp": 30000, "value": "12", "host": "a"}), "bad_type")
+            add_bad(b'{"timestamp": 30000, "value": NaN, "host": "a", "kind": "cpu"}',
+                    "non_finite")
+            add_bad(b'{"timestamp": 30000, "value": -Infinity, "host": "b", "kind": "cpu"}',
+                    "non_finite")
+            add_bad(cpu({"timestamp": "noon", "value": 1, "host": "b"}), "bad_timestamp")
+            add_bad(b'{"timestamp": 30000, "value": 1, "host": "a", "kind": "gpu"}',
+                    "no_detector")
+        if i == 50:
+            # Ten seconds behind host a's watermark: late, whatever its value.
+            add_bad(cpu({"timestamp": 40_000, "value": 99.0, "host": "a"}), "late")
+    produce(kafka_bootstrap, input_topic, records)
+    topics = names("dirty")
+    config = write_config(
+        tmp_path / "detect.yaml", kafka_bootstrap, input_topic=input_topic, **topics,
+        # Two live models for three series: evictions and reloads happen all the time.
+        worker={"max_live_models": 2},
+        detectors=[{"name": "cpu", "input": input_topic, "measure": "value",
+                    "dimensions": ["host"], "aggregation": "last", "interval": "1s",
+                    "match": {"kind": "cpu"}, "params": SMALL_MODEL}],
+    )
+    worker = WorkerProcess(config, "dirty-0", tmp_path)
+    try:
+        worker.wait_ready()
+        out = wait_for_results(kafka_bootstrap, topics["output"], 3 * 119, 120, [worker])
+        wait_for(lambda: len(consume_all(kafka_bootstrap, topics["dead_letter"])) >= len(bad), 60,
+                 "dead letters")
+        assert worker.metric("anomstream_dead_letters_total", reason="non_finite") == 2
+        assert worker.metric("anomstream_dead_letters_total", reason="late") == 1
+        assert worker.metric("anomstream_evictions_total") > 0
+    finally:
+        assert worker.stop() == 0, worker.log()
+    letters = consume_all(kafka_bootstrap, topics["dead_letter"])
+    got = {m.value(): dict(m.headers() or []) for m in letters}
+    assert len(letters) == len(bad)
+    assert {payload: headers["reason"].decode() for payload, headers in got.items()} == bad
+    for headers in got.values():
+        assert headers["source_topic"].decode() == input_topic
+        assert int(headers["source_offset"]) >= 0
+        assert headers["detail"]
+    # The good records' results are those of an undisturbed detector per host.
+    expected = reference_scores(good)
+    series = by_series(out)
+    for host in hosts:
+        tsid = timeseries_id("cpu", "value", {"host": host})
+        assert [r["anomalyScore"] for r in series[tsid]] == pytest.approx(expected[host])
