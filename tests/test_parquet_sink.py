@@ -122,7 +122,7 @@ def test_sink_writes_each_committed_record_once_and_resumes_from_the_lake(
     # 23:00 -> 01:30: files must split at midnight; rawScore appears half-way (schema evolution).
     good = payloads(6, range(150), DAY0 + 23 * 3600, extra_from=75)
     bad = [b"{not json", records.encode({"detectorName": "x"})]
-    batches = chunks(good[:450], 90) + [bad] + chunks(good[450:], 90)
+    batches = [*chunks(good[:450], 90), bad, *chunks(good[450:], 90)]
     produce_transactions(kafka_bootstrap, topic, batches, abort_every=4)
 
     def run_sink(group: str) -> ParquetSink:
@@ -186,7 +186,7 @@ def test_lake_equals_topic_across_kill_9s_with_compaction_and_readers(
             try:
                 while not stop.is_set():
                     loop()
-            except BaseException as error:  # noqa: BLE001 - reported by the test thread
+            except BaseException as error:  # reported by the test thread
                 errors.append(error)
 
         return body
