@@ -154,6 +154,15 @@ def test_grouping_collects_series_that_start_within_the_window() -> None:
     assert grouper.due(watermark, wall_now=1001) == []  # window still open
     groups = grouper.due(watermark + 30, wall_now=1001)
     assert sorted(len(g.events) for g in groups) == [1, 3]
+    # Read in one batch (catching up), alerts that start a window apart still go out apart.
+    engine = AlertEngine([Rule(name="r", resolve_after=1)])
+    for i, score in enumerate([95, 5, 95, 5, 95]):
+        for event in engine.observe(observation(score, i, host="z"), NEVER):
+            grouper.add(event, wall_now=1000)
+    late = grouper.due(observation(0, 10).end, wall_now=1000)
+    assert [(g.kind, len(g.events)) for g in late] == [
+        (Kind.FIRING, 1), (Kind.RESOLVED, 1), (Kind.FIRING, 1), (Kind.RESOLVED, 1),
+        (Kind.FIRING, 1)]
     # A quiet stream still flushes by wall time.
     grouper.add(engine.observe(observation(95, 0, host="d"), NEVER)[0], wall_now=2000)
     assert len(grouper.due(0, wall_now=2030)) == 1

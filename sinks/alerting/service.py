@@ -51,10 +51,11 @@ class Alerter:
         self.offsets: dict[str, dict[int, int]] = snapshot.offsets
         self.watermark = snapshot.watermark
         self.engine = AlertEngine(config.rules, AlertEngine.states_from_json(snapshot.series))
+        # Groups saved before a stop go out first: their window has passed during the downtime.
         self.grouper = Grouper(
             config.grouping.window,
             config.grouping.by,
-            [Group.from_json(g) for g in snapshot.groups],
+            closed=[Group.from_json(g) for g in snapshot.groups],
         )
         if senders is None:
             senders = {
@@ -71,6 +72,7 @@ class Alerter:
         self.silences = SilenceSet(
             [Silence.from_spec(s, i) for i, s in enumerate(config.silences)], config.silences_dir
         )
+        self._silenced_logged: set[tuple[str, str, str]] = set()
         FIRING.set(self.engine.firing_count())
         if snapshot.outbox or snapshot.groups:
             log.info(
@@ -98,10 +100,16 @@ class Alerter:
                 self.grouper.add(event, now)
         for silence_id, labels in is_silenced.hits:
             SILENCED.inc()
-            log.info(
-                "silenced by %s: %s", silence_id,
-                ", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "series"),
-            )
+            # Once per silence and series, not once per interval of a long silenced incident.
+            seen = (silence_id, labels["rule"], labels["series"])
+            if seen not in self._silenced_logged:
+                if len(self._silenced_logged) > 10_000:
+                    self._silenced_logged.clear()
+                self._silenced_logged.add(seen)
+                log.info(
+                    "silenced by %s: %s", silence_id,
+                    ", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "series"),
+                )
         FIRING.set(self.engine.firing_count())
         for group in self.grouper.due(self.watermark, now):
             message = render(group, self.config.dashboard_url)
@@ -119,7 +127,7 @@ class Alerter:
         return store.Snapshot(
             offsets=self.offsets,
             series=self.engine.to_json(),
-            groups=[g.to_json() for g in self.grouper.groups.values()],
+            groups=[g.to_json() for g in self.grouper.pending()],
             outbox=[e.to_json() for e in self.dispatcher.entries],
             next_id=self.dispatcher.next_id,
             watermark=self.watermark,
@@ -130,7 +138,7 @@ class Alerter:
 
     def quiet(self) -> bool:
         """Nothing left to do but wait for records."""
-        return not self.grouper.groups and self.dispatcher.idle()
+        return not self.grouper.pending() and self.dispatcher.idle()
 
     # --- the Kafka loop --------------------------------------------------------------------------
     def run(self, stop: threading.Event, until_idle: float | None = None) -> None:
@@ -151,13 +159,18 @@ class Alerter:
             )
         )
 
+        last_activity, assigned = time.monotonic(), False
+
         def on_assign(_: Any, partitions: list[TopicPartition]) -> None:
+            nonlocal last_activity, assigned
             # The state file, not Kafka's committed offset, says what the state has seen.
             for tp in partitions:
                 saved = self.offsets.get(tp.topic, {}).get(tp.partition)
                 if saved is not None:
                     tp.offset = saved
             consumer.assign(partitions)
+            # Idleness counts only once there are partitions to read.
+            last_activity, assigned = time.monotonic(), True
             log.info("assigned %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
 
         consumer.subscribe([config.result_topic], on_assign=on_assign)
@@ -165,7 +178,6 @@ class Alerter:
             "alerting on %s as group %s with %d rule(s) and %d receiver(s)",
             config.result_topic, config.group_id, len(config.rules), len(config.receivers),
         )
-        last_activity = time.monotonic()
         try:
             while not stop.is_set():
                 messages = consumer.consume(num_messages=_BATCH, timeout=_POLL_S)
@@ -183,7 +195,7 @@ class Alerter:
                 now = time.time()
                 self.handle(payloads, now)
                 changed = self.dispatcher.collect(now)
-                if payloads or changed or self.grouper.groups:
+                if payloads or changed or self.grouper.pending():
                     self.save()
                 if payloads:
                     try:
@@ -201,7 +213,11 @@ class Alerter:
                 self.dispatcher.dispatch(now)
                 if payloads or not self.quiet():
                     last_activity = time.monotonic()
-                elif until_idle is not None and time.monotonic() - last_activity >= until_idle:
+                elif (
+                    until_idle is not None
+                    and assigned
+                    and time.monotonic() - last_activity >= until_idle
+                ):
                     log.info("idle for %.0fs with nothing pending; stopping", until_idle)
                     break
                 # With deliveries under way, wait on them rather than spin.

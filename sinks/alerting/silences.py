@@ -65,7 +65,7 @@ def write_silence(directory: Path, silence: Silence) -> Path:
     silence_id = silence.id or uuid.uuid4().hex[:12]
     target = directory / f"{silence_id}.json"
     payload = json.dumps({**asdict(silence), "id": silence_id}, indent=2)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".partial")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(payload)

@@ -242,21 +242,35 @@ class Grouper:
     stream is quiet, once ``window`` of wall time has passed since it opened.
     """
 
-    def __init__(self, window: float, by: Sequence[str], groups: Iterable[Group] = ()) -> None:
+    def __init__(
+        self, window: float, by: Sequence[str], groups: Iterable[Group] = (),
+        closed: Iterable[Group] = (),
+    ) -> None:
         self.window = window
         self.by = list(by)
         self.groups: dict[tuple[str, str, tuple[tuple[str, str], ...]], Group] = {
             g.key(): g for g in groups
         }
+        # Groups whose window was overtaken by a later event of the same key (catch-up reads).
+        self.closed: list[Group] = list(closed)
 
     def add(self, event: Event, wall_now: float) -> None:
         labels = event.labels()
         group_labels = {name: labels.get(name, "") for name in self.by}
         candidate = Group(event.kind, event.severity, group_labels, event.end, wall_now)
+        open_group = self.groups.get(candidate.key())
+        if (
+            open_group is not None
+            and event.end > open_group.opened_record
+            and event.end >= open_group.opened_record + self.window
+        ):
+            # This event starts after the window: the open group is complete.
+            self.closed.append(self.groups.pop(candidate.key()))
         group = self.groups.setdefault(candidate.key(), candidate)
-        # A later event of the same series (e.g. a reminder) replaces the earlier one.
-        group.events = [e for e in group.events if e.series_id != event.series_id or
-                        e.rule != event.rule]
+        # A later event of the same series within the window replaces the earlier one.
+        group.events = [
+            e for e in group.events if e.series_id != event.series_id or e.rule != event.rule
+        ]
         group.events.append(event)
 
     def due(self, record_watermark: float, wall_now: float) -> list[Group]:
@@ -268,4 +282,8 @@ class Grouper:
         ]
         for group in ready:
             del self.groups[group.key()]
+        ready, self.closed = self.closed + ready, []
         return sorted(ready, key=lambda g: (g.opened_record, g.kind != Kind.FIRING))
+
+    def pending(self) -> list[Group]:
+        return self.closed + list(self.groups.values())
