@@ -29,6 +29,8 @@ import pandas as pd
 
 TIMESTAMP_FIELD = "timestamp"
 # Spellings of "no value" in CSV files; sent as JSON null.
+# One encoder for all rows: json.dumps would rebuild it per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 MISSING_TOKENS = frozenset({"", "nan", "NaN", "NAN", "null", "NULL", "None", "NA", "N/A", "n/a"})
 
 
@@ -121,32 +123,33 @@ def build_records(table: pd.DataFrame, spec: ReplaySpec, source: str) -> list[Re
     dimensions = {column: _text_cells(table[column]) for column in spec.dimension_columns}
     measure_fields = [spec.measure_names.get(c, c) for c in spec.value_columns]
 
+    names = [TIMESTAMP_FIELD, *measure_fields, *spec.dimension_columns]
+    columns = [
+        format_timestamps(epoch_ms),
+        *(values[c] for c in spec.value_columns),
+        *(dimensions[c] for c in spec.dimension_columns),
+    ]
     records = []
-    for i in range(len(table)):
-        record: dict[str, Any] = {TIMESTAMP_FIELD: format_timestamp(int(epoch_ms[i]))}
-        for name, column in zip(measure_fields, spec.value_columns, strict=True):
-            record[name] = values[column][i]
-        for column in spec.dimension_columns:
-            record[column] = dimensions[column][i]
+    for millis, row in zip(epoch_ms.tolist(), zip(*columns, strict=True), strict=True):
+        record: dict[str, Any] = dict(zip(names, row, strict=True))
         record.update(spec.dimension_constants)
         key = None
         if spec.key_field is not None and record[spec.key_field] is not None:
             key = str(record[spec.key_field]).encode()
-        payload = json.dumps(record, separators=(",", ":"), allow_nan=False,
-                             ensure_ascii=False).encode()
-        records.append(ReplayRecord(int(epoch_ms[i]), key, payload))
+        records.append(ReplayRecord(millis, key, _JSON.encode(record).encode()))
     return records
 
 
-def format_timestamp(epoch_ms: int) -> str:
-    """ISO-8601 UTC; milliseconds only when the time has them.
+def format_timestamps(epoch_ms: np.ndarray) -> list[str]:
+    """ISO-8601 UTC for a column of epoch milliseconds; milliseconds only where a time has them.
 
-    >>> format_timestamp(0), format_timestamp(1500)
-    ('1970-01-01T00:00:00Z', '1970-01-01T00:00:01.500Z')
+    >>> format_timestamps(np.array([0, 1500]))
+    ['1970-01-01T00:00:00Z', '1970-01-01T00:00:01.500Z']
     """
-    seconds, millis = divmod(epoch_ms, 1000)
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    return f"{text}.{millis:03d}Z" if millis else f"{text}Z"
+    text = np.datetime_as_string(epoch_ms.astype("datetime64[ms]"), unit="ms")
+    whole = epoch_ms % 1000 == 0
+    return [f"{t[:-4]}Z" if w else f"{t}Z" for t, w in zip(text.tolist(), whole.tolist(),
+                                                           strict=True)]
 
 
 def _parse_timestamps(
@@ -285,6 +288,7 @@ def send_records(
 
     report = DeliveryReport()
     producer = Producer(producer_config(bootstrap))
+    unreported, reported_at = 0, time.monotonic()
     try:
         for record in records:
             while True:
@@ -298,7 +302,12 @@ def send_records(
                     # The client's queue is full: let it drain, then retry this record.
                     producer.poll(0.1)
             producer.poll(0)
-            on_sent(1)
+            unreported += 1
+            # Progress bars need ~10 updates a second, not one per record.
+            if time.monotonic() - reported_at >= 0.1:
+                on_sent(unreported)
+                unreported, reported_at = 0, time.monotonic()
+        on_sent(unreported)
         remaining = producer.flush(flush_timeout_s)
     except KafkaException as error:
         raise InputError(f"producing to {topic!r} on {bootstrap} failed: {error}") from error
