@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "query": "stream.commands.query",
     "kafka": "stream.commands.kafka",
     "produce": "stream.commands.produce",
+    "dashboard": "stream.commands.dashboard",
 }
 
 

@@ -1,0 +1,170 @@
+"""dashboard.queries against independent DuckDB answers over the same fixture lake."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dashboard import charts, queries
+from dashboard.fixtures import LakeSummary, build_lake, series_specs
+from dashboard.queries import Filters
+from sinks.lake import connect
+from tests.dashboard_support import direct, direct_one, small_lake
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory) -> LakeSummary:
+    return small_lake(tmp_path_factory.mktemp("lake"))
+
+
+def test_fixture_lake_is_deterministic_and_in_the_lake_layout(tmp_path: Path) -> None:
+    first = build_lake(tmp_path / "a", series=6, intervals=50, seed=4, anomaly_rate=0.05)
+    second = build_lake(tmp_path / "b", series=6, intervals=50, seed=4, anomaly_rate=0.05)
+    names = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.parquet"))
+    assert names == sorted(
+        p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.parquet")
+    )
+    assert all(str(n).startswith("dt=2026-11-20/anomstream.results+") for n in names)
+    sql = "SELECT * EXCLUDE (dimensionList) FROM files ORDER BY kafkaPartition, kafkaOffset"
+    assert direct(tmp_path / "a", sql) == direct(tmp_path / "b", sql)
+    (flagged,) = direct_one(tmp_path / "a", "SELECT sum(anomalyDecision) FROM files")
+    assert first.anomalies == flagged > 0
+    assert replace(first, lake_dir=second.lake_dir) == second
+
+
+def test_series_are_distinct_and_named_by_their_dimensions() -> None:
+    specs = series_specs(1000)
+    assert len({s.timeseries_id for s in specs}) == 1000
+    assert {s.detector.name for s in specs} == {
+        "fx-spread", "equity-price", "cpu-utilisation", "api-latency",
+    }  # fmt: skip
+
+
+def test_kpis_match_an_independent_count(lake: LakeSummary) -> None:
+    con = connect(lake.lake_dir)
+    kpis = queries.kpis(con, Filters())
+    series, points, anomalies = direct_one(
+        lake.lake_dir,
+        "SELECT count(DISTINCT timeseriesId), count(*), sum(anomalyDecision) FROM files",
+    )
+    (confidence,) = direct_one(
+        lake.lake_dir,
+        "SELECT avg(c) FROM (SELECT arg_max(anomalyConfidenceScore, detectionPeriodStartTime) c"
+        " FROM files GROUP BY timeseriesId)",
+    )
+    # The fixture's processedDataPoints counts from 1 in the lake's first interval.
+    assert (kpis.series, kpis.data_points, kpis.anomalies) == (series, points, anomalies)
+    assert kpis.mean_confidence == pytest.approx(confidence)
+    assert kpis.anomalies == lake.anomalies > 0
+
+
+def test_time_range_and_series_filters_narrow_every_panel(lake: LakeSummary) -> None:
+    con = connect(lake.lake_dir)
+    start = lake.last_start - timedelta(minutes=59)
+    end = lake.last_start + timedelta(minutes=1)
+    filters = Filters(
+        detectors=("fx-spread", "cpu-utilisation"),
+        dimensions=(("dim_venue", ("EBS",)),),
+        start=start,
+        end=end,
+        min_score=80.0,
+    )
+    where = (
+        "detectorName IN ('fx-spread', 'cpu-utilisation') AND dim_venue = 'EBS' "
+        "AND detectionPeriodStartTime >= ? AND detectionPeriodStartTime < ?"
+    )
+    expected = direct(
+        lake.lake_dir,
+        f"SELECT detectionPeriodStartTime, timeseriesId, anomalyScore FROM files WHERE {where} "
+        "AND anomalyDecision = 1 AND anomalyScore >= 80 "
+        "ORDER BY detectionPeriodStartTime DESC, anomalyScore DESC, timeseriesId",
+        [start, end],
+    )
+    table = queries.anomalies(con, filters, limit=1000)
+    assert list(table.columns) == list(queries.ANOMALY_COLUMNS)
+    assert list(zip(table["timeseriesId"], table["anomalyScore"], strict=True)) == [
+        (row[1], row[2]) for row in expected
+    ]
+    assert queries.anomaly_count(con, filters) == len(expected) > 0
+    assert set(table["detectorName"]) == {"fx-spread"}
+    assert all(label.startswith("fx-spread · spread_bps · ") for label in table["label"])
+
+    (series_count,) = direct_one(
+        lake.lake_dir, f"SELECT count(DISTINCT timeseriesId) FROM files WHERE {where}", [start, end]
+    )
+    assert queries.kpis(con, filters).series == series_count
+    assert len(queries.series_catalog(con, filters)) == series_count
+    limited = queries.anomalies(con, filters, limit=2)
+    assert limited["timeseriesId"].tolist() == [row[1] for row in expected[:2]]
+
+
+def test_unknown_dimension_column_is_refused(lake: LakeSummary) -> None:
+    con = connect(lake.lake_dir)
+    with pytest.raises(ValueError, match="unknown dimension column"):
+        queries.kpis(con, Filters(dimensions=(('dim_x" OR true --', ("a",)),)))
+
+
+def test_heatmap_is_the_hourly_maximum_of_the_hottest_series(lake: LakeSummary) -> None:
+    con = connect(lake.lake_dir)
+    cells = queries.heatmap(con, Filters(), top=3)
+    hourly = pd.DataFrame(
+        direct(
+            lake.lake_dir,
+            "SELECT timeseriesId, date_trunc('hour', detectionPeriodStartTime) AS hour,"
+            " max(anomalyScore) AS m FROM files GROUP BY ALL",
+        ),
+        columns=["timeseriesId", "hour", "m"],
+    )
+    hottest = (
+        hourly.groupby("timeseriesId")["m"].max().sort_values(ascending=False).index[:3].tolist()
+    )
+    assert cells.drop_duplicates("timeseriesId")["timeseriesId"].tolist()[:1] == hottest[:1]
+    assert set(cells["timeseriesId"]) <= set(hourly["timeseriesId"])
+    assert cells["rank"].max() == 3 and cells["timeseriesId"].nunique() == 3
+    merged = cells.merge(hourly, on=["timeseriesId", "hour"])
+    assert len(merged) == len(cells)
+    assert (merged["maxScore"] == merged["m"]).all()
+    # 180 minutes from 22:30 touch four UTC hours: 22, 23, 00, 01.
+    assert cells.groupby("timeseriesId")["hour"].count().tolist() == [4, 4, 4]
+    assert charts.heatmap_chart(cells).to_dict()["mark"]["type"] == "rect"
+
+
+def test_series_points_and_chart(lake: LakeSummary) -> None:
+    con = connect(lake.lake_dir)
+    catalog = queries.series_catalog(con, Filters())
+    chosen = catalog["timeseriesId"].iloc[0]
+    points = queries.series_points(con, chosen, Filters())
+    assert len(points) == 180
+    assert points["time"].is_monotonic_increasing
+    assert str(points["time"].dt.tz) in {"UTC", "Etc/UTC"}
+    flagged = direct_one(
+        lake.lake_dir, "SELECT sum(anomalyDecision) FROM files WHERE timeseriesId = ?", [chosen]
+    )[0]
+    assert points["anomaly"].sum() == flagged
+    assert queries.series_label(con, chosen) == catalog["label"].iloc[0]
+    assert queries.series_label(con, "no-such-series") is None
+    spec = charts.series_chart(points, "spread_bps").to_dict()
+    assert spec["resolve"] == {"scale": {"y": "independent"}}
+    assert any(p.get("bind") == "scales" for p in _params(spec))
+
+
+def _params(spec: dict) -> list[dict]:
+    found = list(spec.get("params", []))
+    for layer in spec.get("layer", []):
+        found += _params(layer)
+    return found
+
+
+def test_empty_and_missing_lakes_give_empty_answers(tmp_path: Path) -> None:
+    for lake_dir in (tmp_path, tmp_path / "missing"):
+        con = connect(lake_dir)
+        extent = queries.extent(con)
+        assert (extent.rows, extent.first, extent.last) == (0, None, None)
+        assert queries.kpis(con, Filters()) == queries.Kpis(0, 0, 0, None)
+        assert queries.anomalies(con, Filters(), 10).empty
+        assert queries.heatmap(con, Filters(), 5).empty
+        assert queries.series_catalog(con, Filters()).empty
