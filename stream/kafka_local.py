@@ -227,6 +227,10 @@ class LocalKafka:
     ``start()`` returns once an AdminClient can list topics; ``stop()`` sends SIGTERM, waits and
     only then SIGKILLs. A ``LocalKafka`` can also stop a broker that another process started
     on the same data dir (it finds it through the pid file).
+
+    Unless ``detach`` is set, the broker gets SIGTERM when the process that started it dies, so a
+    test run killed by a timeout or ``kill -9`` leaves no JVM behind; ``anomstream kafka up``
+    detaches because its broker must outlive the command.
     """
 
     def __init__(
@@ -237,6 +241,7 @@ class LocalKafka:
         *,
         version: str = KAFKA_VERSION,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        detach: bool = False,
     ) -> None:
         if port == controller_port:
             raise KafkaError(f"broker and controller need different ports (both are {port})")
@@ -244,6 +249,7 @@ class LocalKafka:
         self.config = BrokerConfig(port, controller_port, self.data_dir / "kraft")
         self.version = version
         self.start_timeout_s = start_timeout_s
+        self.detach = detach
         self._process: subprocess.Popen[bytes] | None = None
 
     @classmethod
@@ -301,6 +307,7 @@ class LocalKafka:
             self._process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=self.data_dir, start_new_session=True,
+                preexec_fn=None if self.detach else _die_with_parent,
             )
         self.pid_path.write_text(f"{self._process.pid}\n")
         try:
@@ -427,6 +434,14 @@ def _java() -> str:
     if java is None:
         raise KafkaError("`java` not found on PATH (Kafka needs Java 17+)")
     return java
+
+
+def _die_with_parent() -> None:
+    """Runs in the forked child before exec: ask Linux for SIGTERM when our parent exits."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _port_is_free(port: int) -> bool:

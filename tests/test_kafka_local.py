@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,30 @@ def test_two_processes_fetching_at_once_both_get_the_complete_jars(tmp_path: Pat
     # Only the finished directory and the lock remain: no half-written work dirs.
     version_dir = tmp_path / "kafka" / kafka_local.KAFKA_VERSION
     assert sorted(p.name for p in version_dir.iterdir()) == ["fetch.lock", "libs"]
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_broker_stops_when_the_process_that_started_it_is_killed(tmp_path: Path) -> None:
+    script = (
+        "import sys, time; from stream.kafka_local import LocalKafka, free_port; "
+        "k = LocalKafka(sys.argv[1], port=free_port(), controller_port=free_port()); "
+        "k.start(); print(k.running_pid(), flush=True); time.sleep(300)"
+    )
+    starter = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                               stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    assert starter.stdout is not None
+    broker_pid = int(starter.stdout.readline())
+    assert Path(f"/proc/{broker_pid}").exists()
+
+    starter.kill()  # SIGKILL: no teardown code runs in the starter
+    starter.wait(timeout=30)
+
+    kafka = LocalKafka(tmp_path)
+    for _ in range(600):  # bounded: at most ~60 s for the JVM's own shutdown
+        if kafka_local._pid_alive(broker_pid) is False:
+            break
+        time.sleep(0.1)
+    else:
+        kafka.stop()
+        pytest.fail("the orphaned broker kept running after its starter was killed")

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                           f"(pid {existing.running_pid()}, data dir {data_dir})")
             return 0
         kafka = kl.LocalKafka(data_dir, port=args.port, controller_port=args.controller_port,
-                              start_timeout_s=args.timeout)
+                              start_timeout_s=args.timeout, detach=True)
         started = time.monotonic()
         with console.status(f"fetching Kafka {kafka.version} jars with mvn (cached after once)"):
             libs = kl.ensure_jars(kafka.version)
