@@ -258,6 +258,9 @@ def test_redactor_hides_tokens_everywhere() -> None:
     line = redact("POST https://hooks.slack.com/services/TokenA123/TokenB456/TokenC789abcdef")
     assert "TokenB456" not in line and "TokenC789abcdef" not in line
     assert "hunter22" not in redact(f"error: {mail} refused") and "pw@" not in redact(mail)
+    # Hosts and addresses stay readable: they tell which receiver failed.
+    assert redact("connect to smtp.example.com for a@example.com") == (
+        "connect to smtp.example.com for a@example.com")
     # Credentials in URLs the redactor was never told about are stripped too.
     assert redact("http://alice:pa55word@10.0.0.1/x") == "http://***@10.0.0.1/x"
     assert redacted_url("json://u:p@127.0.0.1:9/x") == "json://127.0.0.1:9/***"

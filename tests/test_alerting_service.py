@@ -127,7 +127,10 @@ def anomaly_records() -> list[dict[str, Any]]:
     for i in range(50):
         # A ten-interval anomaly: intervals 5-14 over the threshold, then quiet.
         if i < 30:
-            records.append(result_record("cpu", {"host": "a"}, i, 90.0 if 5 <= i < 15 else 12.0))
+            # Two hosts at once: one incident each, announced together in one message.
+            for host in ("a", "b"):
+                score = 90.0 if 5 <= i < 15 else 12.0
+                records.append(result_record("cpu", {"host": host}, i, score))
         # Flapping around the threshold (70, exit 50) for 50 intervals, dipping under the exit
         # now and then but never for K = 3 intervals in a row.
         flap = 75.0 if i % 2 == 0 else (45.0 if i % 7 == 0 else 62.0)
@@ -177,11 +180,17 @@ def test_alerter_pages_once_resolves_once_honours_silences_and_retries(
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0
 
+        cpu_b = sid("cpu", "b")
         for messages in (smtp.received(), hook.received()):
-            # The ten-interval anomaly: one page, one all-clear.
-            assert count(messages, "FIRING", cpu_a) == 1
-            assert count(messages, "RESOLVED", cpu_a) == 1
-            assert count(messages, "STILL FIRING", cpu_a) == 0
+            # The ten-interval anomaly: one page, one all-clear, per series...
+            for series in (cpu_a, cpu_b):
+                assert count(messages, "FIRING", series) == 1
+                assert count(messages, "RESOLVED", series) == 1
+                assert count(messages, "STILL FIRING", series) == 0
+            # ...grouped: both series started in the same window, so they share each message.
+            together = [m for m in messages if cpu_a in m.body]
+            assert len(together) == 2 and all(cpu_b in m.body for m in together)
+            assert all(m.title.endswith("detector=cpu: 2 series") for m in together)
             # Flapping for 50 intervals with a 20-interval repeat: at most one page per repeat
             # interval (first page, then reminders at +20 and +40), never resolved.
             assert count(messages, "FIRING", flap) == 1

@@ -18,6 +18,12 @@ _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@]+@")
 # Path parts and query values shorter than this are words like "json" or "no", not tokens.
 _MIN_SECRET_LENGTH = 6
 MASK = "***"
+# Query parameters of apprise URLs that address rather than authenticate; their values (hosts,
+# e-mail addresses, modes) stay readable in logs.
+_PUBLIC_PARAMETERS = frozenset({
+    "smtp", "from", "to", "cc", "bcc", "reply", "mode", "format", "overflow", "name", "method",
+    "verify", "rto", "cto", "region", "lang", "priority", "secure",
+})
 
 
 def redacted_url(url: str) -> str:
@@ -47,9 +53,15 @@ def secret_fragments(url: str) -> set[str]:
     except ValueError:
         return fragments
     candidates += [segment for segment in parts.path.split("/") if segment]
-    candidates += [value for _, value in parse_qsl(parts.query, keep_blank_values=False)]
+    candidates += [
+        value
+        for key, value in parse_qsl(parts.query, keep_blank_values=False)
+        if key.lower() not in _PUBLIC_PARAMETERS
+    ]
     for candidate in candidates:
         for form in (candidate, unquote(candidate)):
+            if form == parts.hostname:
+                continue  # shown anyway, and masking it would hide which receiver is meant
             if len(form) >= _MIN_SECRET_LENGTH or (form and form == parts.password):
                 fragments.add(form)
     return fragments
