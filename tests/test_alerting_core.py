@@ -14,6 +14,7 @@ from sinks.alerting.redact import Redactor, redacted_url
 from sinks.alerting.rules import Observation
 from sinks.alerting.silences import Silence, SilenceSet, parse_matchers, write_silence
 from sinks.alerting.state import AlertEngine, Event, Grouper, Kind
+from sinks.alerting.store import load
 from tests.alerting_support import INTERVAL_S, result_record
 
 NEVER = lambda labels: False  # noqa: E731
@@ -140,6 +141,27 @@ def test_silence_directory_is_picked_up_by_a_running_set(tmp_path: Path) -> None
     assert silences.refresh()
     assert silences.matcher(now=5)({"detector": "cpu"})
     assert not silences.matcher(now=5)({"detector": "gpu"})
+
+
+def test_configured_silences_and_unreadable_state(tmp_path: Path) -> None:
+    config = write(tmp_path / "alerts.yaml", f"""\
+state_dir: {tmp_path / "state"}
+receivers: [{{name: hook, url: "json://127.0.0.1/x"}}]
+rules: [{{name: cpu}}]
+silences:
+  - {{matchers: {{detector: cpu, host: "web-*"}}, ends_at: 2000, comment: maintenance}}
+""")
+    loaded = load_config(config)
+    silences = SilenceSet(
+        [Silence.from_spec(s, i) for i, s in enumerate(loaded.silences)], loaded.silences_dir
+    )
+    silences.refresh()
+    assert silences.matcher(now=1000)({"detector": "cpu", "host": "web-2"})
+    assert not silences.matcher(now=3000)({"detector": "cpu", "host": "web-2"})
+    loaded.state_file.parent.mkdir(parents=True)
+    loaded.state_file.write_text("{truncated")
+    with pytest.raises(ValueError, match="alert state is unreadable"):
+        load(loaded.state_file)
 
 
 def test_grouping_collects_series_that_start_within_the_window() -> None:

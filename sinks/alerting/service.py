@@ -201,9 +201,10 @@ class Alerter:
                     try:
                         consumer.commit(
                             offsets=[
-                                TopicPartition(topic, partition, offset)
-                                for topic, parts in self.offsets.items()
-                                for partition, offset in parts.items()
+                                TopicPartition(config.result_topic, partition, offset)
+                                for partition, offset in self.offsets.get(
+                                    config.result_topic, {}
+                                ).items()
                             ],
                             asynchronous=False,
                         )

@@ -67,6 +67,12 @@ def load(path: Path) -> Snapshot:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return Snapshot()
+    except (OSError, json.JSONDecodeError) as error:
+        # Never silently start from scratch: that could page every ongoing incident again.
+        raise ValueError(
+            f"{path}: the alert state is unreadable ({error}); restore it, or move it away to "
+            "start with empty state from the committed offsets"
+        ) from None
     if data.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unknown state format version {data.get('version')!r}")
     return Snapshot(
