@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "alert": "stream.commands.alert",
     "backtest": "stream.commands.backtest",
     "generate": "stream.commands.generate",
+    "demo": "stream.commands.demo",
     "evaluate": "stream.commands.evaluate",
     "sink": "stream.commands.sink",
     "query": "stream.commands.query",

@@ -1,0 +1,81 @@
+"""``anomstream demo``: Kafka, generators, detectors, lake, alerts and dashboard in one command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+HELP = "Run the whole pipeline locally (Kafka, generators, detectors, lake, alerts, dashboard)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("demo-run"),
+        help="configs, lake, alert state, labels and logs; emptied on start (default: demo-run)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        default=os.environ.get("ANOMSTREAM_BOOTSTRAP"),
+        help="use this Kafka broker (default: $ANOMSTREAM_BOOTSTRAP; none: start a local one)",
+    )
+    parser.add_argument(
+        "--duration", type=float, metavar="SECONDS", help="stop by itself after this long"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="generators' seed (default: 0)")
+    parser.add_argument(
+        "--points", type=int, default=3000, help="points replayed per series (default: 3000)"
+    )
+    parser.add_argument(
+        "--speed",
+        type=float,
+        default=600.0,
+        help="replay speed: seconds of data per second (default: 600, ten 60 s points a second)",
+    )
+    parser.add_argument("--instruments", type=int, default=4, help="market instruments (4)")
+    parser.add_argument("--hosts", type=int, default=2, help="ops GPU hosts (2)")
+    parser.add_argument("--workers", type=int, default=2, help="detection workers (2)")
+    parser.add_argument(
+        "--dashboard-port", type=int, default=8501, help="dashboard port (default: 8501)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import signal
+
+    from rich.console import Console
+
+    from stream.cli import CliError
+    from stream.demo import Demo, DemoError, DemoOptions, summary
+
+    for name in ("points", "instruments", "hosts", "workers"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name} must be at least 1")
+    if args.speed <= 0:
+        raise CliError("--speed must be positive")
+    if args.duration is not None and args.duration <= 0:
+        raise CliError("--duration must be positive")
+    options = DemoOptions(
+        workdir=args.workdir,
+        bootstrap=args.bootstrap,
+        duration=args.duration,
+        seed=args.seed,
+        points=args.points,
+        speed=args.speed,
+        instruments=args.instruments,
+        hosts=args.hosts,
+        workers=args.workers,
+        dashboard_port=args.dashboard_port,
+    )
+    console = Console()
+    demo = Demo(options, console)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda *_: demo.stop.set())
+    try:
+        code = demo.run()
+    except DemoError as error:
+        raise CliError(str(error)) from None
+    console.print(summary(options.workdir))
+    return code

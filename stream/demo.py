@@ -1,0 +1,609 @@
+"""``anomstream demo``: the whole pipeline on one machine, started and stopped with one command.
+
+It starts a local Kafka broker (unless one is configured), creates the topics, writes the
+detector and alerting configurations into its work directory, and runs as subprocesses: the
+market and ops generators (replayed faster than real time), detection workers in one consumer
+group, the Parquet sink, the alerter (delivering to a webhook receiver that the demo itself runs
+and whose messages it prints) and the dashboard. Ctrl-C or SIGTERM (or ``--duration``) stops
+everything in order: generators first, then the services, then the broker.
+
+Both feeds share one clock (the same start, interval and replay speed), so the result topic
+carries one advancing stream of detection times. The hourly bookstore feed stays out of the live
+demo: at its hourly cadence it would need hours of replay to get past the detectors' warm-up;
+``anomstream generate bookstore --evaluate`` shows it.
+
+The alert rule pages when 3 of the last 4 intervals of a series score 80 or more, once the
+series' model has 60 % confidence: single-interval blips of noisy series stay quiet while the
+injected bursts, jumps and outages (which last several intervals) page.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from stream.records import format_time
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MARKER = ".anomstream-demo"
+INTERVAL_SECONDS = 60
+
+# (detector name, measure, dimensions, match, aggregation) per feed.
+DetectorRow = tuple[str, str, tuple[str, ...], dict[str, str], str]
+MARKET_DETECTORS: tuple[DetectorRow, ...] = (
+    ("market-price", "price", ("instrument",), {}, "last"),
+    ("market-volume", "volume", ("instrument",), {}, "sum"),
+    ("market-spread", "spread_bps", ("instrument",), {}, "last"),
+)
+OPS_DETECTORS: tuple[DetectorRow, ...] = (
+    ("ops-cpu", "cpu_util", ("host",), {"entity": "host"}, "avg"),
+    ("ops-latency", "latency_ms", ("host",), {"entity": "host"}, "avg"),
+    ("ops-errors", "error_count", ("host",), {"entity": "host"}, "sum"),
+    ("ops-gpu", "gpu_util", ("host", "gpu"), {"entity": "gpu"}, "avg"),
+    ("ops-tflops", "effective_tflops", ("job",), {"entity": "job"}, "avg"),
+    ("ops-grad-norm", "grad_norm", ("job", "layer"), {"entity": "layer"}, "last"),
+)
+ALERT_RULE: dict[str, Any] = {
+    "name": "demo-anomalies",
+    "detectors": ["*"],
+    "enter_threshold": 80,
+    "exit_threshold": 60,
+    "fire_after": {"m": 3, "n": 4},
+    "resolve_after": 3,
+    "min_confidence": 60,
+    "severity": "warning",
+    "repeat_interval": "1d",
+}
+
+
+class DemoError(Exception):
+    """The demo cannot start or a service died; the message says which and where its log is."""
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    workdir: Path
+    bootstrap: str | None = None
+    duration: float | None = None
+    seed: int = 0
+    points: int = 3000
+    speed: float = 600.0
+    instruments: int = 4
+    hosts: int = 2
+    workers: int = 2
+    partitions: int = 2
+    dashboard_port: int = 8501
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    market: str
+    ops: str
+    results: str
+    dead_letter: str
+    repartition: str
+    state: str
+
+    @classmethod
+    def named(cls, suffix: str) -> Topics:
+        return cls(
+            *(
+                f"demo-{name}{suffix}"
+                for name in ("market", "ops", "results", "dead-letter", "repartition", "state")
+            )
+        )
+
+
+def detect_config(bootstrap: str, topics: Topics, group: str, partitions: int) -> dict[str, Any]:
+    """The detection workers' configuration: one detector per measure of each feed."""
+    detectors = []
+    for topic, table in ((topics.market, MARKET_DETECTORS), (topics.ops, OPS_DETECTORS)):
+        for name, measure, dimensions, match, aggregation in table:
+            spec: dict[str, Any] = {
+                "name": name,
+                "input": topic,
+                "measure": measure,
+                "dimensions": list(dimensions),
+                "aggregation": aggregation,
+                "interval": f"{INTERVAL_SECONDS}s",
+            }
+            if match:
+                spec["match"] = dict(match)
+            detectors.append(spec)
+    return {
+        "kafka": {"bootstrap": bootstrap, "group_id": group},
+        "topics": {
+            "output": topics.results,
+            "dead_letter": topics.dead_letter,
+            "repartition": topics.repartition,
+            "state": topics.state,
+            "partitions": partitions,
+        },
+        "worker": {"snapshot_interval": "10s"},
+        "detectors": detectors,
+    }
+
+
+def alert_config(
+    bootstrap: str, topics: Topics, group: str, webhook_url: str, state_dir: Path, dashboard: str
+) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": bootstrap,
+        "result_topic": topics.results,
+        "group_id": group,
+        "instance_id": f"{group}-0",
+        # The demo's topics are new: read them from the start so no early alert is missed.
+        "auto_offset_reset": "earliest",
+        "state_dir": str(state_dir),
+        "dashboard_url": dashboard,
+        "receivers": [{"name": "demo-webhook", "url": webhook_url, "tags": ["demo"]}],
+        "routes": {"warning": ["demo"], "critical": ["demo"]},
+        "rules": [ALERT_RULE],
+        "grouping": {"window": "1m", "by": ["rule", "detector"]},
+        "delivery": {"initial_backoff": "1s", "max_backoff": "10s", "timeout": "5s"},
+    }
+
+
+class WebhookReceiver:
+    """An HTTP endpoint for apprise ``json://`` posts: prints each alert, appends it to a file."""
+
+    def __init__(self, log_path: Path, show: Callable[[str, str], None]) -> None:
+        self.log_path = log_path
+        self.messages: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                try:
+                    payload = json.loads(self.rfile.read(length))
+                    title, body = str(payload["title"]), str(payload["message"])
+                except (ValueError, KeyError, TypeError):
+                    self.send_response(400)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                receiver._record(title, body)
+                show(title, body)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"json://127.0.0.1:{self.port}/alerts"
+
+    def _record(self, title: str, body: str) -> None:
+        entry = {"received": format_time(time.time()), "title": title, "message": body}
+        with self._lock:
+            self.messages.append(entry)
+            with self.log_path.open("a", encoding="utf-8") as out:
+                out.write(json.dumps(entry) + "\n")
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.messages)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@dataclass
+class Child:
+    """One service of the demo: an ``anomstream`` sub-command in its own process."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    finishes: bool = False  # a generator ends by itself; a service must not
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> None:
+        self._log = self.log_path.open("ab")
+        command = [
+            sys.executable,
+            "-c",
+            "import sys; from stream.cli import main; sys.exit(main())",
+        ]
+        # Own session: a Ctrl-C in the terminal reaches the demo only, which stops the
+        # services in order instead of all at once.
+        self.process = subprocess.Popen(
+            [*command, *self.args],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, deadline: float) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def prepare_workdir(workdir: Path) -> Path:
+    """An empty work directory: created, or emptied when an earlier demo made it."""
+    workdir = workdir.expanduser().absolute()
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / MARKER).exists():
+            raise DemoError(
+                f"{workdir} exists and was not made by the demo; choose another --workdir"
+            )
+        shutil.rmtree(workdir)
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("made by anomstream demo; emptied by the next run\n")
+    return workdir
+
+
+def dashboard_ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+class Demo:
+    def __init__(self, options: DemoOptions, console: Any) -> None:
+        self.options = options
+        self.console = console
+        self.stop = threading.Event()
+        self.children: list[Child] = []
+        self.kafka: Any = None
+        self.webhook: WebhookReceiver | None = None
+
+    def say(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def show_alert(self, title: str, body: str) -> None:
+        from rich.panel import Panel
+
+        style = "green" if title.startswith("[RESOLVED]") else "red"
+        self.console.print(Panel(body, title=f"webhook received: {title}", border_style=style))
+
+    def run(self) -> int:
+        options = self.options
+        workdir = prepare_workdir(options.workdir)
+        try:
+            bootstrap = self._broker(workdir)
+            # A broker we did not start may hold an earlier demo's topics: use fresh names.
+            suffix = "" if self.kafka is not None else f"-{uuid.uuid4().hex[:8]}"
+            topics = Topics.named(suffix)
+            self._create_topics(bootstrap, topics)
+            self.webhook = WebhookReceiver(workdir / "alerts.jsonl", self.show_alert)
+            self.webhook.start()
+            self._start_children(workdir, bootstrap, topics, suffix)
+            self._print_urls(workdir, bootstrap, topics)
+            return self._supervise(workdir)
+        finally:
+            self._shutdown()
+
+    def _broker(self, workdir: Path) -> str:
+        if self.options.bootstrap:
+            self.say(f"kafka: using the configured broker {self.options.bootstrap}")
+            return self.options.bootstrap
+        from stream.kafka_local import KafkaError, LocalKafka, free_port
+
+        broker_port = free_port()
+        controller_port = free_port()
+        while controller_port == broker_port:
+            controller_port = free_port()
+        self.kafka = LocalKafka(
+            workdir / "kafka", port=broker_port, controller_port=controller_port
+        )
+        with self.console.status("starting the local Kafka broker (jars fetched once with mvn)"):
+            try:
+                self.kafka.start()
+            except KafkaError as error:
+                raise DemoError(f"cannot start the local Kafka broker: {error}") from None
+        self.say(f"kafka: local broker on {self.kafka.bootstrap} (data in {workdir / 'kafka'})")
+        return str(self.kafka.bootstrap)
+
+    def _create_topics(self, bootstrap: str, topics: Topics) -> None:
+        from confluent_kafka import KafkaException
+
+        from stream.kafka_io import create_topics
+
+        try:
+            create_topics(
+                bootstrap,
+                [topics.market, topics.ops, topics.results],
+                partitions=self.options.partitions,
+                timeout_s=30.0,
+            )
+        except (KafkaException, TimeoutError) as error:
+            raise DemoError(f"cannot create the demo topics on {bootstrap}: {error}") from None
+
+    def _start_children(self, workdir: Path, bootstrap: str, topics: Topics, suffix: str) -> None:
+        from stream.kafka_local import free_port
+
+        options = self.options
+        logs = workdir / "logs"
+        lake = workdir / "lake"
+        dashboard_url = f"http://127.0.0.1:{options.dashboard_port}"
+        assert self.webhook is not None
+        detect_yaml = workdir / "detect.yaml"
+        detect_yaml.write_text(
+            yaml.safe_dump(
+                detect_config(bootstrap, topics, f"demo-detect{suffix}", options.partitions),
+                sort_keys=False,
+            )
+        )
+        alerts_yaml = workdir / "alerts.yaml"
+        alerts_yaml.write_text(
+            yaml.safe_dump(
+                alert_config(
+                    bootstrap,
+                    topics,
+                    f"demo-alerter{suffix}",
+                    self.webhook.url,
+                    workdir / "alert-state",
+                    dashboard_url,
+                ),
+                sort_keys=False,
+            )
+        )
+        self.metrics_ports = [free_port() for _ in range(options.workers)]
+        for index, port in enumerate(self.metrics_ports, start=1):
+            self.children.append(
+                Child(
+                    f"detect-{index}",
+                    [
+                        "detect",
+                        "--config",
+                        str(detect_yaml),
+                        "--instance-id",
+                        f"demo-worker-{index}{suffix}",
+                        "--metrics-port",
+                        str(port),
+                    ],
+                    logs / f"detect-{index}.log",
+                )
+            )
+        self.children.append(
+            Child(
+                "sink",
+                [
+                    "sink",
+                    "parquet",
+                    "--out",
+                    str(lake),
+                    "--topic",
+                    topics.results,
+                    "--bootstrap",
+                    bootstrap,
+                    "--group",
+                    f"demo-sink{suffix}",
+                    "--instance-id",
+                    f"demo-sink{suffix}",
+                    "--max-span",
+                    "6h",
+                    "--idle-flush",
+                    "2",
+                ],
+                logs / "sink.log",
+            )
+        )
+        self.children.append(
+            Child("alert", ["alert", "--config", str(alerts_yaml)], logs / "alert.log")
+        )
+        self.children.append(
+            Child(
+                "dashboard",
+                [
+                    "dashboard",
+                    "--lake",
+                    str(lake),
+                    "--port",
+                    str(options.dashboard_port),
+                    "--refresh-seconds",
+                    "5",
+                ],
+                logs / "dashboard.log",
+            )
+        )
+        # One clock for both feeds, set so that the last point's time is the wall time at which
+        # the replay reaches it.
+        span = options.points * INTERVAL_SECONDS
+        start = format_time((time.time() + span / options.speed - span) // 60 * 60)
+        for feed, topic, sizing in (
+            ("market", topics.market, ["--instruments", str(options.instruments)]),
+            ("ops", topics.ops, ["--hosts", str(options.hosts)]),
+        ):
+            self.children.append(
+                Child(
+                    f"generate-{feed}",
+                    [
+                        "generate",
+                        feed,
+                        "--topic",
+                        topic,
+                        "--bootstrap",
+                        bootstrap,
+                        "--partitions",
+                        str(options.partitions),
+                        "--labels",
+                        str(workdir / f"{feed}.labels.json"),
+                        "--seed",
+                        str(options.seed),
+                        "--start",
+                        start,
+                        "--interval",
+                        f"{INTERVAL_SECONDS}s",
+                        "--points",
+                        str(options.points),
+                        "--speed",
+                        str(options.speed),
+                        "--no-progress",
+                        *sizing,
+                    ],
+                    logs / f"generate-{feed}.log",
+                    finishes=True,
+                )
+            )
+        env = dict(os.environ)
+        # The children import this checkout, whatever the state of the installed package.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        for child in self.children:
+            child.start(env)
+
+    def _print_urls(self, workdir: Path, bootstrap: str, topics: Topics) -> None:
+        from rich.table import Table
+
+        assert self.webhook is not None
+        table = Table(title="anomstream demo", show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("dashboard", f"http://127.0.0.1:{self.options.dashboard_port}/")
+        table.add_row(
+            "alert webhook", f"http://127.0.0.1:{self.webhook.port}/alerts (printed here)"
+        )
+        for index, port in enumerate(self.metrics_ports, start=1):
+            table.add_row(f"detect-{index} metrics", f"http://127.0.0.1:{port}/metrics")
+        table.add_row(
+            "kafka", f"{bootstrap}  topics {topics.market}, {topics.ops} -> {topics.results}"
+        )
+        table.add_row("lake", str(workdir / "lake"))
+        table.add_row("labels", f"{workdir / 'market.labels.json'}, {workdir / 'ops.labels.json'}")
+        table.add_row("logs", str(workdir / "logs"))
+        stop = (
+            f"after {self.options.duration:g} s or Ctrl-C"
+            if self.options.duration is not None
+            else "Ctrl-C"
+        )
+        table.add_row("stop", stop)
+        self.console.print(table)
+
+    def _supervise(self, workdir: Path) -> int:
+        began = time.monotonic()
+        deadline = None if self.options.duration is None else began + self.options.duration
+        next_status = began + 15.0
+        dashboard_up = False
+        finished: set[str] = set()
+        while not self.stop.wait(0.5):
+            now = time.monotonic()
+            for child in self.children:
+                code = child.exit_code()
+                if code is None or child.name in finished:
+                    continue
+                finished.add(child.name)
+                if child.finishes and code == 0:
+                    self.say(f"{child.name}: done (replayed {self.options.points} points)")
+                    continue
+                raise DemoError(
+                    f"{child.name} exited with code {code}; its log ({child.log_path}) ends:\n"
+                    f"{child.log_tail()}"
+                )
+            if not dashboard_up and dashboard_ready(self.options.dashboard_port):
+                dashboard_up = True
+                self.say(f"dashboard: serving on http://127.0.0.1:{self.options.dashboard_port}/")
+            if now >= next_status:
+                next_status = now + 15.0
+                self.say(self._status_line(workdir, now - began))
+            if deadline is not None and now >= deadline:
+                self.say(f"demo: {self.options.duration:g} s are up, stopping")
+                break
+        return 0
+
+    def _status_line(self, workdir: Path, elapsed: float) -> str:
+        assert self.webhook is not None
+        files = len(list((workdir / "lake").glob("dt=*/*.parquet")))
+        return (
+            f"[dim]t+{elapsed:.0f}s: lake {files} file(s), {self.webhook.count()} alert "
+            "message(s) received[/dim]"
+        )
+
+    def _shutdown(self) -> None:
+        generators = [child for child in self.children if child.finishes]
+        services = [child for child in self.children if not child.finishes]
+        for group in (generators, services):
+            running = [child for child in group if child.exit_code() is None]
+            if running:
+                self.say(f"stopping {', '.join(child.name for child in running)}")
+            for child in group:
+                child.terminate()
+            deadline = time.monotonic() + 30.0
+            for child in group:
+                child.wait(deadline)
+        if self.webhook is not None:
+            self.webhook.stop()
+        if self.kafka is not None:
+            self.say("stopping the local Kafka broker")
+            self.kafka.stop()
+
+
+def summary(workdir: Path) -> str:
+    """What the run left behind: series and rows in the lake, labels, alert messages."""
+    from sinks.lake import query
+
+    workdir = workdir.expanduser().absolute()
+    lake = workdir / "lake"
+    counts = query(lake, "SELECT count(*) AS n, count(DISTINCT timeseriesId) AS s FROM scores")
+    row = counts.to_pylist()[0]
+    labels = 0
+    series = 0
+    for feed in ("market", "ops"):
+        path = workdir / f"{feed}.labels.json"
+        if path.exists():
+            document = json.loads(path.read_text(encoding="utf-8"))
+            labels += len(document["labels"])
+            series += len(document["series"])
+    alerts_path = workdir / "alerts.jsonl"
+    alerts = len(alerts_path.read_text().splitlines()) if alerts_path.exists() else 0
+    return (
+        f"demo: lake {lake} holds {row['n']} results of {row['s']} series "
+        f"({series} generated); {labels} anomalies injected (labels in {workdir}); "
+        f"{alerts} alert message(s) received ({alerts_path})"
+    )
