@@ -81,23 +81,25 @@ class Alerter:
             )
 
     # --- the pure-ish part of a loop turn, also driven directly by tests -----------------------
-    def handle(self, payloads: list[tuple[str, int, int, bytes | None]], now: float) -> None:
-        """Feed (topic, partition, offset, value) records to the engine and the grouper."""
+    def handle(self, payloads: list[tuple[str, int, int, bytes | None]], now: float) -> int:
+        """Feed (topic, partition, offset, value) records to the engine and the grouper; queue
+        the messages of the groups that are complete. Returns how many were queued."""
         self.silences.refresh()
         is_silenced = self.silences.matcher(now)
         for topic, partition, offset, value in payloads:
-            self.offsets.setdefault(topic, {})[partition] = offset + 1
             RECORDS.inc()
             try:
                 observation = Observation.from_record(decode(value or b""))
             except ValueError as error:
                 BAD_RECORDS.inc()
                 log.warning("skipping record %s[%d]@%d: %s", topic, partition, offset, error)
-                continue
-            self.watermark = max(self.watermark, observation.end)
-            for event in self.engine.observe(observation, is_silenced):
-                EVENTS.labels(event.kind.value).inc()
-                self.grouper.add(event, now)
+            else:
+                self.watermark = max(self.watermark, observation.end)
+                for event in self.engine.observe(observation, is_silenced):
+                    EVENTS.labels(event.kind.value).inc()
+                    self.grouper.add(event, now)
+            # Advanced only once the record's effects are in the state.
+            self.offsets.setdefault(topic, {})[partition] = offset + 1
         for silence_id, labels in is_silenced.hits:
             SILENCED.inc()
             # Once per silence and series, not once per interval of a long silenced incident.
@@ -111,6 +113,7 @@ class Alerter:
                     ", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "series"),
                 )
         FIRING.set(self.engine.firing_count())
+        queued = 0
         for group in self.grouper.due(self.watermark, now):
             message = render(group, self.config.dashboard_url)
             receivers = [r.name for r in self.config.receivers_for(group.severity)]
@@ -121,7 +124,8 @@ class Alerter:
                 )
                 continue
             log.info("queued for %s: %s", ", ".join(receivers), message.title)
-            self.dispatcher.enqueue(message, receivers, now)
+            queued += len(self.dispatcher.enqueue(message, receivers, now))
+        return queued
 
     def snapshot(self) -> store.Snapshot:
         return store.Snapshot(
@@ -193,9 +197,9 @@ class Alerter:
                     if topic is not None and partition is not None and offset is not None:
                         payloads.append((topic, partition, offset, message.value()))
                 now = time.time()
-                self.handle(payloads, now)
-                changed = self.dispatcher.collect(now)
-                if payloads or changed or self.grouper.pending():
+                queued = self.handle(payloads, now)
+                delivered_or_failed = self.dispatcher.collect(now)
+                if payloads or queued or delivered_or_failed:
                     self.save()
                 if payloads:
                     try:
