@@ -15,9 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
-from stream.kafka_io import consume_all
+from stream.kafka_io import consumer_config
 from stream.kafka_local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,15 +157,47 @@ def point(host: str, t_ms: int, value: float) -> tuple[str, bytes]:
     return host, json.dumps({"timestamp": t_ms, "value": value, "host": host}).encode()
 
 
-def results(bootstrap: str, topic: str) -> list[dict[str, Any]]:
-    """The result records of ``topic`` (read_committed), as dicts; none if it does not exist yet."""
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 60) -> list[Any]:
+    """Committed records of ``topic`` up to its end as of the call; none if it does not exist.
+
+    The end is the last stable offset; a partition is done once the reader's position reaches
+    it (a transaction marker may be the last offset, so no record need sit at ``end - 1``),
+    which also holds while workers keep writing past it.
+    """
+    consumer = Consumer(consumer_config(bootstrap))
     try:
-        messages = consume_all(bootstrap, topic)
-    except KafkaException as error:
-        if error.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-            raise
-        return []
-    return [json.loads(m.value()) for m in messages]
+        metadata = consumer.list_topics(topic, timeout=30).topics[topic]
+        if metadata.error is not None:
+            if metadata.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                return []
+            raise KafkaException(metadata.error)
+        ends = {}
+        for partition in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 30, False)
+            if high > low:
+                ends[partition] = high
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        messages: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while ends:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"reading {topic} to its end took over {timeout_s} s")
+            for message in consumer.consume(500, 0.2):
+                if message.error() is not None:
+                    raise KafkaException(message.error())
+                if message.offset() < ends.get(message.partition(), -1):
+                    messages.append(message)
+            for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
+                if tp.offset >= ends[tp.partition]:
+                    del ends[tp.partition]
+        return messages
+    finally:
+        consumer.close()
+
+
+def results(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+    """The result records of ``topic`` (read_committed), as dicts."""
+    return [json.loads(m.value()) for m in read_topic(bootstrap, topic)]
 
 
 def by_series(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -20,14 +22,17 @@ from typing import Any
 import pytest
 
 from detectors import DetectorConfig, RcfDetector
-from stream.kafka_io import consume_all, create_topics
+from stream.kafka_io import create_topics
 from stream.records import timeseries_id
 from tests.detect_support import (
     ROOT,
     SMALL_MODEL,
     WorkerProcess,
     by_series,
+    point,
     produce,
+    read_topic,
+    results,
     wait_for,
     wait_for_results,
     write_config,
@@ -168,14 +173,14 @@ def test_bad_and_late_records_are_dead_lettered(kafka_bootstrap: str, tmp_path: 
     try:
         worker.wait_ready()
         out = wait_for_results(kafka_bootstrap, topics["output"], 3 * 119, 120, [worker])
-        wait_for(lambda: len(consume_all(kafka_bootstrap, topics["dead_letter"])) >= len(bad), 60,
+        wait_for(lambda: len(read_topic(kafka_bootstrap, topics["dead_letter"])) >= len(bad), 60,
                  "dead letters")
         assert worker.metric("anomstream_dead_letters_total", reason="non_finite") == 2
         assert worker.metric("anomstream_dead_letters_total", reason="late") == 1
         assert worker.metric("anomstream_evictions_total") > 0
     finally:
         assert worker.stop() == 0, worker.log()
-    letters = consume_all(kafka_bootstrap, topics["dead_letter"])
+    letters = read_topic(kafka_bootstrap, topics["dead_letter"])
     got = {m.value(): dict(m.headers() or []) for m in letters}
     assert len(letters) == len(bad)
     assert {payload: headers["reason"].decode() for payload, headers in got.items()} == bad
@@ -189,3 +194,143 @@ def test_bad_and_late_records_are_dead_lettered(kafka_bootstrap: str, tmp_path: 
     for host in hosts:
         tsid = timeseries_id("cpu", "value", {"host": host})
         assert [r["anomalyScore"] for r in series[tsid]] == pytest.approx(expected[host])
+
+
+class PacedFeed:
+    """Produces ``points`` per host at a steady pace in a thread, keyed by host."""
+
+    def __init__(self, bootstrap: str, topic: str, hosts: list[str], points: int,
+                 seconds: float) -> None:
+        self.records = [
+            point(host, i * 1000, signal_value(k, i))
+            for i in range(points) for k, host in enumerate(hosts)
+        ]
+        self.pause = seconds / len(self.records)
+        self.bootstrap, self.topic = bootstrap, topic
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            batch = max(1, len(self.records) // 200)
+            for start in range(0, len(self.records), batch):
+                produce(self.bootstrap, self.topic, self.records[start:start + batch])
+                time.sleep(self.pause * batch)
+        except BaseException as error:
+            self.error = error
+
+    def __enter__(self) -> PacedFeed:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join(120)
+        assert self.error is None, self.error
+
+
+def uninterrupted_run(bootstrap: str, tmp_path: Path, input_topic: str, partitions: int,
+                      count: int) -> list[dict[str, Any]]:
+    topics = names("reference")
+    config = write_config(tmp_path / "reference.yaml", bootstrap, input_topic=input_topic,
+                          partitions=partitions, **topics)
+    worker = WorkerProcess(config, "reference", tmp_path)
+    try:
+        worker.wait_ready()
+        return wait_for_results(bootstrap, topics["output"], count, 120, [worker])
+    finally:
+        assert worker.stop() == 0, worker.log()
+
+
+def assert_same_output(got: list[dict[str, Any]], reference: list[dict[str, Any]]) -> None:
+    got_series, want_series = by_series(got), by_series(reference)
+    assert len(got) == len(reference)
+    assert got_series.keys() == want_series.keys()
+    for tsid, want in want_series.items():
+        assert got_series[tsid] == want, f"series {tsid} differs"
+
+
+def assert_never_back_to_learning(records: list[dict[str, Any]]) -> None:
+    for tsid, items in by_series(records).items():
+        stages = [r["modelStage"] for r in items]
+        first = stages.index("INFERENCE")
+        assert set(stages[first:]) == {"INFERENCE"}, f"series {tsid} went back to LEARNING"
+
+
+def test_kill_9_five_times_loses_and_duplicates_nothing(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    hosts = [f"h{k}" for k in range(6)]
+    points = 300
+    input_topic = f"killed-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka_bootstrap, [input_topic], partitions=3)
+    topics = names("killed")
+    config = write_config(tmp_path / "detect.yaml", kafka_bootstrap, input_topic=input_topic,
+                          partitions=3, **topics)
+    rng = random.Random()
+    expected = len(hosts) * (points - 1)
+    kills = []
+    with PacedFeed(kafka_bootstrap, input_topic, hosts, points, seconds=25):
+        for attempt in range(5):
+            began = time.monotonic()
+            worker = WorkerProcess(config, "killed-0", tmp_path)
+            worker.wait_ready()
+            ready_s = time.monotonic() - began
+            # Mid-batch, mid-transaction or mid-checkpoint: wherever the moment falls.
+            delay = rng.uniform(0.2, 2.5)
+            time.sleep(delay)
+            seen = len(results(kafka_bootstrap, topics["output"]))
+            worker.kill()
+            kills.append((attempt, round(ready_s, 2), round(delay, 2), seen))
+    assert len(kills) == 5
+    print("kills (attempt, seconds to ready, seconds to kill, results seen):", kills)
+    assert kills[-1][3] < expected, f"the kills came after all the work: {kills}"
+    worker = WorkerProcess(config, "killed-0", tmp_path)
+    try:
+        worker.wait_ready()
+        got = wait_for_results(kafka_bootstrap, topics["output"], expected, 120, [worker])
+        time.sleep(1.0)  # anything extra (a duplicate) would show up now
+        got = results(kafka_bootstrap, topics["output"])
+        # After the restarts the worker resumed from snapshots, not from scratch.
+        assert worker.metric("anomstream_records_in_total", stage="score") < len(hosts) * points
+    finally:
+        assert worker.stop() == 0, worker.log()
+    reference = uninterrupted_run(kafka_bootstrap, tmp_path, input_topic, 3, expected)
+    assert_same_output(got, reference)
+    assert_never_back_to_learning(got)
+
+
+def test_workers_split_partitions_and_hand_over_state(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    hosts = [f"s{k}" for k in range(8)]
+    points = 300
+    input_topic = f"scaled-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka_bootstrap, [input_topic], partitions=4)
+    topics = names("scaled")
+    config = write_config(tmp_path / "detect.yaml", kafka_bootstrap, input_topic=input_topic,
+                          partitions=4, **topics)
+    expected = len(hosts) * (points - 1)
+    scored = "anomstream_records_in_total"
+    with PacedFeed(kafka_bootstrap, input_topic, hosts, points, seconds=30):
+        first, second = (WorkerProcess(config, f"scaled-{n}", tmp_path) for n in (1, 2))
+        third = None
+        try:
+            first.wait_ready()
+            second.wait_ready()
+            wait_for(lambda: first.metric(scored, stage="score") > 0
+                     and second.metric(scored, stage="score") > 0, 30, "both workers scoring")
+            third = WorkerProcess(config, "scaled-3", tmp_path)
+            third.wait_ready()
+            wait_for(lambda: third.metric(scored, stage="score") > 0, 30, "the third scoring")
+            assert second.stop() == 0, second.log()  # leaves; its partitions move on
+            got = wait_for_results(kafka_bootstrap, topics["output"], expected, 150,
+                                   [first, third])
+            time.sleep(1.0)
+            got = results(kafka_bootstrap, topics["output"])
+        finally:
+            for worker in (first, second, third):
+                if worker is not None:
+                    assert worker.stop() == 0, worker.log()
+    reference = uninterrupted_run(kafka_bootstrap, tmp_path, input_topic, 4, expected)
+    assert_same_output(got, reference)
+    assert_never_back_to_learning(got)
