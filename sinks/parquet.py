@@ -48,6 +48,7 @@ from sinks.result_table import MS_PER_DAY, concat, day_name, epoch_millis, parse
 log = logging.getLogger("anomstream.sink.parquet")
 
 DEFAULT_GROUP = "anomstream-parquet-sink"
+JOIN_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,18 @@ def cut_points(
     """
     if days is None:
         days = millis // MS_PER_DAY
+    if len(millis) and state is not None:
+        # Fast path, same outcome as the loop: the whole batch fits in the open file.
+        low, high = int(millis.min()), int(millis.max())
+        if (
+            state.rows + len(millis) <= policy.max_records
+            and bool((days == state.day).all())
+            and max(state.max_ms, high) - min(state.min_ms, low) <= policy.max_span_ms
+        ):
+            grown = OpenFile(
+                state.rows + len(millis), state.day, min(state.min_ms, low), max(state.max_ms, high)
+            )
+            return [], grown
     cuts: list[int] = []
     for index in range(len(millis)):
         t = int(millis[index])
@@ -186,13 +199,20 @@ class SinkStats:
     files: int = 0
     rejected: int = 0
     started: float = field(default_factory=time.monotonic)
+    first_record_at: float | None = None
+    last_publish_at: float | None = None
 
     def line(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
         return (
             f"parquet-sink rows={self.rows} files={self.files} rejected={self.rejected} "
-            f"rows_per_s={self.rows / elapsed:.0f}"
+            f"rows_per_s={self.rows_per_s():.0f}"
         )
+
+    def rows_per_s(self) -> float:
+        """Rows published per second, from the first record received to the last publish."""
+        if self.first_record_at is None or self.last_publish_at is None:
+            return 0.0
+        return self.rows / max(self.last_publish_at - self.first_record_at, 1e-9)
 
 
 class ParquetSink:
@@ -204,13 +224,15 @@ class ParquetSink:
         self._buffers: dict[int, PartitionBuffer] = {}
         self._committed: dict[int, int] = {}
         self._stopping = False
+        self._assigned_at: float | None = None
+        self._at_end: set[int] = set()
 
     def stop(self) -> None:
         """Ask the run loop to flush its buffers and return (signal-safe)."""
         self._stopping = True
 
     def run(self) -> SinkStats:
-        from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+        from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
         from stream.kafka_io import consumer_config, create_topics, producer_config
 
@@ -225,6 +247,8 @@ class ParquetSink:
                     "group.instance.id": config.instance_id
                     or f"{config.group}-{socket.gethostname()}",
                     "session.timeout.ms": 10_000,
+                    # End-of-partition events tell --stop-after-idle that the sink caught up.
+                    "enable.partition.eof": True,
                 },
             )
         )
@@ -249,12 +273,14 @@ class ParquetSink:
                 self._buffers[tp.partition].next_offset = start
                 self._committed[tp.partition] = -1
             client.assign(committed)
+            self._assigned_at = time.monotonic()
 
         def on_revoke(client: Any, partitions: list[Any]) -> None:
             # Buffered rows were never committed: the next owner reads them again.
             for tp in partitions:
                 self._buffers.pop(tp.partition, None)
                 self._committed.pop(tp.partition, None)
+                self._at_end.discard(tp.partition)
 
         def commit(partition: int) -> None:
             buffer = self._buffers.get(partition)
@@ -273,6 +299,7 @@ class ParquetSink:
             path = publish_sink_file(config.lake, config.topic, partition, day, table)
             self.stats.rows += table.num_rows
             self.stats.files += 1
+            self.stats.last_publish_at = time.monotonic()
             log.info(
                 "parquet-sink wrote %s rows=%d offsets=%d-%d",
                 path.relative_to(config.lake),
@@ -296,11 +323,15 @@ class ParquetSink:
                 for message in messages:
                     error = message.error()
                     if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            self._at_end.add(int(message.partition() or 0))
+                            continue
                         if error.fatal():
                             raise KafkaException(error)
                         log.warning("parquet-sink consumer: %s", error)
                         continue
                     by_partition[int(message.partition() or 0)].append(message)
+                    self._at_end.discard(int(message.partition() or 0))
                 for partition, batch in by_partition.items():
                     buffer = self._buffers.get(partition)
                     if buffer is None:
@@ -319,6 +350,8 @@ class ParquetSink:
                         commit(partition)
                 if by_partition:
                     last_record = now
+                    if self.stats.first_record_at is None:
+                        self.stats.first_record_at = now
                     flushed_since_idle = False
                 elif not flushed_since_idle and now - last_record >= config.idle_flush_s:
                     self._flush_all(publish)
@@ -326,9 +359,8 @@ class ParquetSink:
                 if now - last_metrics >= config.metrics_every_s:
                     log.info("%s", self.stats.line())
                     last_metrics = now
-                if (
-                    config.stop_after_idle_s is not None
-                    and now - last_record >= config.stop_after_idle_s
+                if config.stop_after_idle_s is not None and self._caught_up(
+                    now, last_record, config.stop_after_idle_s
                 ):
                     break
             self._flush_all(publish)
@@ -338,6 +370,19 @@ class ParquetSink:
                 producer.flush(30)
             consumer.close()
         return self.stats
+
+    def _caught_up(self, now: float, last_record: float, idle_s: float) -> bool:
+        """Every assigned partition is read to its end and nothing arrived for ``idle_s``."""
+        if self._assigned_at is None:
+            if now - self.stats.started > JOIN_TIMEOUT_S:
+                raise RuntimeError(
+                    f"no partition of {self.config.topic!r} assigned within {JOIN_TIMEOUT_S:.0f} s"
+                )
+            return False
+        return (
+            self._at_end >= set(self._buffers)
+            and now - max(last_record, self._assigned_at) >= idle_s
+        )
 
     def _flush_all(self, publish: Callable[[int, pa.Table], None]) -> None:
         for partition, buffer in list(self._buffers.items()):

@@ -96,9 +96,11 @@ def parse_results(
         rejected: list[tuple[int, str]] = []
     else:
         raw, good, rejected = _parse_one_by_one(payloads)
-    if raw.num_rows:
-        missing_time = pc.is_null(raw.column("detectionPeriodStartTime")).to_numpy(
-            zero_copy_only=False
+    if raw.num_rows and raw.column("detectionPeriodStartTime").null_count:
+        missing_time = (
+            pc.is_null(raw.column("detectionPeriodStartTime"))
+            .combine_chunks()
+            .to_numpy(zero_copy_only=False)
         )
         if missing_time.any():
             rejected += [
@@ -107,7 +109,10 @@ def parse_results(
             raw = raw.filter(pa.array(~missing_time))
             good = [g for g, bad in zip(good, missing_time, strict=True) if not bad]
     rejected.sort()
-    kept_offsets = pa.array([offsets[i] for i in good], pa.int64())
+    if len(good) == len(offsets):
+        kept_offsets = pa.array(offsets, pa.int64())
+    else:
+        kept_offsets = pa.array([offsets[i] for i in good], pa.int64())
     return ParsedBatch(_finish(raw, partition, kept_offsets), rejected)
 
 
@@ -238,8 +243,8 @@ def day_numbers(table: pa.Table) -> np.ndarray:
 
 
 def epoch_millis(table: pa.Table) -> np.ndarray:
-    column = table.column("detectionPeriodStartTime").cast(pa.int64())
-    return column.to_numpy()
+    column = table.column("detectionPeriodStartTime").cast(pa.int64()).combine_chunks()
+    return column.to_numpy(zero_copy_only=False)
 
 
 def day_name(day_number: int) -> str:
