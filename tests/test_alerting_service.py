@@ -211,7 +211,7 @@ def test_alerter_pages_once_resolves_once_honours_silences_and_retries(
 
 
 @pytest.mark.kafka
-def test_kill_9_mid_incident_neither_pages_twice_nor_misses_what_came_meanwhile(
+def test_kill_9_neither_pages_twice_nor_misses_what_came_meanwhile_nor_loses_the_outbox(
     kafka_bootstrap: str, topic_factory: Any, tmp_path: Path,
 ) -> None:
     topic = topic_factory("alert-restart")
@@ -241,6 +241,16 @@ def test_kill_9_mid_incident_neither_pages_twice_nor_misses_what_came_meanwhile(
             result_record("cpu", {"host": "second"}, i, 95.0 if i >= 5 else 10.0)
             for i in range(10)
         ])
+        # Back up while the webhook is down: the new messages can only be queued. Killed again
+        # with both in the outbox (and their records' offsets committed).
+        hook.failing = True
+        with alerter(config, log) as process:
+            wait_until(lambda: len(load(state_file).outbox) == 2 and hook.failures >= 1, 60,
+                       "both messages durably queued")
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+        assert hook.received() == [hook.received()[0]]
+        hook.failing = False
         with alerter(config, log, "--until-idle", "3") as process:
             assert process.wait(timeout=90) == 0
     messages = hook.received()
