@@ -286,3 +286,26 @@ def test_redactor_hides_tokens_everywhere() -> None:
     # Credentials in URLs the redactor was never told about are stripped too.
     assert redact("http://alice:pa55word@10.0.0.1/x") == "http://***@10.0.0.1/x"
     assert redacted_url("json://u:p@127.0.0.1:9/x") == "json://127.0.0.1:9/***"
+
+
+def test_silence_command_writes_a_silence_and_rejects_bad_matchers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stream.cli import main
+
+    config = write(tmp_path / "alerts.yaml", f"""\
+state_dir: {tmp_path / "state"}
+receivers: [{{name: hook, url: "json://127.0.0.1/x"}}]
+rules: [{{name: cpu}}]
+""")
+    assert main(["alert", "silence", "--config", str(config), "--match", "detector"]) == 2
+    assert "must look like label=value" in capsys.readouterr().err
+    assert main(["alert", "silence", "--config", str(config), "--match", "detector=cpu",
+                 "--for", "2h"]) == 0
+    assert "silenced detector=cpu until" in capsys.readouterr().out
+    silences = SilenceSet([], load_config(config).silences_dir)
+    silences.refresh()
+    (silence,) = silences.all
+    assert silence.matchers == {"detector": "cpu"}
+    assert silence.ends_at is not None and silence.starts_at is not None
+    assert silence.ends_at - silence.starts_at == 7200
