@@ -309,3 +309,9 @@ rules: [{{name: cpu}}]
     assert silence.matchers == {"detector": "cpu"}
     assert silence.ends_at is not None and silence.starts_at is not None
     assert silence.ends_at - silence.starts_at == 7200
+    assert main(["alert", "silence", "--config", str(config), "--list"]) == 0
+    assert f"{silence.id}\tdetector=cpu\tuntil " in capsys.readouterr().out
+    assert main(["alert", "silence", "--config", str(config), "--expire", "../alerts"]) == 2
+    assert "no silence '../alerts'" in capsys.readouterr().err
+    assert main(["alert", "silence", "--config", str(config), "--expire", silence.id]) == 0
+    assert silences.refresh() and silences.all == []

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     silence.add_argument("--for", dest="duration", default="1h", help="e.g. 30m, 2h, 1d")
     silence.add_argument("--comment", default="", help="why, for the next person")
+    silence.add_argument("--list", action="store_true", help="list the silences in force")
+    silence.add_argument("--expire", metavar="ID", help="lift a silence made here, by its id")
 
 
 def _load(args: argparse.Namespace) -> AlertConfig:
@@ -61,6 +63,15 @@ def _silence(args: argparse.Namespace) -> int:
     from sinks.alerting.silences import Silence, parse_matchers, write_silence
 
     config = _load(args)
+    if args.list:
+        return _list_silences(config)
+    if args.expire:
+        target = config.silences_dir / f"{args.expire}.json"
+        if not args.expire.replace("-", "").replace("_", "").isalnum() or not target.is_file():
+            raise CliError(f"no silence {args.expire!r} in {config.silences_dir}")
+        target.unlink()
+        print(f"silence {args.expire} lifted")
+        return 0
     try:
         matchers = parse_matchers(args.match)
         seconds = parse_duration(args.duration)
@@ -70,7 +81,28 @@ def _silence(args: argparse.Namespace) -> int:
     path = write_silence(config.silences_dir, Silence(matchers, now, now + seconds, args.comment))
     shown = ", ".join(f"{k}={v}" for k, v in matchers.items())
     until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + seconds))
-    print(f"silenced {shown} until {until} ({path})")
+    print(f"silenced {shown} until {until} (id {path.stem}, in {path.parent})")
+    return 0
+
+
+def _list_silences(config: AlertConfig) -> int:
+    from sinks.alerting.silences import Silence, SilenceSet
+
+    silences = SilenceSet(
+        [Silence.from_spec(s, i) for i, s in enumerate(config.silences)], config.silences_dir
+    )
+    silences.refresh()
+    now = time.time()
+
+    def when(moment: float | None) -> str:
+        return "-" if moment is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+
+    active = [s for s in silences.all if s.active(now)]
+    for silence in active:
+        shown = ", ".join(f"{k}={v}" for k, v in silence.matchers.items())
+        print(f"{silence.id}\t{shown}\tuntil {when(silence.ends_at)}\t{silence.comment}")
+    if not active:
+        print("no silence in force")
     return 0
 
 
