@@ -1,0 +1,176 @@
+"""`anomstream demo` from a fresh clone, for a bounded time: lake, dashboard, alerts, shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sinks.lake import query
+from stream.demo import Topics, alert_config, detect_config
+from stream.kafka_local import free_port
+from stream.records import parse_time
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_SECONDS = 110.0
+WITHIN_SECONDS = 120.0
+
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def series_key(measure: str, dimensions: dict[str, str]) -> SeriesKey:
+    return measure, tuple(sorted(dimensions.items()))
+
+
+def generated_series(workdir: Path) -> dict[SeriesKey, bool]:
+    """Every generated series -> whether it carries injected anomalies."""
+    series: dict[SeriesKey, bool] = {}
+    for feed in ("market", "ops"):
+        document = json.loads((workdir / f"{feed}.labels.json").read_text())
+        for item in document["series"]:
+            series[series_key(item["measure"], item["dimensions"])] = item["anomalous"]
+    return series
+
+
+def labels(workdir: Path) -> dict[SeriesKey, list[tuple[float, float]]]:
+    windows: dict[SeriesKey, list[tuple[float, float]]] = {}
+    for feed in ("market", "ops"):
+        document = json.loads((workdir / f"{feed}.labels.json").read_text())
+        for label in document["labels"]:
+            windows.setdefault(series_key(label["measure"], label["dimensions"]), []).append(
+                (parse_time(label["start"]).timestamp(), parse_time(label["end"]).timestamp())
+            )
+    return windows
+
+
+def lake_series(lake: Path) -> set[SeriesKey]:
+    if not lake.exists():
+        return set()
+    rows = query(lake, "SELECT measure, dimensionList FROM series").to_pylist()
+    return {
+        series_key(row["measure"], {d["name"]: d["value"] for d in row["dimensionList"]})
+        for row in rows
+    }
+
+
+def alerted(message: str) -> list[tuple[SeriesKey, float]]:
+    """(series, interval start) of every series listed in an alert message."""
+    found: list[tuple[SeriesKey, float]] = []
+    current: SeriesKey | None = None
+    for line in message.splitlines():
+        if line.startswith("- "):
+            _detector, rest = line[2:].split(" / ", 1)
+            measure, dims = rest.split(": ", 1)
+            current = series_key(measure, dict(pair.split("=", 1) for pair in dims.split(", ")))
+        elif line.strip().startswith("interval ") and current is not None:
+            start = line.strip().removeprefix("interval ").split(" - ")[0]
+            found.append((current, parse_time(start).timestamp()))
+            current = None
+    return found
+
+
+def dashboard_healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+            return r.status == 200 and r.read().strip() == b"ok"
+    except OSError:
+        return False
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline[:200]}")
+    return found
+
+
+def test_demo_configs_are_valid_for_the_services() -> None:
+    from sinks.alerting.config import AlertConfig
+    from stream.config import DetectConfig
+
+    topics = Topics.named("")
+    detect = DetectConfig.model_validate(detect_config("127.0.0.1:9092", topics, "g", 2))
+    assert {spec.input for spec in detect.detectors} == {"demo-market", "demo-ops"}
+    assert detect.topics.output == "demo-results"
+    alerts = AlertConfig.model_validate(
+        alert_config("127.0.0.1:9092", topics, "a", "json://127.0.0.1:1/x", Path("s"), "http://d")
+    )
+    assert alerts.result_topic == "demo-results"
+
+
+@pytest.mark.slow
+def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=120)
+    workdir = tmp_path / "run"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "ANOMSTREAM_BOOTSTRAP"}
+    env["PYTHONPATH"] = str(clone)
+    env["COLUMNS"] = "120"
+    log = (tmp_path / "demo.log").open("wb")
+    began = time.monotonic()
+    demo = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from stream.cli import main; sys.exit(main())",
+         "demo", "--workdir", str(workdir), "--duration", str(RUN_SECONDS), "--speed", "1200",
+         "--dashboard-port", str(port)],
+        cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        healthy_after = all_series_after = None
+        expected: dict[SeriesKey, bool] = {}
+        while demo.poll() is None and time.monotonic() - began < WITHIN_SECONDS:
+            elapsed = time.monotonic() - began
+            if healthy_after is None and dashboard_healthy(port):
+                healthy_after = elapsed
+            if not expected and (workdir / "ops.labels.json").exists():
+                expected = generated_series(workdir)
+            lake_done = all_series_after is not None or not expected
+            if not lake_done and lake_series(workdir / "lake") >= set(expected):
+                all_series_after = elapsed
+            if healthy_after is not None and all_series_after is not None:
+                break
+            time.sleep(2.0)
+        output = (tmp_path / "demo.log").read_text(errors="replace")
+        assert healthy_after is not None, f"dashboard not healthy in time:\n{output[-3000:]}"
+        assert all_series_after is not None, f"lake incomplete in time:\n{output[-3000:]}"
+        assert demo.wait(timeout=RUN_SECONDS + 90) == 0, output[-3000:]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        log.close()
+    output = (tmp_path / "demo.log").read_text(errors="replace")
+    assert "http://127.0.0.1:" in output and "webhook received: [FIRING]" in output
+
+    # Alerts: at least one for an injected anomaly, none for an anomaly-free series.
+    windows = labels(workdir)
+    messages = [json.loads(line) for line in (workdir / "alerts.jsonl").read_text().splitlines()]
+    listed = [item for message in messages for item in alerted(message["message"])]
+    assert listed, "no alert reached the webhook"
+    anomalous = {key for key, has_anomalies in expected.items() if has_anomalies}
+    assert not [key for key, _ in listed if key not in anomalous]
+    firing = [alerted(m["message"]) for m in messages if m["title"].startswith("[FIRING]")]
+    on_label = [
+        (key, start)
+        for items in firing
+        for key, start in items
+        if any(first <= start <= last + 5 * 60 for first, last in windows.get(key, []))
+    ]
+    assert on_label, f"no FIRING alert inside a labelled window: {firing}"
+
+    # Stopped cleanly: no broker, worker, sink, alerter, dashboard or generator left behind.
+    assert processes_mentioning(str(workdir)) == []
+    assert not dashboard_healthy(port)
