@@ -162,7 +162,13 @@ def alert_config(
 class WebhookReceiver:
     """An HTTP endpoint for apprise ``json://`` posts: prints each alert, appends it to a file."""
 
-    def __init__(self, log_path: Path, show: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        log_path: Path | None,
+        show: Callable[[str, str], None],
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
         self.log_path = log_path
         self.messages: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -188,7 +194,7 @@ class WebhookReceiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((host, port), Handler)
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -200,8 +206,9 @@ class WebhookReceiver:
         entry = {"received": format_time(time.time()), "title": title, "message": body}
         with self._lock:
             self.messages.append(entry)
-            with self.log_path.open("a", encoding="utf-8") as out:
-                out.write(json.dumps(entry) + "\n")
+            if self.log_path is not None:
+                with self.log_path.open("a", encoding="utf-8") as out:
+                    out.write(json.dumps(entry) + "\n")
 
     def count(self) -> int:
         with self._lock:
@@ -209,6 +216,12 @@ class WebhookReceiver:
 
     def start(self) -> None:
         self._thread.start()
+
+    def serve(self, stop: threading.Event) -> None:
+        """Serve in the calling thread's stead until ``stop`` is set."""
+        self._thread.start()
+        stop.wait()
+        self.stop()
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -272,6 +285,25 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def show_alert(console: Any, title: str, body: str) -> None:
+    from rich.panel import Panel
+
+    style = "green" if title.startswith("[RESOLVED]") else "red"
+    console.print(Panel(body, title=f"webhook received: {title}", border_style=style))
+
+
+def serve_webhook(host: str, port: int, console: Any) -> None:
+    """Run only the webhook receiver (the docker-compose ``webhook`` service) until SIGTERM."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    receiver = WebhookReceiver(
+        None, lambda title, body: show_alert(console, title, body), host, port
+    )
+    console.print(f"webhook: printing alerts posted to json://{host}:{receiver.port}/alerts")
+    receiver.serve(stop)
+
+
 def prepare_workdir(workdir: Path) -> Path:
     """An empty work directory: created, or emptied when an earlier demo made it."""
     workdir = workdir.expanduser().absolute()
@@ -307,10 +339,7 @@ class Demo:
         self.console.print(text, highlight=False)
 
     def show_alert(self, title: str, body: str) -> None:
-        from rich.panel import Panel
-
-        style = "green" if title.startswith("[RESOLVED]") else "red"
-        self.console.print(Panel(body, title=f"webhook received: {title}", border_style=style))
+        show_alert(self.console, title, body)
 
     def run(self) -> int:
         options = self.options

@@ -174,3 +174,37 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     # Stopped cleanly: no broker, worker, sink, alerter, dashboard or generator left behind.
     assert processes_mentioning(str(workdir)) == []
     assert not dashboard_healthy(port)
+
+
+def test_webhook_only_mode_prints_posted_alerts_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    receiver = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from stream.cli import main; sys.exit(main())",
+         "demo", "webhook", "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "100"},
+    )  # fmt: skip
+    try:
+        body = json.dumps({"title": "[FIRING] demo-rule", "message": "- cpu / util: host=a"})
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/alerts", body.encode(), method="POST",
+                    headers={"Content-Type": "application/json"},
+                )  # fmt: skip
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the webhook receiver never listened"
+                time.sleep(0.2)
+        receiver.terminate()
+        output, _ = receiver.communicate(timeout=20)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait()
+    assert receiver.returncode == 0
+    text = output.decode()
+    assert "webhook received: [FIRING] demo-rule" in text and "- cpu / util: host=a" in text

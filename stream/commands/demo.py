@@ -13,8 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workdir",
         type=Path,
-        default=Path("demo-run"),
-        help="configs, lake, alert state, labels and logs; emptied on start (default: demo-run)",
+        default=Path("out/demo-run"),
+        help="configs, lake, alert state, labels and logs; emptied on start "
+        "(default: out/demo-run)",
     )
     parser.add_argument(
         "--bootstrap",
@@ -40,6 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dashboard-port", type=int, default=8501, help="dashboard port (default: 8501)"
     )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    webhook = actions.add_parser(
+        "webhook",
+        help="only run the demo's alert webhook receiver, printing each alert (docker-compose)",
+        description="An HTTP endpoint for the alerter's apprise json:// posts: each alert is "
+        "printed on stdout. Point a receiver at json://HOST:PORT/alerts.",
+    )
+    webhook.add_argument("--host", default="127.0.0.1", help="address (0.0.0.0 in a container)")
+    webhook.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,8 +58,14 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from stream.cli import CliError
-    from stream.demo import Demo, DemoError, DemoOptions, summary
+    from stream.demo import Demo, DemoError, DemoOptions, serve_webhook, summary
 
+    if args.action == "webhook":
+        try:
+            serve_webhook(args.host, args.port, Console())
+        except OSError as error:
+            raise CliError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
+        return 0
     for name in ("points", "instruments", "hosts", "workers"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name} must be at least 1")
