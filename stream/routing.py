@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from stream.config import DetectorSpec
 from stream.records import timeseries_id
@@ -41,9 +41,8 @@ LATE = "late"
 _MAX_EPOCH_MS = 253_402_300_799_999
 
 
-@dataclass(frozen=True, slots=True)
-class Point:
-    """One record's contribution to one series."""
+class Point(NamedTuple):
+    """One record's contribution to one series (a tuple: built once per record, so cheap)."""
 
     detector: int  # index into the router's detector list
     timeseries_id: str
@@ -72,6 +71,8 @@ def parse_event_ms(value: Any) -> int:
     >>> parse_event_ms("1970-01-01T00:01:00Z"), parse_event_ms(60000), parse_event_ms("60000")
     (60000, 60000, 60000)
     """
+    if type(value) is int and 0 <= value <= _MAX_EPOCH_MS:  # the common case, first
+        return value
     if isinstance(value, bool):
         raise InvalidRecord(BAD_TIMESTAMP, "timestamp is a boolean")
     if isinstance(value, int | float):
@@ -98,9 +99,11 @@ def parse_event_ms(value: Any) -> int:
 
 
 def _measure(record: dict[str, Any], name: str) -> float:
+    value = record.get(name)
+    if type(value) is float and math.isfinite(value):  # the common case, first
+        return value
     if name not in record:
         raise InvalidRecord(MISSING_FIELD, f"missing measure field {name!r}")
-    value = record[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRecord(BAD_TYPE, f"measure {name!r} is {type(value).__name__}, not a number")
     number = float(value)
@@ -141,7 +144,7 @@ class Router:
         for index, spec in enumerate(self.detectors):
             self.by_topic.setdefault(spec.input, []).append(index)
         # timeseriesId is a sha256 per record otherwise; series repeat, so remember them.
-        self._ids: dict[tuple[int, tuple[str, ...]], str] = {}
+        self._ids: dict[tuple[int, tuple[str, ...]], tuple[str, dict[str, str]]] = {}
 
     def point(self, index: int, record: dict[str, Any]) -> Point:
         """The point of detector ``index`` in an already-decoded record (raises InvalidRecord)."""
@@ -152,14 +155,15 @@ class Router:
         values = tuple(_measure(record, name) for name in spec.measures)
         dims = tuple(_dimension(record, name) for name in spec.dimensions)
         key = (index, dims)
-        tsid = self._ids.get(key)
-        dimensions = dict(zip(spec.dimensions, dims, strict=True))
-        if tsid is None:
-            tsid = timeseries_id(spec.name, spec.measure, dimensions)
+        known = self._ids.get(key)
+        if known is None:
+            dimensions = dict(zip(spec.dimensions, dims, strict=True))
+            known = (timeseries_id(spec.name, spec.measure, dimensions), dimensions)
             if len(self._ids) > 1_000_000:  # bound the cache; ids are cheap to recompute
                 self._ids.clear()
-            self._ids[key] = tsid
-        return Point(index, tsid, event_ms, values, dimensions)
+            self._ids[key] = known
+        # The dimensions dict is shared between the points of a series: read it, never change it.
+        return Point(index, known[0], event_ms, values, known[1])
 
     def route(self, topic: str, payload: bytes | None) -> tuple[list[Point], list[Rejection]]:
         try:

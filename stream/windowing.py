@@ -19,8 +19,7 @@ stream.windowing.LateRecord: event time 1500 is older than the watermark 2100
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from stream.config import Aggregation, EmptyIntervals
 
@@ -29,12 +28,11 @@ class LateRecord(Exception):
     """The record's event time is older than the series' watermark."""
 
 
-@dataclass(frozen=True, slots=True)
-class ClosedWindow:
+class ClosedWindow(NamedTuple):
     start_ms: int
     end_ms: int
     values: tuple[float, ...]
-    count: int  # records aggregated; 0 for an empty interval filled with zero/previous
+    records: int  # records aggregated; 0 for an empty interval filled with zero/previous
 
 
 class SeriesWindows:
@@ -120,10 +118,12 @@ class SeriesWindows:
         return tuple(acc[2:])
 
     def _close(self, watermark: int) -> list[ClosedWindow]:
-        closable = [start for start in self.open if start + self.interval_ms <= watermark]
+        interval = self.interval_ms
+        closable = [start for start in self.open if start + interval <= watermark]
         if not closable:
             return []
-        closable.sort()
+        if len(closable) > 1:
+            closable.sort()
         closed: list[ClosedWindow] = []
         for start in closable:
             if self.next_start_ms is not None:
@@ -135,7 +135,7 @@ class SeriesWindows:
             self.next_start_ms = start + self.interval_ms
         # Empty intervals after the last closed window up to the watermark are filled now, so a
         # series that pauses keeps producing (zero or previous) results as its watermark moves.
-        if self.next_start_ms is not None:
+        if self.empty is not EmptyIntervals.SKIP and self.next_start_ms is not None:
             last_closable = watermark - watermark % self.interval_ms
             closed.extend(self._fill(self.next_start_ms, last_closable))
         return closed

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -47,6 +47,9 @@ from stream.state import (
     encode_checkpoint,
 )
 from stream.windowing import ClosedWindow, LateRecord
+
+if TYPE_CHECKING:
+    from detectors import Result
 
 log = logging.getLogger("anomstream.worker")
 
@@ -291,6 +294,7 @@ class RouteStage(_Stage):
         repartition = self.config.topics.repartition
         detectors = self.router.detectors
         forwarded = 0
+        consumed: dict[str, int] = {}
         for message in messages:
             if message.error() is not None:
                 self._consumer_error(message)
@@ -325,8 +329,10 @@ class RouteStage(_Stage):
                 self.metrics.dead_letters.labels(first.reason).inc()
             self.begin()
             self.offsets[(topic, partition)] = offset + 1
-            self._in[topic].inc()
+            consumed[topic] = consumed.get(topic, 0) + 1
         self._forwarded.inc(forwarded)
+        for topic, count in consumed.items():
+            self._in[topic].inc(count)
 
     def _consumer_error(self, message: Any) -> None:
         error = message.error()
@@ -708,30 +714,59 @@ def _record_prefix(series: Series) -> bytes:
     return head[:-1] + b","
 
 
-def _result_record(series: Series, window: ClosedWindow, result: Any) -> bytes:
-    fields: dict[str, Any] = {
-        "aggregatedMeasureValue": window.values[0],
-        "anomalyScore": result.anomaly_score,
-        "anomalyDecision": result.anomaly_decision,
-        "anomalyConfidenceScore": result.confidence,
-        "modelStage": result.model_stage.value,
-        "expectedValue": result.expected_values[0],
-        "processedDataPoints": result.processed_data_points,
-        "detectionPeriodStartTime": format_time(window.start_ms / 1000),
-        "detectionPeriodEndTime": format_time(window.end_ms / 1000),
-        "rawScore": result.raw_score,
-    }
+_DAY_MS = 86_400_000
+_day_text: dict[int, str] = {}
+
+
+def iso_time(epoch_ms: int) -> str:
+    """``records.format_time`` of epoch milliseconds, without a datetime per call.
+
+    Two per result record made the datetime path a visible share of the worker's time.
+
+    >>> iso_time(1_704_067_230_500) == format_time(1_704_067_230.5)
+    True
+    """
+    day, ms = divmod(int(epoch_ms), _DAY_MS)
+    text = _day_text.get(day)
+    if text is None:
+        if len(_day_text) > 10_000:
+            _day_text.clear()
+        text = _day_text[day] = format_time(day * 86_400)[:11]  # "YYYY-MM-DDT"
+    seconds, millis = divmod(ms, 1000)
+    minutes, second = divmod(seconds, 60)
+    hour, minute = divmod(minutes, 60)
+    return f"{text}{hour:02d}:{minute:02d}:{second:02d}.{millis:03d}Z"
+
+
+def _result_record(series: Series, window: ClosedWindow, result: Result) -> bytes:
+    """One result record. Formatted by hand: it is built for every closed window, and float
+    ``repr`` is exactly what ``json.dumps`` writes for the finite numbers a detector returns."""
+    text = (
+        f'"aggregatedMeasureValue":{float(window.values[0])!r},'
+        f'"anomalyScore":{float(result.anomaly_score)!r},'
+        f'"anomalyDecision":{int(result.anomaly_decision)},'
+        f'"anomalyConfidenceScore":{float(result.confidence)!r},'
+        f'"modelStage":"{result.model_stage.value}",'
+        f'"expectedValue":{float(result.expected_values[0])!r},'
+        f'"processedDataPoints":{int(result.processed_data_points)},'
+        f'"detectionPeriodStartTime":"{iso_time(window.start_ms)}",'
+        f'"detectionPeriodEndTime":"{iso_time(window.end_ms)}",'
+        f'"rawScore":{float(result.raw_score)!r}'
+    )
     measures = series.spec.measures
     if len(measures) > 1:
-        fields["measures"] = {
-            name: {"value": value, "expected": expected}
-            for name, value, expected in zip(
-                measures, window.values, result.expected_values, strict=True
-            )
+        extra: dict[str, Any] = {
+            "measures": {
+                name: {"value": value, "expected": expected}
+                for name, value, expected in zip(
+                    measures, window.values, result.expected_values, strict=True
+                )
+            }
         }
         if result.attribution is not None:
-            fields["attribution"] = dict(zip(measures, result.attribution, strict=True))
-    return series.record_prefix + json.dumps(fields, separators=(",", ":")).encode()[1:]
+            extra["attribution"] = dict(zip(measures, result.attribution, strict=True))
+        text += "," + json.dumps(extra, separators=(",", ":"))[1:-1]
+    return series.record_prefix + text.encode() + b"}"
 
 
 class Worker:

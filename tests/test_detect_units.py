@@ -47,7 +47,7 @@ def test_aggregations(aggregation: Aggregation, expected: float) -> None:
     assert w.add(900, (3.0,)) == []
     assert w.add(500, (1.0,)) == []
     closed = w.add(1500, (7.0,))
-    assert [(c.start_ms, c.end_ms, c.values, c.count) for c in closed] == [
+    assert [(c.start_ms, c.end_ms, c.values, c.records) for c in closed] == [
         (0, 1000, (expected,), 3)
     ]
 
@@ -84,7 +84,7 @@ def test_empty_intervals(empty: EmptyIntervals, expected: list[tuple[int, tuple[
     w.add(0, (5.0,))
     closed = w.add(3500, (1.0,))
     assert [(c.start_ms, c.values) for c in closed] == expected
-    assert all(c.count == 0 for c in closed[1:])
+    assert all(c.records == 0 for c in closed[1:])
 
 
 def test_windows_round_trip_through_a_dict() -> None:

@@ -1,0 +1,348 @@
+"""Benchmark: the whole ``anomstream detect`` pipeline through a real broker vs the detector alone.
+
+Same run, same data (``--series`` series x ``--points`` points, one point per detection
+interval, aggregation ``last`` so every point is scored exactly once):
+
+1. detector alone: ``RcfDetector.update`` over the points, in the order they are produced;
+2. pipeline throughput: the points are produced to the input topic first, then a worker process
+   (``python -m stream.cli detect``) starts; points/s = points / (last result readable - worker
+   ready). Route, repartition, windows, scoring, results and transactions are all inside;
+3. latency: points produced at a steady rate; for each, the time from producing it to the result
+   it closes being readable by a read_committed consumer (p50, p99);
+4. restore: after a checkpoint, kill -9 of the worker with every series live, restart; times to
+   /readyz and until every series has produced its next result.
+
+Prints a table and writes ``bench/results/pipeline.json``.
+
+    .venv/bin/python bench/pipeline.py                   # starts its own broker
+    .venv/bin/python bench/pipeline.py --bootstrap 127.0.0.1:9092 --series 200 --points 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from detectors import DetectorConfig, RcfDetector  # noqa: E402
+from stream.kafka_io import consumer_config, create_topics  # noqa: E402
+from stream.kafka_local import LocalKafka, free_port  # noqa: E402
+
+console = Console()
+STEP_MS = 1000
+PARTITIONS = 4
+
+
+def series_values(series: int, points: int, seed: int = 7) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(points, dtype=float)
+    phase = rng.uniform(0, 2 * math.pi, size=(series, 1))
+    period = rng.uniform(20, 80, size=(series, 1))
+    values = 50 + 10 * np.sin(2 * math.pi * t / period + phase)
+    values += rng.normal(0, 0.5, size=(series, points))
+    return values
+
+
+def record(name: str, step: int, value: float) -> bytes:
+    return json.dumps({"timestamp": step * STEP_MS, "value": value, "series": name}).encode()
+
+
+def detector_alone(values: np.ndarray, params: dict[str, Any]) -> float:
+    """Seconds for one detector per series to score every point, in production order."""
+    config = DetectorConfig.from_dict(params)
+    detectors = [RcfDetector(config) for _ in range(values.shape[0])]
+    rows = values.T.tolist()
+    began = time.perf_counter()
+    for step, row in enumerate(rows):
+        for detector, value in zip(detectors, row, strict=True):
+            detector.update(float(step), value)
+    return time.perf_counter() - began
+
+
+class ResultReader:
+    """Reads the output topic (read_committed) in a thread; remembers when each result arrived."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = Consumer(consumer_config(bootstrap))
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                              for p in range(PARTITIONS)])
+        self.arrivals: dict[tuple[str, str], float] = {}
+        self.count = 0
+        self.last_at = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for message in self.consumer.consume(1000, 0.05):
+                if message.error() is not None:
+                    continue
+                now = time.perf_counter()
+                result = json.loads(message.value())
+                series = result["dimensionList"][0]["value"]
+                self.arrivals[(series, result["detectionPeriodStartTime"])] = now
+                self.count += 1
+                self.last_at = now
+
+    def wait_count(self, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.count < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.count} of {count} results after {timeout_s:.0f} s")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.consumer.close()
+
+
+class WorkerRun:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.port = free_port()
+        self.started = time.perf_counter()
+        with log.open("ab") as handle:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "stream.cli", "detect", "--config", str(config),
+                 "--instance-id", "bench", "--metrics-port", str(self.port),
+                 "--log-level", "WARNING"],
+                cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+
+    def wait_ready(self, timeout_s: float = 120) -> float:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("the worker exited; see the bench log")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz",
+                                            timeout=1) as r:
+                    if r.status == 200:
+                        return time.perf_counter()
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise TimeoutError("worker not ready")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def metric_value(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rpartition(" ")[2])
+    return total
+
+
+def produce_all(bootstrap: str, topic: str, records: list[tuple[str, bytes]],
+                label: str) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
+                         "compression.type": "lz4", "queue.buffering.max.messages": 1_000_000})
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(label, total=len(records))
+        for i, (key, value) in enumerate(records):
+            producer.produce(topic, value, key)
+            if i % 5000 == 0:
+                producer.poll(0)
+                progress.update(task, completed=i)
+        producer.flush(60)
+
+
+def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, Any]:
+    params: dict[str, Any] = json.loads(args.params)
+    names = [f"s{i:04d}" for i in range(args.series)]
+    warm = args.points
+    latency_points = args.latency_points
+    values = series_values(args.series, warm + latency_points + 2)
+
+    console.print(f"detector alone: {args.series} series x {warm} points ...")
+    alone_s = detector_alone(values[:, :warm], params)
+    points = args.series * warm
+
+    tag = uuid.uuid4().hex[:8]
+    topics = {
+        "output": f"bench-out-{tag}", "dead_letter": f"bench-dlq-{tag}",
+        "repartition": f"bench-rep-{tag}", "state": f"bench-state-{tag}",
+        "partitions": PARTITIONS,
+    }
+    input_topic = f"bench-in-{tag}"
+    create_topics(bootstrap, [input_topic], partitions=PARTITIONS)
+    config_path = workdir / "bench.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap": bootstrap, "group_id": f"bench-{tag}", "session_timeout": 6000,
+                  "transaction_timeout": 15000},
+        "topics": topics,
+        "worker": {"snapshot_interval": f"{args.snapshot_interval}s",
+                   "commit_interval": "100ms", "max_live_models": args.series * 2},
+        "detectors": [{"name": "bench", "input": input_topic, "measure": "value",
+                       "dimensions": ["series"], "aggregation": "last", "interval": "1s",
+                       "params": params}],
+    }, sort_keys=False))
+    log = workdir / "worker.log"
+
+    bulk = [(names[s], record(names[s], step, float(values[s, step])))
+            for step in range(warm) for s in range(args.series)]
+    produce_all(bootstrap, input_topic, bulk, "producing the throughput data")
+
+    reader = ResultReader(bootstrap, topics["output"])
+    worker = WorkerRun(config_path, log)
+    try:
+        ready_at = worker.wait_ready()
+        # The last point of each series leaves its window open: (warm - 1) results per series.
+        expected = args.series * (warm - 1)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("pipeline throughput", total=expected)
+            deadline = time.monotonic() + 600
+            while reader.count < expected and time.monotonic() < deadline:
+                progress.update(task, completed=reader.count)
+                time.sleep(0.1)
+        reader.wait_count(expected, 10)
+        pipeline_s = reader.last_at - ready_at
+        pipeline_points = expected  # windows scored; the open last windows are scored later
+
+        # Latency: steady rate, each point closes its series' previous window.
+        produced_at: dict[tuple[str, str], float] = {}
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+        rate = args.latency_rate
+        began = time.perf_counter()
+        n = 0
+        from stream.records import format_time
+        for step in range(warm, warm + latency_points):
+            for s in range(args.series):
+                due = began + n / rate
+                pause = due - time.perf_counter()
+                if pause > 0:
+                    time.sleep(pause)
+                producer.produce(input_topic, record(names[s], step, float(values[s, step])),
+                                 names[s])
+                producer.poll(0)
+                closes = format_time((step - 1) * STEP_MS / 1000)
+                produced_at[(names[s], closes)] = time.perf_counter()
+                n += 1
+        producer.flush(30)
+        reader.wait_count(expected + n, 120)
+        latencies = sorted(
+            (reader.arrivals[key] - sent) * 1000 for key, sent in produced_at.items()
+            if key in reader.arrivals
+        )
+
+        # Restore: let every partition checkpoint, then kill -9 with all series live.
+        time.sleep(args.snapshot_interval + PARTITIONS + 2)
+        live = metric_value(worker.metrics(), "anomstream_live_series")
+        worker.kill()
+        before = reader.count
+        restarted = WorkerRun(config_path, log)
+        worker = restarted
+        ready_after = restarted.wait_ready() - restarted.started
+        step = warm + latency_points
+        for s in range(args.series):
+            producer.produce(input_topic, record(names[s], step, float(values[s, step])),
+                             names[s])
+        producer.flush(30)
+        reader.wait_count(before + args.series, 180)
+        first_results_after = reader.last_at - restarted.started
+        replayed = metric_value(restarted.metrics(), "anomstream_replayed_records_total")
+    finally:
+        worker.stop()
+        reader.close()
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else -1
+
+    alone_rate = points / alone_s
+    pipeline_rate = pipeline_points / pipeline_s
+    return {
+        "series": args.series,
+        "points_per_series": warm,
+        "detector_params": params,
+        "detector_alone_points_per_s": round(alone_rate, 1),
+        "pipeline_points_per_s": round(pipeline_rate, 1),
+        "pipeline_vs_detector_ratio": round(pipeline_rate / alone_rate, 3),
+        "latency_rate_points_per_s": rate,
+        "latency_samples": len(latencies),
+        "latency_p50_ms": round(pct(0.50), 2),
+        "latency_p99_ms": round(pct(0.99), 2),
+        "live_series_at_kill": live,
+        "restore_to_ready_s": round(ready_after, 3),
+        "restore_to_all_series_scoring_s": round(first_results_after, 3),
+        "replayed_records_after_restore": replayed,
+        "snapshot_interval_s": args.snapshot_interval,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_1m": os.getloadavg()[0]},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bootstrap", help="use this broker instead of starting one")
+    parser.add_argument("--series", type=int, default=1000)
+    parser.add_argument("--points", type=int, default=100, help="points per series (throughput)")
+    parser.add_argument("--latency-points", type=int, default=3,
+                        help="points per series produced at a steady rate (latency)")
+    parser.add_argument("--latency-rate", type=float, default=500.0, help="points/s")
+    parser.add_argument("--snapshot-interval", type=float, default=10.0, help="seconds")
+    parser.add_argument("--params", default="{}",
+                        help='detector parameters as JSON (default: production defaults)')
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "pipeline.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        workdir = Path(tmp)
+        if args.bootstrap:
+            result = run(args, args.bootstrap, workdir)
+        else:
+            with LocalKafka(workdir / "kafka", port=free_port(), controller_port=free_port()) as k:
+                result = run(args, k.bootstrap, workdir)
+    table = Table(title="anomstream detect pipeline")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if not isinstance(value, dict):
+            table.add_row(key, str(value))
+    console.print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
