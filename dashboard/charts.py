@@ -31,7 +31,7 @@ def series_chart(points: pd.DataFrame, measure: str, *, height: int = 360) -> al
         "line:N",
         title=None,
         scale=alt.Scale(domain=list(SERIES_LEGEND), range=list(SERIES_COLOURS)),
-        legend=alt.Legend(orient="top"),
+        legend=alt.Legend(orient="top", symbolOpacity=1),
     )
     x = alt.X(
         "time:T", title="UTC", scale=alt.Scale(type="utc"), axis=alt.Axis(format="%d %b %H:%M")

@@ -141,7 +141,7 @@ def build_lake(
 
     Each series is a daily sine around its detector's level plus noise; the model learns for the
     first few intervals (score 0, stage LEARNING, confidence rising), then spikes injected at
-    ``anomaly_rate`` (ten times as often on every 17th series, the "hot" ones) score above the
+    ``anomaly_rate`` (five times as often on every 17th series, the "hot" ones) score above the
     threshold of 70 and are flagged.
     """
     lake = Path(lake_dir)
@@ -157,7 +157,7 @@ def build_lake(
     noise_scale = swing * 0.08
     expected = level + swing * np.sin(2 * np.pi * step / period + phase)
     noise = rng.normal(0.0, 1.0, (intervals, series))
-    rate = np.where(np.arange(series) % 17 == 0, anomaly_rate * 10, anomaly_rate)
+    rate = np.where(np.arange(series) % 17 == 0, anomaly_rate * 5, anomaly_rate)
     spike = (rng.random((intervals, series)) < rate) & (step >= learning)
     jump = rng.choice([-1.0, 1.0], (intervals, series)) * rng.uniform(6, 12, (intervals, series))
     noise = np.where(spike, jump, noise)

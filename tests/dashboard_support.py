@@ -18,7 +18,7 @@ SERIES = 12
 INTERVALS = 180
 START = datetime(2026, 11, 20, 22, 30, tzinfo=UTC)
 SEED = 11
-ANOMALY_RATE = 0.03
+ANOMALY_RATE = 0.015
 
 
 def small_lake(directory: Path) -> LakeSummary:
