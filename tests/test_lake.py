@@ -260,3 +260,25 @@ def test_query_command_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "host-0002" in capsys.readouterr().out
     assert cli.main(["query", "SELECT nope FROM scores", "--lake", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_sink_commands_check_their_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["sink", "parquet", "--out", str(tmp_path), "--max-span", "soon"]) == 2
+    assert "--max-span" in capsys.readouterr().err
+    assert cli.main(["sink", "parquet", "--out", str(tmp_path), "--max-records", "0"]) == 2
+    assert "max_records" in capsys.readouterr().err
+    assert cli.main(["sink", "compact", str(tmp_path / "missing")]) == 2
+    assert "no such lake" in capsys.readouterr().err
+
+
+def test_compact_command_merges_and_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recs = list(stream_of_results(3, 100)) + list(stream_of_results(3, 2, start=DAY0 + 86_400))
+    write_stream(tmp_path, recs, partitions=1, policy=RotationPolicy(60, 3_600_000))
+    assert cli.main(["sink", "compact", str(tmp_path), "--grace", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "days=2026-11-20" in out and "files_in=5 files_out=1 rows=300" in out
+    assert lake.query(tmp_path, "SELECT count(*) AS n FROM scores").to_pylist() == [{"n": 306}]
