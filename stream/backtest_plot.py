@@ -66,13 +66,24 @@ def plot_backtest(
     )
     thin = 0.7 if count > 2000 else 1.0
     anomalies = [i for i, d in enumerate(decisions) if d]
-    for column, series, expect in zip(value_columns, values, expected, strict=True):
+    # Red is kept for anomalies, so the series take the blues, greens and browns of tab10.
+    palette = ["tab:blue", "tab:green", "tab:brown", "tab:cyan", "tab:olive", "tab:gray"]
+    for number, (column, series, expect) in enumerate(
+        zip(value_columns, values, expected, strict=True)
+    ):
         label = "value" if len(value_columns) == 1 else column
-        # The expected value goes under the series so the observed data stays readable.
+        color = palette[number % len(palette)]
+        # The expected value goes under the series, same colour, so each pair reads as one.
         series_ax.plot(
-            x, expect, linewidth=thin, linestyle="--", alpha=0.8, label=f"expected {label}"
+            x,
+            expect,
+            linewidth=thin,
+            linestyle="--",
+            color="tab:orange" if len(value_columns) == 1 else color,
+            alpha=0.7,
+            label=f"expected {label}",
         )
-        series_ax.plot(x, series, linewidth=thin, label=label)
+        series_ax.plot(x, series, linewidth=thin, color=color, label=label)
         series_ax.scatter(
             [x[i] for i in anomalies],
             [series[i] for i in anomalies],
