@@ -89,13 +89,29 @@ def connect(lake_dir: str | Path) -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect()
     # Results are UTC; without this, timestamps come back in the machine's zone.
     connection.execute("SET TimeZone = 'UTC'")
-    refresh(connection, lake_dir)
+    try:
+        refresh(connection, lake_dir)
+    except BaseException:
+        connection.close()
+        raise
     return connection
 
 
 def refresh(connection: duckdb.DuckDBPyConnection, lake_dir: str | Path) -> None:
     """(Re-)create the views over a new snapshot of the lake."""
-    paths = visible_paths(lake_dir)
+    for attempt in range(_RETRIES):
+        try:
+            _create_views(connection, visible_paths(lake_dir))
+            return
+        except duckdb.IOException:
+            # Creating the views reads the files' schemas; one was compacted away and deleted
+            # between the listing and the read: list again.
+            if attempt == _RETRIES - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
+def _create_views(connection: duckdb.DuckDBPyConnection, paths: list[Path]) -> None:
     if paths:
         listing = ", ".join(_quote(str(p.absolute())) for p in paths)
         scores = (
@@ -135,8 +151,10 @@ GROUP BY timeseriesId"""
 def query(lake_dir: str | Path, sql: str) -> pa.Table:
     """Run ``sql`` against the views over a fresh snapshot of the lake."""
     for attempt in range(_RETRIES):
-        connection = connect(lake_dir)
+        connection = duckdb.connect()
         try:
+            connection.execute("SET TimeZone = 'UTC'")
+            refresh(connection, lake_dir)
             relation = connection.sql(sql)
             return relation.to_arrow_table() if relation is not None else pa.table({})
         except duckdb.IOException:
