@@ -226,6 +226,7 @@ class ParquetSink:
         self._stopping = False
         self._assigned_at: float | None = None
         self._at_end: set[int] = set()
+        self._undelivered: list[str] = []
 
     def stop(self) -> None:
         """Ask the run loop to flush its buffers and return (signal-safe)."""
@@ -288,7 +289,7 @@ class ParquetSink:
             if offset is None or offset <= self._committed.get(partition, -1):
                 return
             if producer is not None:
-                producer.flush(30)
+                self._flush_dead_letters(producer)
             consumer.commit(
                 offsets=[TopicPartition(config.topic, partition, offset)], asynchronous=False
             )
@@ -366,8 +367,6 @@ class ParquetSink:
             self._flush_all(publish)
         finally:
             log.info("%s", self.stats.line())
-            if producer is not None:
-                producer.flush(30)
             consumer.close()
         return self.stats
 
@@ -390,6 +389,20 @@ class ParquetSink:
             if table is not None:
                 publish(partition, table)
 
+    def _flush_dead_letters(self, producer: Any) -> None:
+        """Dead letters must be stored before the offsets past them are committed."""
+        remaining = producer.flush(30)
+        if remaining or self._undelivered:
+            raise RuntimeError(
+                f"could not store {remaining + len(self._undelivered)} dead letter(s) in "
+                f"{self.config.dead_letters!r}: {self._undelivered[:3]}"
+            )
+
+    def _on_delivery(self, error: Any, message: Any) -> None:
+        del message
+        if error is not None:
+            self._undelivered.append(str(error))
+
     def _dead_letter(
         self, producer: Any, batch: list[Any], rejected: list[tuple[int, str]]
     ) -> None:
@@ -405,6 +418,7 @@ class ParquetSink:
                     ("source.partition", str(message.partition()).encode()),
                     ("source.offset", str(message.offset()).encode()),
                 ],
+                on_delivery=self._on_delivery,
             )
             log.warning(
                 "parquet-sink dead-lettered %s[%d]@%d: %s",
