@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import hashlib
 import json
 import math
 import os
@@ -92,10 +93,18 @@ def load_series(limit: int | None) -> tuple[str, list[float], list[float]]:
     return f"{source}, {len(values):,} points", stamps, values
 
 
-def forest_options(config: DetectorConfig, dimensions: int = 1) -> dict[str, Any]:
-    """The krcf options ``RcfDetector`` uses for ``config``, for the bare-forest baseline."""
+def forest_options(config: DetectorConfig) -> dict[str, Any]:
+    """The krcf options of the forest inside ``RcfDetector(config)``, for the bare baseline.
+
+    Read from the detector's own forest when it exposes one, because the detector may feed the
+    forest more coordinates than the series has (e.g. a seasonal residual beside each value)
+    and the baseline must be the same forest; otherwise derived from the config.
+    """
+    forest = getattr(RcfDetector(config), "_forest", None)
+    if forest is not None and hasattr(forest, "options"):
+        return {key: value for key, value in forest.options().items() if value is not None}
     return {
-        "dimensions": dimensions,
+        "dimensions": 1,
         "shingle_size": config.shingle_size,
         "num_trees": config.num_trees,
         "sample_size": config.sample_size,
@@ -105,6 +114,16 @@ def forest_options(config: DetectorConfig, dimensions: int = 1) -> dict[str, Any
         "internal_shingling": True,
         "bounding_box_cache_fraction": config.bounding_box_cache_fraction,
     }
+
+
+def bare_points(values: list[float], width: int) -> list[list[float]]:
+    """Forest inputs of ``width`` coordinates: the value, then its step-to-step change."""
+    previous = values[0]
+    points = []
+    for value in values:
+        points.append([value] + [value - previous] * (width - 1))
+        previous = value
+    return points
 
 
 class Stopwatch:
@@ -136,9 +155,10 @@ def time_detector(config: DetectorConfig, stamps: list[float], values: list[floa
 
 
 def time_bare_forest(config: DetectorConfig, values: list[float]) -> Stopwatch:
-    forest = krcf.RandomCutForest(forest_options(config))  # type: ignore[arg-type]
+    options = forest_options(config)
+    forest = krcf.RandomCutForest(options)  # type: ignore[arg-type]
     score, update = forest.score, forest.update
-    points = [[value] for value in values]
+    points = bare_points(values, options["dimensions"])
     gc.collect()
     with Stopwatch() as watch:
         for point in points:
@@ -176,6 +196,7 @@ def single_series(
         "detector_points_per_cpu_s": detector_cpu,
         "bare_forest_points_per_cpu_s": bare_cpu,
         "detector_vs_bare_ratio_cpu": detector_cpu / bare_cpu,
+        "bare_forest_options": forest_options(config),
         "detector_points_per_s_runs": [n / run.wall for run in detector_runs],
         "bare_forest_points_per_s_runs": [n / run.wall for run in bare_runs],
     }
@@ -282,6 +303,7 @@ def run_fleet(spec: dict[str, Any], show_progress: bool) -> dict[str, Any]:
         TimeRemainingColumn,
     )
 
+    digest = detectors_digest()
     config = DetectorConfig.from_dict(spec["config"])
     count, warm_points = spec["detectors"], spec["warm_points"]
     rounds = max(1, math.ceil(spec["timed_updates"] / count))
@@ -352,6 +374,7 @@ def run_fleet(spec: dict[str, Any], show_progress: bool) -> dict[str, Any]:
         "rss_after_timed_bytes": resident_bytes(),
         "rss_bytes_per_detector": per_detector,
         "share_in_inference": inference / count,
+        "detectors_source_sha256": digest,
     }
 
 
@@ -379,6 +402,13 @@ def parse_counts(text: str) -> list[int]:
     return counts
 
 
+def detectors_digest() -> str:
+    """Short sha256 of detectors/*.py: the detector is often measured while being tuned, so
+    each part of a run names the exact source it measured."""
+    sources = sorted((REPO / "detectors").glob("*.py"))
+    return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:16]
+
+
 def environment() -> dict[str, Any]:
     try:
         commit = subprocess.run(
@@ -393,9 +423,22 @@ def environment() -> dict[str, Any]:
         load = os.getloadavg()
     except OSError:
         load = None
+    try:
+        dirty = bool(
+            subprocess.run(
+                ["git", "-C", str(REPO), "status", "--porcelain", "--", "detectors"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        dirty = None
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": commit,
+        "detectors_uncommitted_changes": dirty,
+        "detectors_source_sha256": detectors_digest(),
         "python": platform.python_version(),
         "krcf": version("krcf"),
         "cpus": os.cpu_count(),
