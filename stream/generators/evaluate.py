@@ -136,14 +136,18 @@ def alert_events(fired: Sequence[int] | np.ndarray, tolerance: int) -> list[list
     return events
 
 
-def run_series(series: Series, labels: list[Label], detector_params: dict[str, Any]) -> SeriesRun:
+def run_series(
+    series: Series, labels: list[Label], detector_params: dict[str, Any], timestamps: np.ndarray
+) -> SeriesRun:
+    """Feed ``series`` (points at ``timestamps``, epoch seconds) to a fresh detector."""
     from detectors import DetectorConfig, RcfDetector
 
     detector = RcfDetector(DetectorConfig(**detector_params))
     scores = np.zeros(len(series.values))
     decisions = np.zeros(len(series.values), dtype=np.int8)
-    for index, value in enumerate(series.values):
-        result = detector.update(float(index), float(value))
+    for index, (moment, value) in enumerate(zip(timestamps, series.values, strict=True)):
+        # Real times: a detector may use them (the time of day of a daily-seasonal series).
+        result = detector.update(float(moment), float(value))
         scores[index] = result.anomaly_score
         decisions[index] = result.anomaly_decision
     return SeriesRun(series, labels, scores, decisions)
@@ -168,8 +172,9 @@ def evaluate_feed(
             label
         )
     runs: list[SeriesRun] = []
+    timestamps = feed.spec.timestamps()
     for series in feed.series:
-        runs.append(run_series(series, labels_of.get(series.key, []), params))
+        runs.append(run_series(series, labels_of.get(series.key, []), params, timestamps))
         if advance is not None:
             advance()
     evaluation = FeedEvaluation(
