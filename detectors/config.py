@@ -14,16 +14,32 @@ class DetectorConfig:
     typo in a YAML file is reported instead of silently ignored.
     """
 
+    # The forest (krcf).
     num_trees: int = 30
     sample_size: int = 128
     shingle_size: int = 1
-    warmup: int = 64
+    warmup: int = 32
     time_decay: float = 1 / 2560
     bounding_box_cache_fraction: float = 0.0
+    seed: int = 0
+    # Daily-seasonal residual: compare with the same time of day over this many past days.
+    seasonal_days: int = 3
+    # Calibration of the raw score (see detectors/calibration.py).
+    score_window: int = 3
+    score_decay: float = 0.001
+    score_warmup: int = 150
+    log10_tail: float = 10.0
+    extreme_margin: float = 0.02
+    residual_margin: float = 0.0
+    extreme_gate: float = 0.1
+    residual_warmup: int = 0
+    noise_floor: float = 1e-3
+    repeat_window: int = 100
+    repeat_escalation: float = 1.2
+    # Reporting.
     threshold: float = 70.0
     absolute_margin: float = 0.0
     ratio_margin: float = 0.0
-    seed: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -36,6 +52,18 @@ class DetectorConfig:
             "threshold": 0.0 <= self.threshold <= 100.0,
             "absolute_margin": self.absolute_margin >= 0.0,
             "ratio_margin": self.ratio_margin >= 0.0,
+            "seasonal_days": self.seasonal_days >= 1,
+            "score_window": self.score_window >= 1,
+            "score_decay": 0.0 < self.score_decay < 1.0,
+            "score_warmup": self.score_warmup >= 1,
+            "log10_tail": self.log10_tail > 0.0,
+            "extreme_margin": self.extreme_margin >= 0.0,
+            "residual_margin": self.residual_margin >= 0.0,
+            "extreme_gate": 0.0 <= self.extreme_gate <= 1.0,
+            "residual_warmup": self.residual_warmup >= 0,
+            "noise_floor": self.noise_floor >= 0.0,
+            "repeat_window": self.repeat_window >= 0,
+            "repeat_escalation": self.repeat_escalation >= 1.0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -1,9 +1,16 @@
-"""Per-series streaming detector on krcf's Random Cut Forest (v0: forest score, EW calibration)."""
+"""Per-series streaming detector on krcf's Random Cut Forest.
+
+For each variable the forest sees two coordinates: the value and its daily-seasonal residual
+(the value minus the closest same-time-of-day value of the last days; 0 while no daily period
+applies). The raw forest score is calibrated into a 0–100 ``anomalyScore`` by
+``detectors.calibration``; see docs/detector.md for the design and its evaluation.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import struct
 import zlib
 from collections.abc import Sequence
@@ -11,116 +18,242 @@ from typing import Any
 
 import krcf
 
+from detectors.calibration import Calibrator
 from detectors.config import DetectorConfig
 from detectors.result import ModelStage, Result
+from detectors.seasonal import SeasonalReference, points_per_day
 
-_SNAPSHOT_MAGIC = b"ASD1"
+_SNAPSHOT_MAGIC = b"ASD2"
+_PERIOD_SAMPLE = 32  # sampling steps looked at before the daily period is fixed
+_EXPECTED_DECAY = 0.2  # fast mean for the expected value of series without a daily cycle
+_FLOAT32_SAFE = 1e30  # krcf stores float32: larger magnitudes overflow to inf and corrupt it
 
 
 class RcfDetector:
     """One series' detector: ``update(timestamp, value) -> Result``, deterministic for a seed.
 
-    >>> detector = RcfDetector(DetectorConfig(warmup=16))
-    >>> results = [detector.update(float(t), 10.0 + (t % 5)) for t in range(200)]
-    >>> results[0].model_stage, results[-1].model_stage
-    (<ModelStage.LEARNING: 'LEARNING'>, <ModelStage.INFERENCE: 'INFERENCE'>)
-    >>> spike = detector.update(200.0, 500.0)
-    >>> spike.anomaly_decision, spike.anomaly_score >= 70
-    (1, True)
+    ``timestamp`` is in epoch seconds; ``value`` is a float (or one float per variable for a
+    multivariate series), and ``None``, NaN or infinity mean the point is missing.
+
+    >>> detector = RcfDetector(DetectorConfig())
+    >>> results = [detector.update(60.0 * t, 10.0 + (t % 5)) for t in range(600)]
+    >>> results[0].model_stage.value, results[-1].model_stage.value
+    ('LEARNING', 'INFERENCE')
+    >>> max(r.anomaly_score for r in results[300:]) < 70
+    True
+    >>> spike = detector.update(60.0 * 600, 500.0)
+    >>> spike.anomaly_decision, spike.anomaly_score >= 70, round(spike.expected_value)
+    (1, True, 12)
+    >>> restored = RcfDetector.from_bytes(detector.to_bytes())
+    >>> restored.update(60.0 * 601, 11.0) == detector.update(60.0 * 601, 11.0)
+    True
     """
 
     def __init__(self, config: DetectorConfig | None = None, dimensions: int = 1) -> None:
+        if dimensions < 1:
+            raise ValueError("dimensions must be at least 1")
         self.config = config or DetectorConfig()
         self.dimensions = dimensions
         self._forest = self._new_forest()
+        self._calibrator = Calibrator(self.config)
+        self._seasonal: list[SeasonalReference] | None = None
+        self._steps: list[float] = []
+        self._last_timestamp: float | None = None
+        self._last_values: list[float] | None = None
+        self._mean_values: list[float] | None = None
         self._seen = 0
-        self._last: list[float] | None = None
-        self._score_mean = 0.0
-        self._score_var = 0.0
+        self._residual_age = 0
+        self._observed_share = 1.0
 
     def _new_forest(self) -> krcf.RandomCutForest:
         c = self.config
         return krcf.RandomCutForest(
             {
-                "dimensions": self.dimensions,
+                "dimensions": 2 * self.dimensions,
                 "shingle_size": c.shingle_size,
                 "num_trees": c.num_trees,
                 "sample_size": c.sample_size,
                 "output_after": c.warmup,
                 "random_seed": c.seed,
-                "lambda": c.time_decay,
+                "lambda": c.time_decay,  # type: ignore[typeddict-unknown-key]
                 "internal_shingling": True,
                 "bounding_box_cache_fraction": c.bounding_box_cache_fraction,
             }
         )
 
+    @property
+    def model_stage(self) -> ModelStage:
+        return ModelStage.INFERENCE if self._forest.is_output_ready() else ModelStage.LEARNING
+
+    @property
+    def processed_data_points(self) -> int:
+        return self._seen
+
     def update(self, timestamp: float, value: float | Sequence[float] | None) -> Result:
-        values = _as_values(value, self.dimensions)
-        missing = values is None
+        values = _finite_values(value, self.dimensions)
+        self._learn_period(timestamp)
         if values is None:
-            values = list(self._last) if self._last is not None else [0.0] * self.dimensions
-        raw = self._forest.score(values)
-        self._forest.update(values)
+            return self._missing(timestamp)
+        residuals = self._residuals(values)
+        point = values + (residuals or [0.0] * self.dimensions)
+        raw = self._forest.score(point)
+        self._forest.update(point)
         self._seen += 1
-        self._last = values
-        ready = raw > 0.0
-        score = 0.0
-        if ready:
-            std = math.sqrt(self._score_var) if self._score_var > 0 else 0.1
-            z = (raw - self._score_mean) / max(std, 0.05)
-            score = 100.0 / (1.0 + math.exp(-(z - 3.0))) if not missing else 0.0
-            alpha = 0.01
-            delta = raw - self._score_mean
-            self._score_mean += alpha * delta
-            self._score_var = (1 - alpha) * (self._score_var + alpha * delta * delta)
+        self._observed_share += self.config.time_decay * (1.0 - self._observed_share)
+
+        grade = 0.0
+        if raw > 0.0:
+            grade = self._calibrator.grade(raw, values, residuals, self._residual_age)
         else:
-            self._score_mean = raw
-        c = self.config
+            self._calibrator.observe(values)
+        expected = self._expected(values)
+        grade = self._apply_margins(grade, values, expected)
+        self._remember(values)
+
+        score = 100.0 * grade
+        decision = int(raw > 0.0 and score >= self.config.threshold)
         return Result(
             timestamp=timestamp,
             values=tuple(values),
             anomaly_score=score,
-            anomaly_decision=int(ready and score >= c.threshold),
-            threshold=c.threshold,
-            model_stage=ModelStage.INFERENCE if ready else ModelStage.LEARNING,
-            confidence=100.0 * confidence(c.time_decay, self._seen, c.warmup),
-            expected_values=tuple(values),
+            anomaly_decision=decision,
+            threshold=self.config.threshold,
+            model_stage=ModelStage.INFERENCE if raw > 0.0 else ModelStage.LEARNING,
+            confidence=self._confidence(),
+            expected_values=tuple(expected),
             raw_score=raw,
             processed_data_points=self._seen,
-            missing=missing,
+            attribution=self._attribution(point) if decision else None,
         )
 
+    def _missing(self, timestamp: float) -> Result:
+        """A missing point teaches nothing and reports nothing; confidence drops a little."""
+        self._observed_share -= self.config.time_decay * self._observed_share
+        imputed = self._expected(self._last_values or [0.0] * self.dimensions)
+        if self._seasonal is not None:
+            for reference, value in zip(self._seasonal, imputed, strict=True):
+                reference.push(value)
+        return Result(
+            timestamp=timestamp,
+            values=tuple(math.nan for _ in range(self.dimensions)),
+            anomaly_score=0.0,
+            anomaly_decision=0,
+            threshold=self.config.threshold,
+            model_stage=self.model_stage,
+            confidence=self._confidence(),
+            expected_values=tuple(imputed),
+            raw_score=0.0,
+            processed_data_points=self._seen,
+            missing=True,
+        )
+
+    def _learn_period(self, timestamp: float) -> None:
+        learning = self._seasonal is None and len(self._steps) < _PERIOD_SAMPLE
+        if learning and self._last_timestamp is not None and timestamp > self._last_timestamp:
+            self._steps.append(timestamp - self._last_timestamp)
+            if len(self._steps) == _PERIOD_SAMPLE:
+                period = points_per_day(statistics.median(self._steps))
+                if period:
+                    days = self.config.seasonal_days
+                    self._seasonal = [
+                        SeasonalReference(period, days) for _ in range(self.dimensions)
+                    ]
+        self._last_timestamp = timestamp
+
+    def _residuals(self, values: list[float]) -> list[float] | None:
+        seasonal = self._seasonal
+        if seasonal is None or not seasonal[0].ready:
+            return None
+        self._residual_age += 1
+        return [ref.residual(v) for ref, v in zip(seasonal, values, strict=True)]
+
+    def _expected(self, values: Sequence[float]) -> list[float]:
+        seasonal = self._seasonal
+        if seasonal is not None and seasonal[0].ready:
+            return [ref.expected() or v for ref, v in zip(seasonal, values, strict=True)]
+        return list(self._mean_values) if self._mean_values is not None else list(values)
+
+    def _apply_margins(self, grade: float, values: list[float], expected: list[float]) -> float:
+        """Not an anomaly when every value is within the configured margins of its expected."""
+        c = self.config
+        if grade * 100.0 < c.threshold or (c.absolute_margin == 0.0 and c.ratio_margin == 0.0):
+            return grade
+        close = all(
+            abs(v - e) <= max(c.absolute_margin, c.ratio_margin * abs(e))
+            for v, e in zip(values, expected, strict=True)
+        )
+        return min(grade, 0.5 * c.threshold / 100.0) if close else grade
+
+    def _remember(self, values: list[float]) -> None:
+        if self._seasonal is not None:
+            for reference, value in zip(self._seasonal, values, strict=True):
+                reference.push(value)
+        if self._mean_values is None:
+            self._mean_values = list(values)
+        else:
+            pairs = zip(self._mean_values, values, strict=True)
+            self._mean_values = [m + _EXPECTED_DECAY * (v - m) for m, v in pairs]
+        self._last_values = values
+
+    def _confidence(self) -> float:
+        return 100.0 * self._observed_share * confidence(
+            self.config.time_decay, self._seen, self.config.warmup
+        )
+
+    def _attribution(self, point: list[float]) -> tuple[float, ...]:
+        """Share of the score per variable (value and residual coordinates together)."""
+        divector = self._forest.attribution(point)
+        parts = [h + lo for h, lo in zip(divector["high"], divector["low"], strict=True)]
+        d = self.dimensions
+        per_variable = [parts[i] + parts[d + i] for i in range(d)]
+        total = sum(per_variable)
+        return tuple(p / total if total > 0 else 1.0 / d for p in per_variable)
+
     def to_bytes(self) -> bytes:
+        """A compact snapshot; ``from_bytes`` restores a detector that continues identically."""
         state: dict[str, Any] = {
             "config": self.config.to_dict(),
             "dimensions": self.dimensions,
+            "calibrator": self._calibrator.to_state(),
+            "seasonal": [r.to_state() for r in self._seasonal] if self._seasonal else None,
+            "steps": self._steps,
+            "last_timestamp": self._last_timestamp,
+            "last_values": self._last_values,
+            "mean_values": self._mean_values,
             "seen": self._seen,
-            "last": self._last,
-            "score_mean": self._score_mean,
-            "score_var": self._score_var,
+            "residual_age": self._residual_age,
+            "observed_share": self._observed_share,
         }
-        state_bytes = json.dumps(state).encode()
-        body = struct.pack(">I", len(state_bytes)) + state_bytes + self._forest.to_msgpack()
+        header = json.dumps(state, separators=(",", ":")).encode()
+        body = struct.pack(">I", len(header)) + header + self._forest.to_msgpack()
         return _SNAPSHOT_MAGIC + zlib.compress(body, 6)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RcfDetector:
         if not data.startswith(_SNAPSHOT_MAGIC):
-            raise ValueError("not an anomstream detector snapshot")
+            raise ValueError("not an anomstream detector snapshot (or an older format)")
         body = zlib.decompress(data[len(_SNAPSHOT_MAGIC) :])
         (length,) = struct.unpack(">I", body[:4])
         state = json.loads(body[4 : 4 + length])
         detector = cls(DetectorConfig.from_dict(state["config"]), state["dimensions"])
         detector._forest = krcf.RandomCutForest.from_msgpack(body[4 + length :])
+        detector._calibrator = Calibrator.from_state(detector.config, state["calibrator"])
+        if state["seasonal"] is not None:
+            detector._seasonal = [SeasonalReference.from_state(s) for s in state["seasonal"]]
+        detector._steps = state["steps"]
+        detector._last_timestamp = state["last_timestamp"]
+        detector._last_values = state["last_values"]
+        detector._mean_values = state["mean_values"]
         detector._seen = state["seen"]
-        detector._last = state["last"]
-        detector._score_mean = state["score_mean"]
-        detector._score_var = state["score_var"]
+        detector._residual_age = state["residual_age"]
+        detector._observed_share = state["observed_share"]
         return detector
 
 
 def confidence(time_decay: float, seen: int, warmup: int) -> float:
     """Time-decayed share of the sample that arrived after warm-up, in [0, 1].
+
+    ``(e^{λn} − e^{λm}) / (e^{λn} − 1)`` for decay λ, n points seen and warm-up m.
 
     >>> round(confidence(1 / 2560, 100, 64), 2), round(confidence(1 / 2560, 1000, 64), 2)
     (0.36, 0.95)
@@ -133,8 +266,8 @@ def confidence(time_decay: float, seen: int, warmup: int) -> float:
     return (math.exp(exponent) - math.exp(time_decay * warmup)) / math.expm1(exponent)
 
 
-def _as_values(value: float | Sequence[float] | None, dimensions: int) -> list[float] | None:
-    """Finite float32-safe values, or None when the point is missing (None, NaN, inf, empty)."""
+def _finite_values(value: float | Sequence[float] | None, dimensions: int) -> list[float] | None:
+    """The point's values as floats, or None when it is missing (None, NaN, inf, too large)."""
     if value is None:
         return None
     items = [value] if isinstance(value, int | float) else list(value)
@@ -145,7 +278,7 @@ def _as_values(value: float | Sequence[float] | None, dimensions: int) -> list[f
         if item is None:
             return None
         number = float(item)
-        if not math.isfinite(number) or abs(number) > 1e30:
+        if not math.isfinite(number) or abs(number) > _FLOAT32_SAFE:
             return None
         out.append(number)
     return out
