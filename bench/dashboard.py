@@ -75,7 +75,7 @@ def interactions(con: duckdb.DuckDBPyConnection) -> list[Interaction]:
         return queries.extent(c), queries.kpis(c, day)
 
     def table(c: duckdb.DuckDBPyConnection, f: Filters = day) -> Any:
-        return queries.anomalies(c, f, TABLE_ROWS), queries.anomaly_count(c, f)
+        return queries.anomalies(c, f, TABLE_ROWS)
 
     def chart(c: duckdb.DuckDBPyConnection) -> Any:
         return queries.series_points(c, series_id, day)
@@ -96,7 +96,7 @@ def interactions(con: duckdb.DuckDBPyConnection) -> list[Interaction]:
         return picker(c), tick(c)
 
     def export(c: duckdb.DuckDBPyConnection) -> Any:
-        return queries.anomalies(c, day, EXPORT_ROWS).to_csv(index=False)
+        return queries.anomalies(c, day, EXPORT_ROWS).rows.to_csv(index=False)
 
     return [
         Interaction("KPIs", "lake extent + KPI row, last 24 h", kpis),

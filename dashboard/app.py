@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import streamlit as st
 
 from dashboard import LAKE_ENV, REFRESH_ENV, charts, queries
 from dashboard.queries import Filters, LakeExtent
-from sinks.lake import DEFAULT_LAKE, connect, refresh
+from sinks.lake import DEFAULT_LAKE, connect, refresh, visible_paths
 
 DEFAULT_REFRESH_SECONDS = 10.0
 
@@ -38,6 +39,7 @@ RANGES: dict[str, timedelta | None] = {
 CUSTOM_RANGE = "Custom"
 DEFAULT_RANGE = "Last 24 hours"
 TABLE_ROWS = 500
+CACHE_ENTRIES = 256
 EXPORT_ROWS = 100_000
 DEFAULT_TOP = 20
 
@@ -53,26 +55,107 @@ URL_READ_KEY = "url_read"
 class LakeReader:
     """The one DuckDB connection over a lake, shared by every session of the server.
 
-    Each page run takes its own cursor (DuckDB connections are not shared across threads); the
-    views are re-created over a fresh listing of the lake at most every ``relist_seconds``, so
-    the live panels see files published since.
+    At most every ``relist_seconds`` a page run lists the lake again; when the list of files
+    changed (the sink published, the compactor merged), the views are re-created over it and
+    the lake's version moves on. Query results are cached per version, so live ticks and other
+    desks' sessions cost nothing until new results land.
     """
 
     def __init__(self, lake_dir: Path, relist_seconds: float) -> None:
         self.lake_dir = lake_dir
         self.relist_seconds = relist_seconds
-        self._connection = connect(lake_dir)
-        self._listed_at = time.monotonic()
         self._lock = threading.Lock()
+        self._paths = visible_paths(lake_dir)
+        self._connection = connect(lake_dir)
+        self._version = 0
+        self._listed_at = time.monotonic()
 
-    def cursor(self) -> duckdb.DuckDBPyConnection:
+    def snapshot(self) -> Snapshot:
         with self._lock:
             if time.monotonic() - self._listed_at >= self.relist_seconds:
-                refresh(self._connection, self.lake_dir)
+                paths = visible_paths(self.lake_dir)
+                if paths != self._paths:
+                    refresh(self._connection, self.lake_dir)
+                    self._paths = paths
+                    self._version += 1
                 self._listed_at = time.monotonic()
+            # DuckDB connections are not for sharing across threads; cursors are.
             cursor = self._connection.cursor()
+            key = f"{self.lake_dir}@{self._version}"
         cursor.execute("SET TimeZone = 'UTC'")
-        return cursor
+        return Snapshot(cursor, key)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One page run's handle on the lake: a cursor, and the key of the lake's current file
+    list, under which every query result is cached."""
+
+    con: duckdb.DuckDBPyConnection
+    key: str
+
+    def extent(self) -> LakeExtent:
+        return _extent(self.key, self.con)
+
+    def catalog(self) -> pd.DataFrame:
+        return _catalog(self.key, self.con)
+
+    def kpis(self, filters: Filters) -> queries.Kpis:
+        return _kpis(self.key, filters, self.con)
+
+    def anomalies(self, filters: Filters) -> queries.AnomalyPage:
+        return _anomalies(self.key, filters, self.con)
+
+    def heatmap(self, filters: Filters, top: int) -> pd.DataFrame:
+        return _heatmap(self.key, filters, top, self.con)
+
+    def points(self, timeseries_id: str, filters: Filters) -> pd.DataFrame:
+        return _points(self.key, timeseries_id, filters, self.con)
+
+    def label(self, timeseries_id: str) -> str | None:
+        return _label(self.key, timeseries_id, self.con)
+
+
+# Streamlit skips arguments named with a leading underscore when it hashes the cache key.
+@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
+def _extent(key: str, _con: duckdb.DuckDBPyConnection) -> LakeExtent:
+    return queries.extent(_con)
+
+
+@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
+def _catalog(key: str, _con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    return queries.series_catalog(_con, Filters())
+
+
+@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
+def _kpis(key: str, filters: Filters, _con: duckdb.DuckDBPyConnection) -> queries.Kpis:
+    return queries.kpis(_con, filters)
+
+
+@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
+def _anomalies(
+    key: str, filters: Filters, _con: duckdb.DuckDBPyConnection
+) -> queries.AnomalyPage:
+    return queries.anomalies(_con, filters, TABLE_ROWS)
+
+
+@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
+def _heatmap(
+    key: str, filters: Filters, top: int, _con: duckdb.DuckDBPyConnection
+) -> pd.DataFrame:
+    return queries.heatmap(_con, filters, top)
+
+
+@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
+def _points(
+    key: str, timeseries_id: str, filters: Filters, _con: duckdb.DuckDBPyConnection
+) -> pd.DataFrame:
+    return queries.series_points(_con, timeseries_id, filters)
+
+
+@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
+def _label(key: str, timeseries_id: str, _con: duckdb.DuckDBPyConnection) -> str | None:
+    return queries.series_label(_con, timeseries_id)
 
 
 @st.cache_resource(show_spinner=False)
@@ -94,13 +177,12 @@ def main() -> None:
     st.set_page_config(page_title="anomstream · risk desk", page_icon="📈", layout="wide")
     lake_dir, refresh_seconds = settings()
     reader = lake_reader(str(lake_dir), refresh_seconds)
-    con = reader.cursor()
-    lake = queries.extent(con)
+    lake = reader.snapshot().extent()
     if lake.rows == 0:
         empty_lake_page(reader, refresh_seconds)
         return
     remember_url_series()
-    filters, live, catalog = sidebar(con, lake_dir, lake, refresh_seconds)
+    filters, live, catalog = sidebar(reader.snapshot(), lake_dir, lake, refresh_seconds)
     st.title("Anomaly desk")
     run_every = refresh_seconds if live else None
     st.fragment(run_every=run_every)(panels)(reader, filters, catalog)
@@ -121,7 +203,7 @@ def empty_lake_page(reader: LakeReader, refresh_seconds: float) -> None:
 
     @st.fragment(run_every=refresh_seconds)
     def wait_for_results() -> None:
-        if queries.extent(reader.cursor()).rows > 0:
+        if reader.snapshot().extent().rows > 0:
             st.rerun()
 
     wait_for_results()
@@ -140,7 +222,7 @@ def remember_url_series() -> None:
 
 
 def sidebar(
-    con: duckdb.DuckDBPyConnection, lake_dir: Path, lake: LakeExtent, refresh_seconds: float
+    lake_now: Snapshot, lake_dir: Path, lake: LakeExtent, refresh_seconds: float
 ) -> tuple[Filters, bool, pd.DataFrame]:
     bar = st.sidebar
     bar.header("anomstream")
@@ -168,7 +250,7 @@ def sidebar(
             key="to", bind="query-params",
         )
     bar.subheader("Series filters")
-    everything = queries.series_catalog(con, Filters())
+    everything = lake_now.catalog()
     detectors = bar.multiselect(
         "Detector", sorted(everything["detectorName"].unique()),
         key="detector", bind="query-params", placeholder="All detectors",
@@ -191,21 +273,21 @@ def sidebar(
         start=_aware(start),
         end=_aware(end),
     )
-    catalog = queries.series_catalog(con, filters)
+    catalog = queries.matching(everything, filters)
     bar.caption(f"{len(catalog):,} of {len(everything):,} series match.")
     return filters, live, catalog
 
 
 def panels(reader: LakeReader, filters: Filters, catalog: pd.DataFrame) -> None:
     """Everything below the title: re-run alone on each live tick and on its own widgets."""
-    con = reader.cursor()
-    lake = queries.extent(con)
+    lake_now = reader.snapshot()
+    lake = lake_now.extent()
     if filters.start is None and filters.end is None:
         filters = relative_range(filters, lake, st.session_state.get("range", DEFAULT_RANGE))
-    kpi_row(con, filters, lake)
-    series_panel(con, filters, catalog)
-    anomalies_panel(reader, con, filters)
-    heatmap_panel(con, filters)
+    kpi_row(lake_now, filters, lake)
+    series_panel(lake_now, filters, catalog)
+    anomalies_panel(reader, lake_now, filters)
+    heatmap_panel(lake_now, filters)
 
 
 def relative_range(filters: Filters, lake: LakeExtent, choice: str) -> Filters:
@@ -217,8 +299,8 @@ def relative_range(filters: Filters, lake: LakeExtent, choice: str) -> Filters:
     return Filters(filters.detectors, filters.dimensions, end - span, end, filters.min_score)
 
 
-def kpi_row(con: duckdb.DuckDBPyConnection, filters: Filters, lake: LakeExtent) -> None:
-    kpis = queries.kpis(con, filters)
+def kpi_row(lake_now: Snapshot, filters: Filters, lake: LakeExtent) -> None:
+    kpis = lake_now.kpis(filters)
     newest = lake.last.strftime("%Y-%m-%d %H:%M UTC") if lake.last else "–"
     st.caption(f"Newest result {newest} · range {describe_range(filters)}")
     columns = st.columns(4)
@@ -242,14 +324,14 @@ def kpi_row(con: duckdb.DuckDBPyConnection, filters: Filters, lake: LakeExtent) 
 
 
 def series_panel(
-    con: duckdb.DuckDBPyConnection, filters: Filters, catalog: pd.DataFrame
+    lake_now: Snapshot, filters: Filters, catalog: pd.DataFrame
 ) -> None:
     st.subheader("Series")
     labels = dict(zip(catalog["timeseriesId"], catalog["label"], strict=True))
     current = st.session_state.get(PICKER_KEY)
     if current and current not in labels:
         # Opened from a link or the table while the filters exclude it: still show it.
-        labels[current] = queries.series_label(con, current) or f"unknown series {current}"
+        labels[current] = lake_now.label(current) or f"unknown series {current}"
     chosen = st.selectbox(
         "Series", list(labels), index=None, key=PICKER_KEY,
         format_func=lambda timeseries_id: labels.get(timeseries_id, timeseries_id),
@@ -260,7 +342,7 @@ def series_panel(
     if chosen is None:
         st.caption("Pick a series above, click an anomaly in the table or a cell of the heat map.")
         return
-    points = queries.series_points(con, chosen, filters)
+    points = lake_now.points(chosen, filters)
     if points.empty:
         if labels[chosen].startswith("unknown series"):
             st.warning(f"The lake holds no series with id `{chosen}`.")
@@ -289,7 +371,7 @@ def sync_url_series(chosen: str | None) -> None:
 
 
 def anomalies_panel(
-    reader: LakeReader, con: duckdb.DuckDBPyConnection, filters: Filters
+    reader: LakeReader, lake_now: Snapshot, filters: Filters
 ) -> None:
     st.subheader("Anomalies")
     left, right = st.columns([1, 3], vertical_alignment="bottom")
@@ -300,8 +382,8 @@ def anomalies_panel(
     filters = Filters(
         filters.detectors, filters.dimensions, filters.start, filters.end, float(min_score)
     )
-    table = queries.anomalies(con, filters, TABLE_ROWS)
-    total = queries.anomaly_count(con, filters)
+    page = lake_now.anomalies(filters)
+    table, total = page.rows, page.total
     shown = f"newest {len(table):,} of {total:,}" if total > len(table) else f"{total:,}"
     right.caption(f"{shown} flagged intervals, newest first · click a row to open its series")
     if table.empty:
@@ -334,8 +416,8 @@ def anomalies_panel(
     )
 
     def export() -> str:
-        rows = queries.anomalies(reader.cursor(), filters, EXPORT_ROWS)
-        return rows.to_csv(index=False)
+        page = queries.anomalies(reader.snapshot().con, filters, EXPORT_ROWS)
+        return page.rows.to_csv(index=False)
 
     st.download_button(
         "Export CSV", data=export, file_name="anomalies.csv", mime="text/csv",
@@ -351,13 +433,13 @@ def open_selected_anomaly() -> None:
         st.session_state[PICKER_KEY] = ids[rows[0]]
 
 
-def heatmap_panel(con: duckdb.DuckDBPyConnection, filters: Filters) -> None:
+def heatmap_panel(lake_now: Snapshot, filters: Filters) -> None:
     st.subheader("Where to look")
     top = st.number_input(
         "Top series by maximum score", min_value=5, max_value=200, value=DEFAULT_TOP, step=5,
         key="top",
     )
-    cells = queries.heatmap(con, filters, int(top))
+    cells = lake_now.heatmap(filters, int(top))
     if cells.empty:
         st.info("No results in the selected time range.")
         return

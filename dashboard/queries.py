@@ -146,6 +146,18 @@ def series_catalog(con: duckdb.DuckDBPyConnection, filters: Filters) -> pd.DataF
     )
 
 
+def matching(catalog: pd.DataFrame, filters: Filters) -> pd.DataFrame:
+    """The rows of a ``series_catalog`` that the detector and dimension filters keep: the same
+    answer as ``series_catalog(con, filters)`` without another pass over the lake."""
+    keep = pd.Series(True, index=catalog.index)
+    if filters.detectors:
+        keep &= catalog["detectorName"].isin(filters.detectors)
+    for column, values in filters.dimensions:
+        if values:
+            keep &= catalog[column].isin(values)
+    return catalog[keep]
+
+
 def kpis(con: duckdb.DuckDBPyConnection, filters: Filters) -> Kpis:
     """The KPI row over the series matching the detector and dimension filters.
 
@@ -188,28 +200,33 @@ ANOMALY_COLUMNS = (
 )
 
 
-def anomalies(con: duckdb.DuckDBPyConnection, filters: Filters, limit: int) -> pd.DataFrame:
+@dataclass(frozen=True)
+class AnomalyPage:
+    """The newest flagged intervals (``rows``, columns ``ANOMALY_COLUMNS``) and how many match
+    in all (``total``): the table shows at most its limit."""
+
+    rows: pd.DataFrame
+    total: int
+
+
+def anomalies(con: duckdb.DuckDBPyConnection, filters: Filters, limit: int) -> AnomalyPage:
     """Flagged intervals matching every filter (including ``min_score``), newest first, at most
-    ``limit`` rows; columns ``ANOMALY_COLUMNS``."""
+    ``limit`` of them, with the count of all that match (one scan, not two)."""
     dims = dimension_columns(con)
-    where, params = _anomaly_filters(dims, filters)
-    return _frame(
+    where, params = filters.series_sql(set(dims))
+    when, when_params = filters.time_sql()
+    frame = _frame(
         con,
         f"""SELECT detectionPeriodStartTime, {label_sql(dims)} AS label, aggregatedMeasureValue,
                expectedValue, anomalyScore, anomalyConfidenceScore, detectorName, measure,
-               timeseriesId
-        FROM anomalies WHERE {where}
+               timeseriesId, count(*) OVER () AS total
+        FROM anomalies WHERE {where} AND {when} AND anomalyScore >= ?
         ORDER BY detectionPeriodStartTime DESC, anomalyScore DESC, timeseriesId
         LIMIT {int(limit)}""",
-        params,
+        [*params, *when_params, filters.min_score],
     )
-
-
-def anomaly_count(con: duckdb.DuckDBPyConnection, filters: Filters) -> int:
-    """How many flagged intervals match every filter (the table shows at most its limit)."""
-    where, params = _anomaly_filters(dimension_columns(con), filters)
-    (count,) = _one(con, f"SELECT count(*) FROM anomalies WHERE {where}", params)
-    return int(count)
+    total = int(frame["total"].iloc[0]) if len(frame) else 0
+    return AnomalyPage(frame.drop(columns="total"), total)
 
 
 def heatmap(con: duckdb.DuckDBPyConnection, filters: Filters, top: int) -> pd.DataFrame:
@@ -272,12 +289,6 @@ def series_label(con: duckdb.DuckDBPyConnection, timeseries_id: str) -> str | No
         params=[timeseries_id],
     ).fetchall()
     return str(rows[0][0]) if rows else None
-
-
-def _anomaly_filters(dims: list[str], filters: Filters) -> tuple[str, list[object]]:
-    where, params = filters.series_sql(set(dims))
-    when, when_params = filters.time_sql()
-    return f"{where} AND {when} AND anomalyScore >= ?", [*params, *when_params, filters.min_score]
 
 
 def _from_epoch_ms(value: int | None) -> datetime | None:

@@ -214,15 +214,20 @@ def test_risk_desk_in_chromium(
     field = browser.find_element(By.CSS_SELECTOR, 'input[aria-label="Minimum score"]')
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(str(minimum), Keys.ENTER)
-    wait_for(
-        browser,
-        lambda d: caption_with(d, f"{strong} flagged intervals") and settled(d),
-        "the filtered table",
-    )
-    after = table_cells(browser)
-    assert after[:6] != before[:6]
-    scores = [float(cell) for cell in after[2::6] if cell]
-    assert scores and min(scores) >= minimum
+
+    def filtered(d: WebDriver) -> bool:
+        # The grid's cells repaint a moment after the caption: wait for both.
+        cells = table_cells(d)
+        scores = [float(cell) for cell in cells[2::6] if cell]
+        return bool(
+            caption_with(d, f"{strong} flagged intervals")
+            and settled(d)
+            and cells[:6] != before[:6]
+            and scores
+            and min(scores) >= minimum
+        )
+
+    wait_for(browser, filtered, f"the table to show only scores >= {minimum}")
     assert f"min_score={minimum}" in browser.current_url
 
     # Clicking the first row's selection box opens that anomaly's series in the chart.

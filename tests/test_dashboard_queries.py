@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from dashboard import charts, queries
+from dashboard.app import LakeReader
 from dashboard.fixtures import LakeSummary, build_lake, series_specs
 from dashboard.queries import Filters
 from sinks.lake import connect
 from tests.dashboard_support import direct, direct_one, small_lake
+
+START_NEXT_DAY = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +87,13 @@ def test_time_range_and_series_filters_narrow_every_panel(lake: LakeSummary) -> 
         "ORDER BY detectionPeriodStartTime DESC, anomalyScore DESC, timeseriesId",
         [start, end],
     )
-    table = queries.anomalies(con, filters, limit=1000)
+    page = queries.anomalies(con, filters, limit=1000)
+    table = page.rows
     assert list(table.columns) == list(queries.ANOMALY_COLUMNS)
     assert list(zip(table["timeseriesId"], table["anomalyScore"], strict=True)) == [
         (row[1], row[2]) for row in expected
     ]
-    assert queries.anomaly_count(con, filters) == len(expected) > 0
+    assert page.total == len(expected) > 0
     assert set(table["detectorName"]) == {"fx-spread"}
     assert all(label.startswith("fx-spread · spread_bps · ") for label in table["label"])
 
@@ -97,9 +101,13 @@ def test_time_range_and_series_filters_narrow_every_panel(lake: LakeSummary) -> 
         lake.lake_dir, f"SELECT count(DISTINCT timeseriesId) FROM files WHERE {where}", [start, end]
     )
     assert queries.kpis(con, filters).series == series_count
-    assert len(queries.series_catalog(con, filters)) == series_count
+    catalog = queries.series_catalog(con, filters)
+    assert len(catalog) == series_count
+    narrowed = queries.matching(queries.series_catalog(con, Filters()), filters)
+    assert narrowed.reset_index(drop=True).equals(catalog)
     limited = queries.anomalies(con, filters, limit=2)
-    assert limited["timeseriesId"].tolist() == [row[1] for row in expected[:2]]
+    assert limited.rows["timeseriesId"].tolist() == [row[1] for row in expected[:2]]
+    assert limited.total == len(expected)
 
 
 def test_unknown_dimension_column_is_refused(lake: LakeSummary) -> None:
@@ -165,6 +173,19 @@ def test_empty_and_missing_lakes_give_empty_answers(tmp_path: Path) -> None:
         extent = queries.extent(con)
         assert (extent.rows, extent.first, extent.last) == (0, None, None)
         assert queries.kpis(con, Filters()) == queries.Kpis(0, 0, 0, None)
-        assert queries.anomalies(con, Filters(), 10).empty
+        empty = queries.anomalies(con, Filters(), 10)
+        assert empty.rows.empty and empty.total == 0
         assert queries.heatmap(con, Filters(), 5).empty
         assert queries.series_catalog(con, Filters()).empty
+
+
+def test_lake_reader_moves_to_a_new_version_only_when_files_change(tmp_path: Path) -> None:
+    build_lake(tmp_path, series=4, intervals=20, seed=2)
+    reader = LakeReader(tmp_path, relist_seconds=0)
+    first = reader.snapshot()
+    assert reader.snapshot().key == first.key  # listed again, nothing new: cached answers stand
+    assert queries.extent(first.con).rows == 80
+    later = build_lake(tmp_path, series=4, intervals=20, seed=2, start=START_NEXT_DAY)
+    second = reader.snapshot()
+    assert second.key != first.key
+    assert queries.extent(second.con).last == later.last_start
