@@ -117,11 +117,12 @@ def parse_results(
 
 
 def _read_json(payloads: Sequence[bytes]) -> pa.Table:
-    # A raw newline can only be whitespace between JSON tokens (inside strings it is escaped),
-    # so flattening each record to one line keeps its meaning.
-    lines = [p.replace(b"\n", b" ").replace(b"\r", b" ") for p in payloads]
-    data = b"\n".join(lines)
-    block = max(1 << 20, 2 * max(len(line) for line in lines) + 2)
+    data = b"\n".join(payloads)
+    if data.count(b"\n") != len(payloads) - 1 or b"\r" in data:
+        # A raw newline can only be whitespace between JSON tokens (inside strings it is
+        # escaped), so flattening each record to one line keeps its meaning.
+        data = b"\n".join(p.replace(b"\n", b" ").replace(b"\r", b" ") for p in payloads)
+    block = max(1 << 20, 2 * max(map(len, payloads)) + 2)
     return pj.read_json(
         io.BytesIO(data),
         read_options=pj.ReadOptions(block_size=block),

@@ -282,3 +282,12 @@ def test_compact_command_merges_and_reports(
     out = capsys.readouterr().out
     assert "days=2026-11-20" in out and "files_in=5 files_out=1 rows=300" in out
     assert lake.query(tmp_path, "SELECT count(*) AS n FROM scores").to_pylist() == [{"n": 306}]
+
+
+def test_pretty_printed_records_parse_like_compact_ones() -> None:
+    record = result_record(1, 1, extra={"note": "two\nlines"})
+    pretty = json.dumps(record, indent=2).encode()
+    batch = parse_results([pretty, records.encode(record)], partition=0, offsets=[0, 1])
+    assert batch.rejected == []
+    first, second = batch.table.drop_columns(["kafkaOffset"]).to_pylist()
+    assert first == second and first["note"] == "two\nlines"
