@@ -89,35 +89,30 @@ def cut_points(
     """
     if days is None:
         days = millis // MS_PER_DAY
-    if len(millis) and state is not None:
-        # Fast path, same outcome as the loop: the whole batch fits in the open file.
-        low, high = int(millis.min()), int(millis.max())
-        if (
-            state.rows + len(millis) <= policy.max_records
-            and bool((days == state.day).all())
-            and max(state.max_ms, high) - min(state.min_ms, low) <= policy.max_span_ms
-        ):
-            grown = OpenFile(
-                state.rows + len(millis), state.day, min(state.min_ms, low), max(state.max_ms, high)
-            )
-            return [], grown
     cuts: list[int] = []
-    for index in range(len(millis)):
-        t = int(millis[index])
-        day = int(days[index])
-        if state is not None and (
-            state.rows >= policy.max_records
-            or day != state.day
-            or max(state.max_ms, t) - min(state.min_ms, t) > policy.max_span_ms
-        ):
-            cuts.append(index)
-            state = None
+    n = len(millis)
+    index = 0
+    while index < n:
         if state is None:
-            state = OpenFile(1, day, t, t)
-        else:
-            state.rows += 1
-            state.min_ms = min(state.min_ms, t)
-            state.max_ms = max(state.max_ms, t)
+            t = int(millis[index])
+            state = OpenFile(1, int(days[index]), t, t)
+            index += 1
+            continue
+        # Vectorised over the rows that could still join the open file: the first one that
+        # changes day or stretches the span too far, or the first one past max_records.
+        window_end = min(n, index + max(policy.max_records - state.rows, 0))
+        low = np.minimum.accumulate(np.minimum(millis[index:window_end], state.min_ms))
+        high = np.maximum.accumulate(np.maximum(millis[index:window_end], state.max_ms))
+        breaks = (days[index:window_end] != state.day) | (high - low > policy.max_span_ms)
+        stop = index + int(np.argmax(breaks)) if breaks.any() else window_end
+        if stop > index:
+            state.rows += stop - index
+            state.min_ms = int(low[stop - index - 1])
+            state.max_ms = int(high[stop - index - 1])
+        if stop < n:
+            cuts.append(stop)
+            state = None
+        index = stop
     return cuts, state
 
 

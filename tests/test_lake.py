@@ -291,3 +291,41 @@ def test_pretty_printed_records_parse_like_compact_ones() -> None:
     assert batch.rejected == []
     first, second = batch.table.drop_columns(["kafkaOffset"]).to_pylist()
     assert first == second and first["note"] == "two\nlines"
+
+
+def _reference_cuts(policy: RotationPolicy, millis: np.ndarray) -> list[int]:
+    """The rotation rule written row by row, as the decision record states it."""
+    cuts: list[int] = []
+    rows = day = low = high = 0
+    for index, value in enumerate(millis.tolist()):
+        if rows and (
+            rows >= policy.max_records
+            or value // MS_PER_DAY != day
+            or max(high, value) - min(low, value) > policy.max_span_ms
+        ):
+            cuts.append(index)
+            rows = 0
+        if rows == 0:
+            rows, day, low, high = 1, value // MS_PER_DAY, value, value
+        else:
+            rows, low, high = rows + 1, min(low, value), max(high, value)
+    return cuts
+
+
+def test_vectorised_rotation_matches_the_row_by_row_rule_in_any_batching() -> None:
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        policy = RotationPolicy(int(rng.integers(1, 30)), int(rng.integers(0, 5 * 60_000)))
+        n = int(rng.integers(0, 300))
+        millis = 3 * MS_PER_DAY - 100 * 60_000 + rng.integers(0, 400 * 60_000, n)
+        if trial % 2:
+            millis.sort()
+        cuts: list[int] = []
+        state = None
+        position = 0
+        while position < n:
+            piece = millis[position : position + int(rng.integers(1, 50))]
+            found, state = cut_points(policy, piece, state=state)
+            cuts += [position + c for c in found]
+            position += len(piece)
+        assert cuts == _reference_cuts(policy, millis), trial
