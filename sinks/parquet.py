@@ -243,6 +243,8 @@ class ParquetSink:
                     "group.instance.id": config.instance_id
                     or f"{config.group}-{socket.gethostname()}",
                     "session.timeout.ms": 10_000,
+                    # Larger fetches per partition: the sink reads in bulk, not record by record.
+                    "max.partition.fetch.bytes": 8 * 1024 * 1024,
                     # End-of-partition events tell --stop-after-idle that the sink caught up.
                     "enable.partition.eof": True,
                 },
