@@ -20,7 +20,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -97,26 +97,77 @@ def create_topics(
         except KafkaException as error:
             if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
-    _wait_for_leaders(admin, names, timeout_s)
+    _wait_until_ready(admin, names, timeout_s)
 
 
-def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) -> None:
-    """Creation returns before metadata spreads; clients that start at once would see no topic."""
+def _wait_until_ready(admin: AdminClient, names: list[str], timeout_s: float) -> None:
+    """Creation returns before the topic serves: metadata may lack it, and for a moment after
+    metadata names a leader that broker still answers NOT_LEADER to offset queries. Wait until
+    every partition answers a ListOffsets, so callers can use the topic at once."""
     deadline = time.monotonic() + timeout_s
-    while True:
+    last_problem = "no metadata yet"
+    while time.monotonic() < deadline:
         metadata = admin.list_topics(timeout=timeout_s)
-        missing = [
-            name for name in names
-            if name not in metadata.topics
-            or metadata.topics[name].error is not None
-            or not metadata.topics[name].partitions
-            or any(p.leader < 0 for p in metadata.topics[name].partitions.values())
-        ]
-        if not missing:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"topics without leaders after {timeout_s:.0f} s: {missing}")
+        partitions = []
+        for name in names:
+            topic = metadata.topics.get(name)
+            if topic is None or topic.error is not None or not topic.partitions:
+                last_problem = f"{name}: {topic.error if topic else 'not in metadata'}"
+                break
+            partitions += [KafkaTopicPartition(name, p) for p in topic.partitions]
+        else:
+            futures = admin.list_offsets({tp: OffsetSpec.latest() for tp in partitions},
+                                         request_timeout=timeout_s)
+            # Collect every answer (an abandoned future leaves events queued in the client).
+            errors = [f.exception(timeout=timeout_s) for f in futures.values()]
+            failures = [e for e in errors if e is not None]
+            if not failures:
+                return
+            for failure in failures:
+                if not isinstance(failure, KafkaException) or not _is_transient(failure):
+                    raise failure
+            last_problem = str(failures[0])
         time.sleep(0.05)
+    raise TimeoutError(f"topics {names} not ready after {timeout_s:.0f} s: {last_problem}")
+
+
+def _is_transient(error: KafkaException) -> bool:
+    """Errors a just-created topic or a moving leader gives for a moment; worth retrying."""
+    kafka_error = error.args[0]
+    return bool(kafka_error.retriable()) or kafka_error.code() in _TRANSIENT_CODES
+
+
+_TRANSIENT_CODES = frozenset({
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_LEADER_EPOCH,
+    KafkaError.FENCED_LEADER_EPOCH,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError._UNKNOWN_TOPIC,
+})
+
+
+def _end_offsets(
+    consumer: Consumer, topic: str, partitions: Iterable[int], deadline: float
+) -> dict[int, int]:
+    """Partition -> end offset (LSO under read_committed) for non-empty partitions."""
+    ends: dict[int, int] = {}
+    for partition in partitions:
+        while True:
+            try:
+                low, high = consumer.get_watermark_offsets(
+                    KafkaTopicPartition(topic, partition),
+                    timeout=max(0.1, deadline - time.monotonic()), cached=False,
+                )
+                break
+            except KafkaException as error:
+                if not _is_transient(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        if high > low:
+            ends[partition] = high
+    return ends
 
 
 def consume_all(
@@ -141,19 +192,13 @@ def consume_all(
         topic_metadata = metadata.topics[topic]
         if topic_metadata.error is not None:
             raise KafkaException(topic_metadata.error)
-        ends: dict[int, int] = {}
-        for partition in topic_metadata.partitions:
-            low, high = consumer.get_watermark_offsets(
-                KafkaTopicPartition(topic, partition), timeout=timeout_s, cached=False
-            )
-            if high > low:
-                ends[partition] = high
+        deadline = time.monotonic() + timeout_s
+        ends = _end_offsets(consumer, topic, topic_metadata.partitions, deadline)
         if not ends:
             return []
         consumer.assign([KafkaTopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
         messages: list[Message] = []
         pending = set(ends)
-        deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(

@@ -27,13 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from stream.jvm_cds import ClassDataArchive
+
 KAFKA_VERSION = "4.3.1"
 # Kafka's own artifacts bring log4j-core but no SLF4J binding; without this the broker logs nothing.
 LOG4J_VERSION = "2.25.4"
 DEFAULT_PORT = 9092
 DEFAULT_CONTROLLER_PORT = 9093
 DEFAULT_START_TIMEOUT_S = 120.0
-DEFAULT_STOP_TIMEOUT_S = 30.0
+# Generous: the first clean stop also writes the class-data archive (stream/jvm_cds.py).
+DEFAULT_STOP_TIMEOUT_S = 60.0
 HEAP_OPTS = ("-Xms128m", "-Xmx512m")
 MAIN_CLASS = "kafka.Kafka"
 STORAGE_TOOL_CLASS = "kafka.tools.StorageTool"
@@ -278,6 +281,10 @@ class LocalKafka:
     def pid_path(self) -> Path:
         return self.data_dir / "kafka.pid"
 
+    @property
+    def _pending_archive(self) -> Path:
+        return self.data_dir / "classes.jsa.pending"
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -295,10 +302,12 @@ class LocalKafka:
         self.properties_path.write_text(self.config.render())
         log4j = self.data_dir / "log4j2.properties"
         log4j.write_text(_LOG4J2_PROPERTIES)
+        archive = ClassDataArchive(_java(), libs)
         if not (self.config.log_dir / "meta.properties").exists():
-            self._format(libs, log4j)
+            self._format(libs, log4j, archive)
         command = [
             _java(), *HEAP_OPTS, "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            *archive.jvm_options(self._pending_archive),
             f"-Dlog4j2.configurationFile={log4j}",
             "-cp", str(libs / "*"), MAIN_CLASS, str(self.properties_path),
         ]
@@ -327,10 +336,15 @@ class LocalKafka:
             return False
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        if not self._wait_for_exit(pid, timeout_s):
+        if self._wait_for_exit(pid, timeout_s):
+            # A clean exit is the only moment a class-data archive it dumped is complete.
+            with contextlib.suppress(KafkaError, OSError, subprocess.SubprocessError):
+                ClassDataArchive(_java(), libs_dir(self.version)).adopt(self._pending_archive)
+        else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             self._wait_for_exit(pid, 10.0)
+        self._pending_archive.unlink(missing_ok=True)
         self.pid_path.unlink(missing_ok=True)
         self._process = None
         return True
@@ -372,10 +386,10 @@ class LocalKafka:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _format(self, libs: Path, log4j: Path) -> None:
+    def _format(self, libs: Path, log4j: Path, archive: ClassDataArchive) -> None:
         command = [
             # A short-lived tool: the C1 compiler alone starts it noticeably faster.
-            _java(), "-Xmx256m", "-XX:TieredStopAtLevel=1",
+            _java(), "-Xmx256m", "-XX:TieredStopAtLevel=1", *archive.reader_options(),
             f"-Dlog4j2.configurationFile={log4j}",
             "-cp", str(libs / "*"), STORAGE_TOOL_CLASS, "format",
             "--cluster-id", random_cluster_id(), "--config", str(self.properties_path),

@@ -105,6 +105,9 @@ def test_second_broker_restarts_with_its_topics_and_stops_cleanly(tmp_path: Path
                     controller_port=kafka.config.controller_port) as again:
         topics = AdminClient({"bootstrap.servers": again.bootstrap}).list_topics(timeout=10).topics
         assert "kept" in topics
+        # The first clean stop left a class-data archive (if none existed); this start maps it.
+        cmdline = Path(f"/proc/{again.running_pid()}/cmdline").read_bytes().split(b"\0")
+        assert any(arg.startswith(b"-XX:SharedArchiveFile=") for arg in cmdline)
 
 
 def test_start_refuses_a_port_in_use(tmp_path: Path) -> None:
