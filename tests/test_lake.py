@@ -236,11 +236,11 @@ def test_readers_never_see_duplicates_or_gaps_while_compacting(tmp_path: Path) -
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        compact(tmp_path, grace_s=0.3)
+        compact(tmp_path, grace_s=1.5)  # readers must query while inputs and merge coexist
     finally:
         stop.set()
         reader.join(30)
-    assert counts and all(c == (expected, expected) for c in counts)
+    assert len(counts) >= 3 and all(c == (expected, expected) for c in counts)
 
 
 def test_query_command_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
