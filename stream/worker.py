@@ -478,8 +478,17 @@ class ScoreStage(_Stage):
         spec = self.config.detectors[index]
         payload = part.stored.pop(tsid, None)
         if payload is not None:
-            snapshot = decode_snapshot(payload)
-            series = Series.from_snapshot(snapshot, tsid, index, spec, part.number, self.max_fill)
+            try:
+                snapshot = decode_snapshot(payload)
+                series = Series.from_snapshot(
+                    snapshot, tsid, index, spec, part.number, self.max_fill
+                )
+            except Exception as error:
+                # Starting the series afresh would silently send it back to LEARNING.
+                raise WorkerError(
+                    f"the snapshot of series {tsid} ({self.config.topics.state} partition "
+                    f"{part.number}) cannot be restored: {error}"
+                ) from error
             series.skip_below = snapshot.offset
         else:
             try:

@@ -111,8 +111,9 @@ def test_replayed_file_scores_equal_backtest(kafka_bootstrap: str, tmp_path: Pat
         assert record["anomalyConfidenceScore"] == pytest.approx(
             float(row["anomalyConfidenceScore"]), abs=1e-9)
         assert record["expectedValue"] == pytest.approx(float(row["expectedValue"]), abs=1e-9)
+    # Not a trivial comparison: both stages occur and the scores vary.
     assert {r["modelStage"] for r in series} == {"LEARNING", "INFERENCE"}
-    assert any(r["anomalyDecision"] == 1 for r in series)
+    assert len({r["anomalyScore"] for r in series if r["anomalyScore"] > 0}) > 20
 
 
 def reference_scores(points: dict[str, list[tuple[int, float]]]) -> dict[str, list[float]]:
