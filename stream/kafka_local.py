@@ -233,7 +233,11 @@ class LocalKafka:
 
     Unless ``detach`` is set, the broker gets SIGTERM when the process that started it dies, so a
     test run killed by a timeout or ``kill -9`` leaves no JVM behind; ``anomstream kafka up``
-    detaches because its broker must outlive the command.
+    detaches because its broker must outlive the command. (Linux sends it when the *thread* that
+    called ``start()`` ends, so call it from a thread that lives as long as the broker should.)
+
+    ``class_data_sharing`` maps (or, the first time, dumps) a class-data archive; see
+    ``stream/jvm_cds.py``. Turning it off is for comparing start costs.
     """
 
     def __init__(
@@ -245,6 +249,7 @@ class LocalKafka:
         version: str = KAFKA_VERSION,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
         detach: bool = False,
+        class_data_sharing: bool = True,
     ) -> None:
         if port == controller_port:
             raise KafkaError(f"broker and controller need different ports (both are {port})")
@@ -253,6 +258,7 @@ class LocalKafka:
         self.version = version
         self.start_timeout_s = start_timeout_s
         self.detach = detach
+        self.class_data_sharing = class_data_sharing
         self._process: subprocess.Popen[bytes] | None = None
 
     @classmethod
@@ -302,12 +308,12 @@ class LocalKafka:
         self.properties_path.write_text(self.config.render())
         log4j = self.data_dir / "log4j2.properties"
         log4j.write_text(_LOG4J2_PROPERTIES)
-        archive = ClassDataArchive(_java(), libs)
+        archive = ClassDataArchive(_java(), libs) if self.class_data_sharing else None
         if not (self.config.log_dir / "meta.properties").exists():
             self._format(libs, log4j, archive)
         command = [
             _java(), *HEAP_OPTS, "-XX:+UseG1GC", "-Djava.awt.headless=true",
-            *archive.jvm_options(self._pending_archive),
+            *(archive.jvm_options(self._pending_archive) if archive else []),
             f"-Dlog4j2.configurationFile={log4j}",
             "-cp", str(libs / "*"), MAIN_CLASS, str(self.properties_path),
         ]
@@ -337,7 +343,8 @@ class LocalKafka:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         if self._wait_for_exit(pid, timeout_s):
-            # A clean exit is the only moment a class-data archive it dumped is complete.
+            # Only after a clean exit is an archive the JVM dumped complete. (Without class-data
+            # sharing nothing was dumped and adopt() finds no file.)
             with contextlib.suppress(KafkaError, OSError, subprocess.SubprocessError):
                 ClassDataArchive(_java(), libs_dir(self.version)).adopt(self._pending_archive)
         else:
@@ -386,10 +393,11 @@ class LocalKafka:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _format(self, libs: Path, log4j: Path, archive: ClassDataArchive) -> None:
+    def _format(self, libs: Path, log4j: Path, archive: ClassDataArchive | None) -> None:
         command = [
             # A short-lived tool: the C1 compiler alone starts it noticeably faster.
-            _java(), "-Xmx256m", "-XX:TieredStopAtLevel=1", *archive.reader_options(),
+            _java(), "-Xmx256m", "-XX:TieredStopAtLevel=1",
+            *(archive.reader_options() if archive else []),
             f"-Dlog4j2.configurationFile={log4j}",
             "-cp", str(libs / "*"), STORAGE_TOOL_CLASS, "format",
             "--cluster-id", random_cluster_id(), "--config", str(self.properties_path),
