@@ -329,7 +329,9 @@ def main() -> int:
     _print(report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"saved {args.out}")
+    plot = Path(args.out).with_suffix(".png")
+    _plot(report, plot)
+    console.print(f"saved {args.out} and {plot}")
     return 0
 
 
@@ -368,6 +370,30 @@ def _print(report: dict[str, Any]) -> None:
         f"load average {report['load_average_before'][0]:.1f} -> "
         f"{report['load_average_after'][0]:.1f} on {report['cpus']} CPUs"
     )
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    """Query times per analyst question, small hourly files vs compacted day."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(QUERIES)
+    hourly = [report["queries_hourly_files"][n]["median_s"] for n in names]
+    compacted = [report["queries_compacted"][n]["median_s"] for n in names]
+    y = np.arange(len(names))
+    figure, axes = plt.subplots(figsize=(8, 3.5))
+    axes.barh(y + 0.2, hourly, 0.4, label="hourly sink files")
+    axes.barh(y - 0.2, compacted, 0.4, label="after compaction")
+    axes.set_yticks(y, names)
+    axes.invert_yaxis()
+    axes.set_xlabel("median seconds (held connection)")
+    axes.set_title(f"Lake queries over one day, {report['day_rows']:,} rows")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":
