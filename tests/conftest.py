@@ -3,10 +3,14 @@
 One broker serves the whole test session (starting a JVM per test would dominate the run);
 tests stay independent by working on their own uniquely named topics from ``topic_factory``.
 Mark tests that use these fixtures with ``@pytest.mark.kafka``.
+
+To skip the broker start while iterating, run one with ``anomstream kafka up`` and point the
+tests at it: ``ANOMSTREAM_TEST_BOOTSTRAP=127.0.0.1:9092 .venv/bin/pytest ...``.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 
@@ -21,6 +25,10 @@ TopicFactory = Callable[..., str]
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``"127.0.0.1:<port>"`` of a broker started for this session on free ports."""
+    external = os.environ.get("ANOMSTREAM_TEST_BOOTSTRAP")
+    if external:
+        yield external
+        return
     data_dir = tmp_path_factory.mktemp("kafka")
     broker_port = free_port()
     controller_port = free_port()

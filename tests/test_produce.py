@@ -79,6 +79,25 @@ def test_parquet_with_several_measures_renamed_and_epoch_times(
 
 
 @pytest.mark.kafka
+def test_a_missing_topic_is_created_with_the_asked_partitions(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    source = tmp_path / "cpu.csv"
+    source.write_text(CSV)
+    topic = f"produce-creates-{free_port()}-{tmp_path.name}"
+
+    code = main(["produce", str(source), "--topic", topic, "--bootstrap", kafka_bootstrap,
+                 "--partitions", "3", "--key-field", "host", "--dimension-column", "host"])
+
+    assert code == 0
+    metadata = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(topic, timeout=10)
+    assert len(metadata.topics[topic].partitions) == 3
+    assert len(consume_all(kafka_bootstrap, topic)) == 4
+
+
+@pytest.mark.kafka
 @pytest.mark.parametrize(
     ("content", "options", "expected"),
     [

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed", type=float, default=0.0,
                         help="replay FACTOR times faster than the timestamps' gaps; 0 = as fast "
                         "as possible (default)")
+    parser.add_argument("--partitions", type=int, default=1,
+                        help="partitions if the topic has to be created (default 1; an existing "
+                        "topic is left as it is)")
     parser.add_argument("--bootstrap", default=None,
                         help="Kafka bootstrap servers (default: $ANOMSTREAM_BOOTSTRAP or "
                         "127.0.0.1:9092)")
@@ -56,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         send_records,
     )
 
+    if args.partitions < 1:
+        raise CliError(f"--partitions must be at least 1, not {args.partitions}")
     if args.speed < 0:
         raise CliError(f"--speed must be 0 (no pacing) or positive, not {args.speed}")
     value_columns = tuple(args.value_columns or ["value"])
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         )
         spec.check()
         records = build_records(read_table(args.input), spec, str(args.input))
-        _check_reachable(bootstrap)
+        _prepare_topic(bootstrap, args.topic, args.partitions)
         console = Console(stderr=True)
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn())
@@ -105,14 +110,23 @@ def _constants(pairs: list[str]) -> dict[str, str]:
     return constants
 
 
-def _check_reachable(bootstrap: str) -> None:
-    """Fail in seconds with a clear message instead of queueing into an unreachable cluster."""
+def _prepare_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    """Fail in seconds on an unreachable cluster (instead of queueing records into it until the
+    delivery timeout), and create the topic if it is missing rather than rely on auto-creation."""
     from confluent_kafka.admin import AdminClient
 
     from stream.cli import CliError
+    from stream.kafka_io import create_topics
 
     try:
-        AdminClient({"bootstrap.servers": bootstrap, "log_level": 0}).list_topics(timeout=10)
+        metadata = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0}).list_topics(
+            timeout=10
+        )
     except Exception as error:  # any client error here means we cannot produce
         raise CliError(f"cannot reach Kafka at {bootstrap} ({error}); start one with "
                        "`anomstream kafka up` or pass --bootstrap") from error
+    if topic not in metadata.topics:
+        try:
+            create_topics(bootstrap, [topic], partitions=partitions, timeout_s=30)
+        except Exception as error:  # KafkaException, TimeoutError: both mean "cannot create"
+            raise CliError(f"cannot create topic {topic!r} on {bootstrap}: {error}") from error
