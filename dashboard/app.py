@@ -12,9 +12,12 @@ Configuration comes from the environment (``streamlit run`` passes no arguments 
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,6 +53,7 @@ TABLE_KEY = "anomaly_table"
 TABLE_IDS_KEY = "anomaly_table_ids"
 HEATMAP_KEY = "heatmap"
 URL_READ_KEY = "url_read"
+RETRIED_KEY = "retried_after_lake_change"
 
 
 class LakeReader:
@@ -69,6 +73,11 @@ class LakeReader:
         self._connection = connect(lake_dir)
         self._version = 0
         self._listed_at = time.monotonic()
+
+    def relist_now(self) -> None:
+        """Make the next snapshot list the lake again, however recent the last listing."""
+        with self._lock:
+            self._listed_at = -math.inf
 
     def snapshot(self) -> Snapshot:
         with self._lock:
@@ -180,6 +189,31 @@ def main() -> None:
     st.set_page_config(page_title="anomstream · risk desk", page_icon="📈", layout="wide")
     lake_dir, refresh_seconds = settings()
     reader = lake_reader(str(lake_dir), refresh_seconds)
+    with lake_changes(reader):
+        page(reader, lake_dir, refresh_seconds)
+
+
+@contextmanager
+def lake_changes(reader: LakeReader) -> Iterator[None]:
+    """Survive a file vanishing under a query: list the lake again and run once more.
+
+    The compactor deletes the small files it merged once its grace period is over; a page
+    whose listing is older than that reads a file that is gone. A second failure in a row is
+    not that, and is shown as it is.
+    """
+    try:
+        yield
+        st.session_state.pop(RETRIED_KEY, None)
+    except duckdb.IOException as error:
+        reader.relist_now()
+        if st.session_state.pop(RETRIED_KEY, False):
+            st.error(f"Cannot read the lake at `{reader.lake_dir}`: {error}")
+            return
+        st.session_state[RETRIED_KEY] = True
+        st.rerun()  # the whole page: a fragment-scoped rerun is refused on full runs
+
+
+def page(reader: LakeReader, lake_dir: Path, refresh_seconds: float) -> None:
     lake = reader.snapshot().extent()
     if lake.rows == 0:
         empty_lake_page(reader, refresh_seconds)
@@ -283,6 +317,11 @@ def sidebar(
 
 def panels(reader: LakeReader, filters: Filters, catalog: pd.DataFrame) -> None:
     """Everything below the title: re-run alone on each live tick and on its own widgets."""
+    with lake_changes(reader):
+        draw_panels(reader, filters, catalog)
+
+
+def draw_panels(reader: LakeReader, filters: Filters, catalog: pd.DataFrame) -> None:
     lake_now = reader.snapshot()
     lake = lake_now.extent()
     if filters.start is None and filters.end is None:

@@ -175,3 +175,22 @@ def test_empty_or_missing_lake_gives_a_helpful_page(
     assert ("holds no results yet" if kind == "empty" else "does not exist") in shown
     assert "anomstream sink" in shown
     assert not at.metric and not at.dataframe
+
+
+def test_a_file_compacted_away_under_the_page_is_survived(
+    tmp_path: Path, page: Callable[[Path], AppTest]
+) -> None:
+    lake = small_lake(tmp_path / "lake")
+    at = page(lake.lake_dir).run()
+    assert not at.exception
+    # The compactor's grace period is over: a file the page's listing still names is gone.
+    gone = sorted(lake.lake_dir.rglob("*.parquet"))[0]
+    gone.unlink()
+    at.number_input(key="min_score").set_value(50.0).run()  # a new question: no cached answer
+    assert not at.exception and not at.error
+    (flagged,) = direct_one(
+        lake.lake_dir,
+        "SELECT count(*) FROM files WHERE anomalyDecision = 1 AND anomalyScore >= 50",
+    )
+    assert len(at.dataframe[0].value) == flagged
+    assert any(f"{flagged} flagged intervals" in c.value for c in at.caption)
