@@ -1,6 +1,6 @@
 """Class-data sharing (AppCDS) for the local Kafka JVM: start it on ~40% less CPU.
 
-A JVM spends most of the broker's start parsing and verifying classes from 45 jars. Java 17 can
+A JVM spends most of the broker's start parsing and verifying classes from 46 jars. Java 17 can
 dump the classes a run loaded into an archive (``-XX:ArchiveClassesAtExit``) and map that archive
 into later runs (``-XX:SharedArchiveFile``). On our shared 2-core machines this took the broker's
 CPU time until serving from about 5 s to about 3 s.

@@ -32,6 +32,7 @@ from stream.jvm_cds import ClassDataArchive
 KAFKA_VERSION = "4.3.1"
 # Kafka's own artifacts bring log4j-core but no SLF4J binding; without this the broker logs nothing.
 LOG4J_VERSION = "2.25.4"
+DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 DEFAULT_PORT = 9092
 DEFAULT_CONTROLLER_PORT = 9093
 DEFAULT_START_TIMEOUT_S = 120.0
@@ -140,13 +141,17 @@ def ensure_jars(version: str = KAFKA_VERSION, *, quiet: bool = True) -> Path:
         if (target / _FETCHED_MARKER).exists():
             return target
         work = target.parent / f"fetch-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
+        # Leftovers of fetches killed midway (we hold the lock, so none of them is still running).
+        for stale in target.parent.glob("fetch-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         work.mkdir(parents=True)
         pom = work / "pom.xml"
         pom.write_text(_POM_TEMPLATE.format(kafka=version, log4j=LOG4J_VERSION))
         command = [
             mvn, "-B", "--strict-checksums", "-f", str(pom),
-            "dependency:copy-dependencies",
+            # Pinned plugin: Maven's built-in default differs between Maven releases.
+            f"org.apache.maven.plugins:maven-dependency-plugin:{DEPENDENCY_PLUGIN_VERSION}"
+            ":copy-dependencies",
             f"-DoutputDirectory={work / 'libs'}", "-DincludeScope=runtime",
         ]
         if quiet:
