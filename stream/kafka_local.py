@@ -163,6 +163,8 @@ def ensure_jars(version: str = KAFKA_VERSION, *, quiet: bool = True) -> Path:
             raise KafkaError(f"fetching Kafka {version} with mvn failed:\n{tail}")
         (work / "libs" / _FETCHED_MARKER).write_text(version + "\n")
         shutil.rmtree(target, ignore_errors=True)
+        # Class-data archives record the jars' mtimes; ones made from replaced jars never map.
+        shutil.rmtree(target.parent / "cds", ignore_errors=True)
         (work / "libs").rename(target)
         shutil.rmtree(work, ignore_errors=True)
     return target
