@@ -233,7 +233,8 @@ def empty_lake_page(reader: LakeReader, refresh_seconds: float) -> None:
         st.info(f"The lake at `{reader.lake_dir}` holds no results yet.")
     st.markdown(
         "Results appear here once the Parquet sink has written its first file:\n\n"
-        f"1. run the detectors and the sink, e.g. `anomstream sink --lake {reader.lake_dir}`;\n"
+        "1. run the detectors and the sink, e.g. "
+        f"`anomstream sink parquet --out {reader.lake_dir}`;\n"
         "2. or point the dashboard at another lake: `anomstream dashboard --lake DIR`.\n\n"
         f"This page checks the lake again every {refresh_seconds:g} s."
     )

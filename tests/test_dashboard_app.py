@@ -173,7 +173,7 @@ def test_empty_or_missing_lake_gives_a_helpful_page(
     shown = " ".join(e.value for e in [*at.info, *at.warning, *at.markdown])
     assert str(lake_dir) in shown
     assert ("holds no results yet" if kind == "empty" else "does not exist") in shown
-    assert "anomstream sink" in shown
+    assert f"anomstream sink parquet --out {lake_dir}" in shown
     assert not at.metric and not at.dataframe
 
 
