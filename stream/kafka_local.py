@@ -33,6 +33,8 @@ KAFKA_VERSION = "4.3.1"
 # Kafka's own artifacts bring log4j-core but no SLF4J binding; without this the broker logs nothing.
 LOG4J_VERSION = "2.25.4"
 DEPENDENCY_PLUGIN_VERSION = "3.8.1"
+# About 45 MB; minutes would mean a stalled connection, not a slow one.
+FETCH_TIMEOUT_S = 600.0
 DEFAULT_PORT = 9092
 DEFAULT_CONTROLLER_PORT = 9093
 DEFAULT_START_TIMEOUT_S = 120.0
@@ -156,7 +158,13 @@ def ensure_jars(version: str = KAFKA_VERSION, *, quiet: bool = True) -> Path:
         ]
         if quiet:
             command.insert(1, "-q")
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                    timeout=FETCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired as error:
+            shutil.rmtree(work, ignore_errors=True)
+            raise KafkaError(f"fetching Kafka {version} with mvn took over "
+                             f"{FETCH_TIMEOUT_S:.0f} s; is Maven Central reachable?") from error
         if result.returncode != 0 or not any((work / "libs").glob(f"kafka_2.13-{version}.jar")):
             tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
             shutil.rmtree(work, ignore_errors=True)
@@ -410,7 +418,12 @@ class LocalKafka:
             "--cluster-id", random_cluster_id(), "--config", str(self.properties_path),
             "--ignore-formatted",
         ]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                    timeout=self.start_timeout_s)
+        except subprocess.TimeoutExpired as error:
+            raise KafkaError(f"formatting KRaft storage in {self.config.log_dir} took over "
+                             f"{self.start_timeout_s:.0f} s") from error
         if result.returncode != 0:
             raise KafkaError(
                 f"formatting KRaft storage in {self.config.log_dir} failed "
