@@ -17,7 +17,6 @@ they are quoted into SQL. No Streamlit here, so each query is unit-tested and be
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -25,7 +24,20 @@ import duckdb
 import pandas as pd
 
 DIMENSION_PREFIX = "dim_"
-_DIMENSION_COLUMN = re.compile(r"^dim_[A-Za-z0-9_.\-]+$")
+
+def quote_name(name: str) -> str:
+    """A column name as an SQL identifier: dimension names come from the records, so anything.
+
+    >>> print(quote_name('dim_a"b'))
+    "dim_a""b"
+    """
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_text(text: str) -> str:
+    """A string as an SQL literal (values are bound as parameters; this is for names only)."""
+    return "'" + text.replace("'", "''") + "'"
+
 
 def label_sql(dimension_columns: list[str]) -> str:
     """SQL for "detector · measure · name=value, name=value", the name of a series on the page.
@@ -35,7 +47,8 @@ def label_sql(dimension_columns: list[str]) -> str:
     the rest of a catalog query.
     """
     pairs = ", ".join(
-        f"""CASE WHEN "{c}" IS NOT NULL THEN '{c[len(DIMENSION_PREFIX):]}=' || "{c}" END"""
+        f"CASE WHEN {quote_name(c)} IS NOT NULL "
+        f"THEN {quote_text(c.removeprefix(DIMENSION_PREFIX) + '=')} || {quote_name(c)} END"
         for c in dimension_columns
     )
     dims = f" || ' · ' || concat_ws(', ', {pairs})" if pairs else ""
@@ -64,9 +77,9 @@ class Filters:
         for column, values in self.dimensions:
             if not values:
                 continue
-            if not _DIMENSION_COLUMN.match(column) or column not in known_columns:
+            if not column.startswith(DIMENSION_PREFIX) or column not in known_columns:
                 raise ValueError(f"unknown dimension column {column!r}")
-            clauses.append(f'"{column}" IN ({_marks(values)})')
+            clauses.append(f"{quote_name(column)} IN ({_marks(values)})")
             params += values
         return " AND ".join(clauses) or "true", params
 
@@ -129,7 +142,7 @@ def series_catalog(con: duckdb.DuckDBPyConnection, filters: Filters) -> pd.DataF
     """
     dims = dimension_columns(con)
     where, params = filters.series_sql(set(dims))
-    dim_select = "".join(f', any_value("{d}") AS "{d}"' for d in dims)
+    dim_select = "".join(f", any_value({quote_name(d)}) AS {quote_name(d)}" for d in dims)
     return _frame(
         con,
         f"""SELECT timeseriesId, {label_sql(dims)} AS label, * EXCLUDE (timeseriesId)

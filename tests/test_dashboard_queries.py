@@ -14,6 +14,9 @@ from dashboard.app import LakeReader
 from dashboard.fixtures import LakeSummary, build_lake, series_specs
 from dashboard.queries import Filters
 from sinks.lake import connect
+from sinks.lake_files import publish_sink_file
+from sinks.result_table import parse_results
+from stream.records import dimension_list, encode, format_time, timeseries_id
 from tests.dashboard_support import direct, direct_one, small_lake
 
 START_NEXT_DAY = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
@@ -189,3 +192,37 @@ def test_lake_reader_moves_to_a_new_version_only_when_files_change(tmp_path: Pat
     second = reader.snapshot()
     assert second.key != first.key
     assert queries.extent(second.con).last == later.last_start
+
+
+def test_dimension_names_from_the_records_are_quoted_not_trusted(tmp_path: Path) -> None:
+    """Dimension names are data: quotes and spaces in them must neither break nor bend SQL.
+
+    (A double quote in a name is quoted here too, see ``quote_name``, but ``sinks.lake``'s own
+    ``series`` view cannot be created over such a lake yet.)
+    """
+    odd = {"data centre": "eu'1", "it's": "x y"}
+    records = [
+        {
+            "detectorName": "cpu", "measure": "util",
+            "timeseriesId": timeseries_id("cpu", "util", odd),
+            "dimensionList": dimension_list(odd), "aggregatedMeasureValue": 1.0 + i,
+            "anomalyScore": 80.0 + i, "anomalyDecisionThreshold": 70.0, "anomalyDecision": 1,
+            "anomalyConfidenceScore": 90.0, "modelStage": "INFERENCE", "expectedValue": 1.0,
+            "processedDataPoints": i + 1,
+            "detectionPeriodStartTime": format_time(1_763_600_000 + 60 * i),
+            "detectionPeriodEndTime": format_time(1_763_600_060 + 60 * i),
+        }
+        for i in range(3)
+    ]
+    batch = parse_results([encode(r) for r in records], partition=0, offsets=[0, 1, 2])
+    assert batch.rejected == []
+    publish_sink_file(tmp_path, "results", 0, "2025-11-20", batch.table)
+    con = connect(tmp_path)
+    columns = queries.dimension_columns(con)
+    assert columns == ["dim_data centre", "dim_it's"]
+    catalog = queries.series_catalog(con, Filters())
+    assert catalog["label"].tolist() == ["cpu · util · data centre=eu'1, it's=x y"]
+    chosen = Filters(dimensions=(("dim_data centre", ("eu'1",)), ("dim_it's", ("x y",))))
+    assert queries.anomalies(con, chosen, 10).total == 3
+    assert queries.kpis(con, chosen).series == 1
+    assert queries.heatmap(con, chosen, 5)["maxScore"].max() == 82.0
