@@ -51,7 +51,8 @@ def label_sql(dimension_columns: list[str]) -> str:
         f"THEN {quote_text(c.removeprefix(DIMENSION_PREFIX) + '=')} || {quote_name(c)} END"
         for c in dimension_columns
     )
-    dims = f" || ' · ' || concat_ws(', ', {pairs})" if pairs else ""
+    # A series without dimensions (all NULL here) ends at its measure, without a dangling " · ".
+    dims = f" || coalesce(' · ' || nullif(concat_ws(', ', {pairs}), ''), '')" if pairs else ""
     return f"detectorName || ' · ' || measure{dims}"
 
 

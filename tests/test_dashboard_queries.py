@@ -214,14 +214,16 @@ def test_dimension_names_from_the_records_are_quoted_not_trusted(tmp_path: Path)
         }
         for i in range(3)
     ]
-    batch = parse_results([encode(r) for r in records], partition=0, offsets=[0, 1, 2])
+    plain = {**records[0], "timeseriesId": timeseries_id("cpu", "util", {}), "dimensionList": []}
+    records.append(plain)
+    batch = parse_results([encode(r) for r in records], partition=0, offsets=[0, 1, 2, 3])
     assert batch.rejected == []
     publish_sink_file(tmp_path, "results", 0, "2025-11-20", batch.table)
     con = connect(tmp_path)
     columns = queries.dimension_columns(con)
     assert columns == ["dim_data centre", "dim_it's"]
     catalog = queries.series_catalog(con, Filters())
-    assert catalog["label"].tolist() == ["cpu · util · data centre=eu'1, it's=x y"]
+    assert catalog["label"].tolist() == ["cpu · util", "cpu · util · data centre=eu'1, it's=x y"]
     chosen = Filters(dimensions=(("dim_data centre", ("eu'1",)), ("dim_it's", ("x y",))))
     assert queries.anomalies(con, chosen, 10).total == 3
     assert queries.kpis(con, chosen).series == 1
