@@ -23,7 +23,7 @@ class DetectorConfig:
     bounding_box_cache_fraction: float = 0.0
     seed: int = 0
     # Daily-seasonal residual: compare with the same time of day over this many past days.
-    seasonal_days: int = 3
+    seasonal_days: int = 8
     # Calibration of the raw score (see detectors/calibration.py).
     score_window: int = 3
     score_decay: float = 0.001
