@@ -15,7 +15,11 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard import LAKE_ENV, REFRESH_ENV
 from dashboard.fixtures import LakeSummary
+from sinks.lake_files import publish_sink_file
+from sinks.result_table import parse_results
+from stream.records import encode
 from tests.dashboard_support import direct, direct_one, small_lake
+from tests.lake_data import stream_of_results
 
 APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
 TIMEOUT = 60
@@ -194,3 +198,26 @@ def test_a_file_compacted_away_under_the_page_is_survived(
     )
     assert len(at.dataframe[0].value) == flagged
     assert any(f"{flagged} flagged intervals" in c.value for c in at.caption)
+
+
+def test_page_over_records_as_the_sink_writes_them_with_extra_fields(
+    tmp_path: Path, page: Callable[[Path], AppTest]
+) -> None:
+    """Records parsed by the sink's own parser, with fields the dashboard does not know."""
+    rows = list(
+        stream_of_results(7, 40, extra={"rawScore": 0.42, "attribution": [0.25, 0.75]})
+    )
+    batch = parse_results([encode(r) for r in rows], partition=0, offsets=range(len(rows)))
+    assert batch.rejected == []
+    publish_sink_file(tmp_path, "results", 0, "2026-11-20", batch.table)
+    at = page(tmp_path).run()
+    assert not at.exception
+    flagged = sum(r["anomalyDecision"] for r in rows)
+    assert metrics(at) == {
+        "Series tracked": "7",
+        "Data points processed": "280",
+        "Anomalies in range": str(flagged),
+        "Mean confidence": "78.0",
+    }
+    # Series 0 and 5 carry a third dimension: the filters offer it.
+    assert "dim_gpu" in [w.key for w in at.multiselect]
