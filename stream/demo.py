@@ -12,9 +12,9 @@ carries one advancing stream of detection times. The hourly bookstore feed stays
 demo: at its hourly cadence it would need hours of replay to get past the detectors' warm-up;
 ``anomstream generate bookstore --evaluate`` shows it.
 
-The alert rule pages when 3 of the last 4 intervals of a series score 80 or more, once the
-series' model has 60 % confidence: single-interval blips of noisy series stay quiet while the
-injected bursts, jumps and outages (which last several intervals) page.
+The alert rule pages on the detector's own decision (``anomalyDecision``: the record's score
+against the record's threshold), one interval being enough, since the detector reports each
+anomaly once.
 """
 
 from __future__ import annotations
@@ -58,14 +58,13 @@ OPS_DETECTORS: tuple[DetectorRow, ...] = (
     ("ops-tflops", "effective_tflops", ("job",), {"entity": "job"}, "avg"),
     ("ops-grad-norm", "grad_norm", ("job", "layer"), {"entity": "layer"}, "last"),
 )
+# The detector reports each anomaly once (a calibrated grade, not a raw score that stays high),
+# so the alert follows its decision: the record's own threshold, one interval is enough.
 ALERT_RULE: dict[str, Any] = {
     "name": "demo-anomalies",
     "detectors": ["*"],
-    "enter_threshold": 80,
-    "exit_threshold": 60,
-    "fire_after": {"m": 3, "n": 4},
+    "fire_after": {"m": 1, "n": 1},
     "resolve_after": 3,
-    "min_confidence": 60,
     "severity": "warning",
     "repeat_interval": "1d",
 }
