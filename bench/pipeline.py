@@ -237,6 +237,12 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
                 time.sleep(0.1)
         reader.wait_count(expected, 10)
         pipeline_s = reader.last_at - ready_at
+        during = worker.metrics()
+        commits = {
+            stage: (metric_value(during, f'anomstream_commit_seconds_sum{{stage="{stage}"}}'),
+                    metric_value(during, f'anomstream_commit_seconds_count{{stage="{stage}"}}'))
+            for stage in ("route", "score")
+        }
         pipeline_points = expected  # windows scored; the open last windows are scored later
 
         # Latency: steady rate, each point closes its series' previous window.
@@ -267,7 +273,11 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
 
         # Restore: let every partition checkpoint, then kill -9 with all series live.
         time.sleep(args.snapshot_interval + PARTITIONS + 2)
-        live = metric_value(worker.metrics(), "anomstream_live_series")
+        before_kill = worker.metrics()
+        live = metric_value(before_kill, "anomstream_live_series")
+        checkpoint_s = metric_value(before_kill, "anomstream_checkpoint_seconds_sum")
+        snapshots = metric_value(before_kill, 'anomstream_snapshots_total{cause="checkpoint"}')
+        snapshot_bytes = metric_value(before_kill, "anomstream_snapshot_bytes_total")
         worker.kill()
         before = reader.count
         restarted = WorkerRun(config_path, log)
@@ -306,6 +316,17 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         "latency_samples": len(latencies),
         "latency_p50_ms": round(pct(0.50), 2),
         "latency_p99_ms": round(pct(0.99), 2),
+        # The price of exactly-once during the throughput phase: time inside transaction
+        # commits (each stage commits every commit_interval while it has work).
+        "commits_during_throughput": {
+            stage: {"count": int(count), "mean_ms": round(1000 * total / count, 2) if count
+                    else None, "share_of_wall_time": round(total / pipeline_s, 3)}
+            for stage, (total, count) in commits.items()
+        },
+        "checkpoint_snapshots": int(snapshots),
+        "checkpoint_ms_per_series": round(1000 * checkpoint_s / snapshots, 3) if snapshots
+        else None,
+        "snapshot_bytes_per_series": round(snapshot_bytes / snapshots) if snapshots else None,
         "live_series_at_kill": live,
         "restore_to_ready_s": round(ready_after, 3),
         "restore_to_all_series_scoring_s": round(first_results_after, 3),

@@ -65,6 +65,19 @@ class WorkerMetrics:
         self.transactions = Counter(
             "anomstream_transactions", "Kafka transactions", ["stage", "outcome"], registry=r
         )
+        self.commit_seconds = Histogram(
+            "anomstream_commit_seconds",
+            "Time to commit a transaction (offsets + commit), the price of exactly-once",
+            ["stage"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+            registry=r,
+        )
+        self.checkpoint_seconds = Histogram(
+            "anomstream_checkpoint_seconds", "Time to snapshot the dirty series of a partition",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), registry=r,
+        )
+        self.snapshot_bytes = Counter(
+            "anomstream_snapshot_bytes", "Bytes of series snapshots written", registry=r
+        )
         self.restore_seconds = Histogram(
             "anomstream_restore_seconds", "Time to restore assigned partitions from snapshots",
             registry=r,

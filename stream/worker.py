@@ -192,6 +192,7 @@ class _Stage:
         if not self.in_transaction:
             return
         offsets = self.offsets_to_commit()
+        began = time.perf_counter()
         try:
             if offsets:
                 self._retry(
@@ -211,6 +212,7 @@ class _Stage:
             self.aborted()
             return
         self.in_transaction = False
+        self.metrics.commit_seconds.labels(self.name).observe(time.perf_counter() - began)
         self.metrics.transactions.labels(self.name, "committed").inc()
         self.committed(offsets)
 
@@ -512,6 +514,7 @@ class ScoreStage(_Stage):
             self.produce(self.config.topics.state, payload, series.timeseries_id,
                          partition=part.number)
             self.metrics.snapshots.labels("eviction").inc()
+            self.metrics.snapshot_bytes.inc(len(payload))
         part.stored[series.timeseries_id] = payload
         del part.live[series.timeseries_id]
         del self.lru[series.timeseries_id]
@@ -550,12 +553,17 @@ class ScoreStage(_Stage):
     def _checkpoint(self, part: _Partition) -> None:
         state = self.config.topics.state
         offset = part.next_offset
+        began = time.perf_counter()
+        written = 0
         for series in part.live.values():
             if series.dirty:
-                self.produce(state, series.snapshot(offset), series.timeseries_id,
-                             partition=part.number)
+                payload = series.snapshot(offset)
+                self.produce(state, payload, series.timeseries_id, partition=part.number)
                 series.dirty = False
-                self.metrics.snapshots.labels("checkpoint").inc()
+                written += 1
+                self.metrics.snapshot_bytes.inc(len(payload))
+        self.metrics.snapshots.labels("checkpoint").inc(written)
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - began)
         self.produce(state, encode_checkpoint(offset), CHECKPOINT_KEY,
                      partition=part.number)
         part.checkpoint_offset = offset
@@ -579,7 +587,10 @@ class ScoreStage(_Stage):
         # The models are ahead of what Kafka now holds: rebuild them exactly as after a restart.
         numbers = sorted(self.partitions)
         self._drop(numbers)
-        self._assign_restored(numbers)
+        self._restore(numbers)
+        topic = self.config.topics.repartition
+        for n in numbers:
+            self.consumer.seek(TopicPartition(topic, n, self.partitions[n].next_offset))
 
     def tick(self) -> None:
         now = time.monotonic()
