@@ -148,10 +148,10 @@ def _list_once(lake: Path) -> list[LakeFile]:
         if not match or not entry.is_dir():
             continue
         try:
-            names = os.listdir(entry.path)
+            files = [f.name for f in os.scandir(entry.path) if f.is_file()]
         except FileNotFoundError:
             continue
-        for name in names:
+        for name in files:
             parsed = parse_name(match[1], Path(entry.path) / name)
             if parsed is not None:
                 found.append(parsed)

@@ -124,7 +124,6 @@ class PartitionBuffer:
     policy: RotationPolicy
     pieces: list[pa.Table] = field(default_factory=list)
     state: OpenFile | None = None
-    first_offset: int | None = None
     next_offset: int | None = None  # after the last record consumed (parsed or rejected)
 
     def add(self, table: pa.Table, next_offset: int) -> list[pa.Table]:
@@ -142,8 +141,6 @@ class PartitionBuffer:
             closed.append(self._take())
             start = cut
         self.pieces.append(table.slice(start))
-        if self.first_offset is None:
-            self.first_offset = int(self.pieces[0].column("kafkaOffset")[0].as_py())
         self.state = state
         return closed
 
@@ -157,14 +154,7 @@ class PartitionBuffer:
     def _take(self) -> pa.Table:
         table = concat(self.pieces) if len(self.pieces) > 1 else self.pieces[0]
         self.pieces = []
-        self.first_offset = None
         return table
-
-    def safe_offset(self) -> int | None:
-        """The offset up to which everything consumed is in the lake (or was dead-lettered)."""
-        if self.pieces:
-            return int(self.pieces[0].column("kafkaOffset")[0].as_py())
-        return self.next_offset
 
 
 @dataclass
@@ -280,9 +270,9 @@ class ParquetSink:
                 self._committed.pop(tp.partition, None)
                 self._at_end.discard(tp.partition)
 
-        def commit(partition: int) -> None:
-            buffer = self._buffers.get(partition)
-            offset = buffer.safe_offset() if buffer else None
+        def commit(partition: int, offset: int | None) -> None:
+            # Only ever the offset after a published file's last record, or after records that
+            # were consumed with nothing left buffered: never past a row not yet in the lake.
             if offset is None or offset <= self._committed.get(partition, -1):
                 return
             if producer is not None:
@@ -305,7 +295,7 @@ class ParquetSink:
                 table.column("kafkaOffset")[0].as_py(),
                 table.column("kafkaOffset")[-1].as_py(),
             )
-            commit(partition)
+            commit(partition, int(table.column("kafkaOffset")[-1].as_py()) + 1)
 
         consumer.subscribe(
             [config.topic], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_revoke
@@ -345,7 +335,7 @@ class ParquetSink:
                     for closed in buffer.add(parsed.table, batch[-1].offset() + 1):
                         publish(partition, closed)
                     if not buffer.pieces:
-                        commit(partition)
+                        commit(partition, buffer.next_offset)
                 if by_partition:
                     last_record = now
                     if self.stats.first_record_at is None:

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from sinks import lake
 from sinks.compact import compact
-from sinks.lake_files import list_files
+from sinks.lake_files import list_files, sink_file_name
 from sinks.parquet import ParquetSink, RotationPolicy, SinkConfig
 from stream import records
-from stream.kafka_io import consume_all, producer_config
+from stream.kafka_io import consume_all, consumer_config, producer_config
 from tests.lake_data import DAY0, result_record
 
 pytestmark = pytest.mark.kafka
@@ -92,11 +92,11 @@ def assert_lake_equals_topic(lake_dir: Path, bootstrap: str, topic: str) -> int:
     expected: dict[tuple[int, int], dict[str, Any]] = {}
     for message in consume_all(bootstrap, topic):
         try:
-            record = records.decode(message.value())
+            record = records.decode(message.value() or b"")
         except ValueError:
             continue
         if "detectionPeriodStartTime" in record:
-            expected[(message.partition(), message.offset())] = record
+            expected[(int(message.partition() or 0), int(message.offset() or 0))] = record
     rows = lake.query(lake_dir, "SELECT * FROM scores").to_pylist()
     keys = [(row["kafkaPartition"], row["kafkaOffset"]) for row in rows]
     assert len(keys) == len(set(keys)), "a record is in the lake twice"
@@ -146,7 +146,7 @@ def test_sink_writes_each_committed_record_once_and_resumes_from_the_lake(
     assert 0 < rows < len(good)  # aborted transactions are not in the lake
     assert {f.day for f in list_files(tmp_path)} == {"2026-11-20", "2026-11-21"}
     dead = consume_all(kafka_bootstrap, f"{topic}-parquet-dlq")
-    assert sorted(m.value() for m in dead) == sorted(bad)
+    assert sorted(m.value() or b"" for m in dead) == sorted(bad)
     assert all(dict(m.headers() or [])["error"] for m in dead)
     evolved = lake.query(
         tmp_path,
@@ -273,7 +273,7 @@ def test_lake_equals_topic_across_kill_9s_with_compaction_and_readers(
     compact(lake_dir, grace_s=0)
     assert assert_lake_equals_topic(lake_dir, kafka_bootstrap, topic) == rows
     assert len([f for f in list_files(lake_dir) if f.day == "2026-11-20"]) == 3
-    committed = [records.decode(m.value()) for m in consume_all(kafka_bootstrap, topic)]
+    committed = [records.decode(m.value() or b"") for m in consume_all(kafka_bootstrap, topic)]
     counts = lake.query(
         lake_dir,
         "SELECT (SELECT count(*) FROM scores) AS scores, (SELECT count(*) FROM anomalies) AS "
@@ -286,3 +286,35 @@ def test_lake_equals_topic_across_kill_9s_with_compaction_and_readers(
         "series": len({r["timeseriesId"] for r in committed}),
         "points": len(committed),
     }
+
+
+def test_a_crash_between_two_files_of_one_batch_never_commits_past_the_lake(
+    kafka_bootstrap: str, topic_factory: Any, tmp_path: Path
+) -> None:
+    topic = topic_factory("results", partitions=1)
+    produce_transactions(kafka_bootstrap, topic, [payloads(5, range(100), DAY0)])  # offsets 0-499
+    # A directory where the second file (offsets 100-199) must go makes its rename fail: the
+    # sink dies after publishing the first file of the batch, as a kill -9 there would.
+    obstacle = tmp_path / "dt=2026-11-20" / sink_file_name(topic, 0, 100)
+    (obstacle / "blocker").mkdir(parents=True)
+    config = SinkConfig(
+        lake=tmp_path,
+        topic=topic,
+        bootstrap=kafka_bootstrap,
+        group="crash",
+        policy=RotationPolicy(max_records=100, max_span_ms=86_400_000),
+        idle_flush_s=0.5,
+        stop_after_idle_s=2.0,
+    )
+    with pytest.raises(OSError):
+        ParquetSink(config).run()
+    consumer = Consumer(consumer_config(kafka_bootstrap, group_id="crash"))
+    try:
+        committed = consumer.committed([TopicPartition(topic, 0)], timeout=30)[0].offset
+    finally:
+        consumer.close()
+    assert committed == 100  # after the published file, not after the rows still in memory
+    (obstacle / "blocker").rmdir()
+    obstacle.rmdir()
+    ParquetSink(config).run()
+    assert assert_lake_equals_topic(tmp_path, kafka_bootstrap, topic) == 500
