@@ -2,8 +2,8 @@
 
 Loads the page over a fixture lake on 127.0.0.1, checks the KPIs against DuckDB, sees the chart
 and the table, changes a filter and sees the table change, opens a series by clicking a table
-row and through its ``?series=`` link, watches the live refresh pick up a newly published day,
-and saves screenshots (under the test's tmp dir and ``out/screenshots/``).
+row, a heat-map cell and through its ``?series=`` link, watches the live refresh pick up a newly
+published day, and saves screenshots (under the test's tmp dir and ``out/screenshots/``).
 """
 
 from __future__ import annotations
@@ -245,6 +245,17 @@ def test_risk_desk_in_chromium(
     )
     wait_for(browser, settled, "the page to settle")
     screenshot(browser, tmp_path / "dashboard-row-opened.png")
+
+    # Clicking a heat-map cell of the hottest series opens that series.
+    (hottest,) = direct_one(
+        lake.lake_dir,
+        "SELECT timeseriesId FROM files GROUP BY timeseriesId "
+        "ORDER BY max(anomalyScore) DESC, sum(anomalyDecision) DESC, timeseriesId LIMIT 1",
+    )
+    heat = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"]')[-1]
+    first_cell = heat.find_elements(By.CSS_SELECTOR, "g.mark-rect path")[0]  # rank 1 comes first
+    ActionChains(browser).move_to_element(first_cell).click().perform()
+    wait_for(browser, lambda d: f"series={hottest}" in d.current_url, "the heat map's series")
 
     # A link as alert messages carry it opens the series directly, in a fresh session.
     (linked, linked_flags, detector, dimensions) = direct_one(
