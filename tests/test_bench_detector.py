@@ -37,6 +37,8 @@ def test_quick_bench_saves_every_section(tmp_path: Path) -> None:
     latency = report["latency_us"]["all"]
     assert latency["calls"] == 2_000
     assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    cpu = report["latency_us"]["cpu_inference"]
+    assert 0 < cpu["calls"] < 2_000 and cpu["p50"] <= cpu["p99"]
     snapshot = report["snapshot"]
     assert snapshot["bytes"] > 0 and snapshot["restored_scores_identical"] is True
 
