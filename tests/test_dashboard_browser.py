@@ -1,13 +1,15 @@
 """The dashboard in a real browser: `anomstream dashboard` as a subprocess, headless Chromium.
 
 Loads the page over a fixture lake on 127.0.0.1, checks the KPIs against DuckDB, sees the chart
-and the table, changes a filter and sees the table change, opens a series by clicking a table
-row, a heat-map cell and through its ``?series=`` link, watches the live refresh pick up a newly
-published day, and saves screenshots (under the test's tmp dir and ``out/screenshots/``).
+and the table, changes a filter and sees the table change, exports CSV, opens a series by
+clicking a table row, a heat-map cell and through its ``?series=`` link, watches the live refresh
+pick up a newly published day, and saves screenshots (under the test's tmp dir and
+``out/screenshots/``).
 """
 
 from __future__ import annotations
 
+import csv
 import shutil
 import socket
 import subprocess
@@ -98,9 +100,20 @@ def server(lake: LakeSummary, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture
-def browser() -> Iterator[WebDriver]:
+def downloads(tmp_path: Path) -> Path:
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def browser(downloads: Path) -> Iterator[WebDriver]:
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
+    options.add_experimental_option(
+        "prefs",
+        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
+    )
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     for argument in (
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -167,7 +180,7 @@ def screenshot(driver: WebDriver, path: Path) -> None:
 
 
 def test_risk_desk_in_chromium(
-    server: str, lake: LakeSummary, browser: WebDriver, tmp_path: Path
+    server: str, lake: LakeSummary, browser: WebDriver, downloads: Path, tmp_path: Path
 ) -> None:
     browser.get(server + "/")
     wait_for(browser, lambda d: len(metrics(d)) == 4 and table_cells(d), "KPIs and table")
@@ -229,6 +242,15 @@ def test_risk_desk_in_chromium(
 
     wait_for(browser, filtered, f"the table to show only scores >= {minimum}")
     assert f"min_score={minimum}" in browser.current_url
+
+    # Export CSV: every matching anomaly, not only the rows on screen.
+    browser.find_element(By.CSS_SELECTOR, '[data-testid="stDownloadButton"] button').click()
+    exported = downloads / "anomalies.csv"
+    wait_for(browser, lambda d: exported.exists(), "the CSV download")
+    with exported.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == strong
+    assert min(float(row["anomalyScore"]) for row in rows) >= minimum
 
     # Clicking the first row's selection box opens that anomaly's series in the chart.
     (first_id,) = direct_one(
