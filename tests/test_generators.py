@@ -319,7 +319,9 @@ def test_evaluate_prints_a_table_and_json(
     assert "unexplained_spike" in table and "(anomaly-free series)" in table
     assert (tmp_path / "evaluation-bookstore.png").stat().st_size > 10_000
     report = tmp_path / "report.md"
-    report.write_text("# Prose\n<!-- evaluation:begin -->\nSTALE-TABLE\n<!-- evaluation:end -->\nMore.\n")
+    report.write_text(
+        "# Prose\n<!-- evaluation:begin -->\nSTALE-TABLE\n<!-- evaluation:end -->\nMore.\n"
+    )
     assert main([*argv, "--markdown", str(report)]) == 0
     text = report.read_text()
     assert text.startswith("# Prose\n<!-- evaluation:begin -->\nRun ") and text.endswith("More.\n")
@@ -343,7 +345,9 @@ def test_topic_output_produces_every_record_keyed_by_entity(
     assert len(messages) == len(expected) == 120
     by_item: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for message in messages:
-        record = json.loads(message.value())
+        payload = message.value()
+        assert payload is not None
+        record = json.loads(payload)
         assert message.key() == f"item={record['item']}".encode()
         by_item[record["item"]].append(record)
     for item, records in by_item.items():
