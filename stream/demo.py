@@ -33,11 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
 from stream.records import format_time
+
+if TYPE_CHECKING:
+    from stream.kafka_local import LocalKafka
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKER = ".anomstream-demo"
@@ -331,7 +334,8 @@ class Demo:
         self.console = console
         self.stop = threading.Event()
         self.children: list[Child] = []
-        self.kafka: Any = None
+        self.kafka: LocalKafka | None = None
+        self.metrics_ports: list[int] = []
         self.webhook: WebhookReceiver | None = None
 
     def say(self, text: str) -> None:
@@ -367,16 +371,15 @@ class Demo:
         controller_port = free_port()
         while controller_port == broker_port:
             controller_port = free_port()
-        self.kafka = LocalKafka(
-            workdir / "kafka", port=broker_port, controller_port=controller_port
-        )
+        kafka = LocalKafka(workdir / "kafka", port=broker_port, controller_port=controller_port)
+        self.kafka = kafka
         with self.console.status("starting the local Kafka broker (jars fetched once with mvn)"):
             try:
-                self.kafka.start()
+                kafka.start()
             except KafkaError as error:
                 raise DemoError(f"cannot start the local Kafka broker: {error}") from None
-        self.say(f"kafka: local broker on {self.kafka.bootstrap} (data in {workdir / 'kafka'})")
-        return str(self.kafka.bootstrap)
+        self.say(f"kafka: local broker on {kafka.bootstrap} (data in {workdir / 'kafka'})")
+        return kafka.bootstrap
 
     def _create_topics(self, bootstrap: str, topics: Topics) -> None:
         from confluent_kafka import KafkaException
