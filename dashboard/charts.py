@@ -102,7 +102,7 @@ def heatmap_chart(cells: pd.DataFrame, *, row_height: int = 20) -> alt.Chart:
             x=alt.X(
                 "utcyearmonthdatehours(hour):O",
                 title="hour (UTC)",
-                axis=alt.Axis(format="%d %H:00", labelAngle=-60, labelOverlap=True),
+                axis=alt.Axis(format="%b %d %H:00", labelAngle=-60, labelOverlap=True),
             ),
             y=alt.Y("label:N", title=None, sort=order, axis=alt.Axis(labelLimit=360)),
             color=alt.Color(
