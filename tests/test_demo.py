@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,8 +19,9 @@ from stream.kafka_local import free_port
 from stream.records import parse_time
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_SECONDS = 110.0
+RUN_SECONDS = 110.0  # then Ctrl-C
 WITHIN_SECONDS = 120.0
+SAFETY_DURATION = 600.0  # --duration, should Ctrl-C not stop it
 
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -124,7 +126,7 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     began = time.monotonic()
     demo = subprocess.Popen(
         [sys.executable, "-c", "import sys; from stream.cli import main; sys.exit(main())",
-         "demo", "--workdir", str(workdir), "--duration", str(RUN_SECONDS), "--speed", "1200",
+         "demo", "--workdir", str(workdir), "--duration", str(SAFETY_DURATION), "--speed", "1200",
          "--dashboard-port", str(port)],
         cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -146,7 +148,11 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
         output = (tmp_path / "demo.log").read_text(errors="replace")
         assert healthy_after is not None, f"dashboard not healthy in time:\n{output[-3000:]}"
         assert all_series_after is not None, f"lake incomplete in time:\n{output[-3000:]}"
-        assert demo.wait(timeout=RUN_SECONDS + 90) == 0, output[-3000:]
+        # Let the anomalies come, then stop it as a person would: Ctrl-C (SIGINT).
+        time.sleep(max(0.0, RUN_SECONDS - (time.monotonic() - began)))
+        assert demo.poll() is None, output[-3000:]
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=90) == 0, output[-3000:]
     finally:
         if demo.poll() is None:
             demo.kill()
@@ -154,6 +160,7 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
         log.close()
     output = (tmp_path / "demo.log").read_text(errors="replace")
     assert "http://127.0.0.1:" in output and "webhook received: [FIRING]" in output
+    assert "stopping the local Kafka broker" in output and "s are up" not in output
 
     # Alerts: at least one for an injected anomaly, none for an anomaly-free series.
     windows = labels(workdir)
