@@ -161,6 +161,9 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     output = (tmp_path / "demo.log").read_text(errors="replace")
     assert "http://127.0.0.1:" in output and "webhook received: [FIRING]" in output
     assert "stopping the local Kafka broker" in output and "s are up" not in output
+    # Stopped cleanly: no broker, worker, sink, alerter, dashboard or generator left behind.
+    assert processes_mentioning(str(workdir)) == []
+    assert not dashboard_healthy(port)
 
     # Alerts: at least one for an injected anomaly, none for an anomaly-free series.
     windows = labels(workdir)
@@ -178,10 +181,6 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
         if any(first <= start <= last + 5 * 60 for first, last in windows.get(key, []))
     ]
     assert on_label, f"no FIRING alert inside a labelled window: {firing}"
-
-    # Stopped cleanly: no broker, worker, sink, alerter, dashboard or generator left behind.
-    assert processes_mentioning(str(workdir)) == []
-    assert not dashboard_healthy(port)
 
 
 def test_webhook_only_mode_prints_posted_alerts_and_stops_on_sigterm(tmp_path: Path) -> None:
