@@ -154,9 +154,13 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(timeout=90) == 0, output[-3000:]
     finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
+        if demo.poll() is None:  # a failed check: still stop its services through the demo
+            demo.send_signal(signal.SIGTERM)
+            try:
+                demo.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                demo.kill()
+                demo.wait()
         log.close()
     output = (tmp_path / "demo.log").read_text(errors="replace")
     assert "http://127.0.0.1:" in output and "webhook received: [FIRING]" in output
