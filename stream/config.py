@@ -184,11 +184,14 @@ class DetectConfig(_Strict):
     kafka: KafkaSettings
     topics: TopicSettings
     worker: WorkerSettings = WorkerSettings()
-    detectors: tuple[DetectorSpec, ...] = Field(min_length=1)
+    # No min_length here: pydantic would also report "0 items" when one detector is invalid.
+    detectors: tuple[DetectorSpec, ...]
 
     @field_validator("detectors")
     @classmethod
     def _unique_names(cls, specs: tuple[DetectorSpec, ...]) -> tuple[DetectorSpec, ...]:
+        if not specs:
+            raise ValueError("list at least one detector")
         names = [spec.name for spec in specs]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -236,11 +239,11 @@ def load_config(path: str | Path) -> DetectConfig:
     try:
         return DetectConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"{path}: {describe_errors(error, data)}") from None
+        raise ConfigError(f"{path}: {describe_errors(error, yaml.compose(text))}") from None
 
 
-def describe_errors(error: ValidationError, data: Any = None) -> str:
-    """One line per problem: ``detectors[0].interval: expected a duration ...``."""
+def describe_errors(error: ValidationError, root: yaml.Node | None = None) -> str:
+    """One part per problem: ``line 12, detectors[0].interval: expected a duration ...``."""
     lines = []
     for item in error.errors():
         parts: list[str] = []
@@ -251,5 +254,28 @@ def describe_errors(error: ValidationError, data: Any = None) -> str:
                 parts.append(("." if parts else "") + str(loc))
         field = "".join(parts) or "(top level)"
         message = str(item["msg"]).removeprefix("Value error, ")
-        lines.append(f"{field}: {message}")
+        line = _line_of(root, item["loc"])
+        lines.append(f"{'' if line is None else f'line {line}, '}{field}: {message}")
     return "; ".join(lines)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line of the deepest YAML node on the path ``loc`` (the field or its parent)."""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = None
+            for key_node, value_node in node.value:
+                if key_node.value == key:
+                    found = (key_node, value_node)
+                    break
+            if found is None:
+                break
+            line = found[0].start_mark.line + 1
+            node = found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

@@ -210,7 +210,8 @@ def test_config_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (("interval: 60s", "interval: soon"), "detectors[0].interval: expected a duration"),
+        (("interval: 60s", "interval: soon"),
+         "line 10, detectors[0].interval: expected a duration"),
         (("aggregation: max", "aggregation: median"), "detectors[0].aggregation"),
         (("num_trees: 10", "num_tree: 10"), "unknown detector parameter(s) num_tree"),
         (("num_trees: 10", "num_trees: 0"), "num_trees=0"),
@@ -256,3 +257,15 @@ def test_series_snapshot_restores_exactly() -> None:
              for w in copy.windows.add(i * 1000, (math.cos(i),))]
         assert a == b
     assert a[-1].model_stage is ModelStage.INFERENCE
+
+
+def test_detect_command_reports_config_errors_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stream.cli import main
+
+    path = write(tmp_path, GOOD.replace("aggregation: max", "aggregation: median"))
+    assert main(["detect", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert f"{path}: line 9, detectors[0].aggregation" in error
+    assert "Traceback" not in error
