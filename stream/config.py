@@ -104,6 +104,9 @@ class WorkerSettings(_Strict):
     max_live_models: int = Field(default=10_000, ge=1)
     snapshot_interval: DurationMs = Field(default=30_000, ge=0)
     commit_interval: DurationMs = Field(default=100, ge=0)
+    # A checkpoint is spread over transactions, this many series snapshots per commit, so that
+    # snapshotting thousands of series never stalls scoring for seconds.
+    snapshots_per_commit: int = Field(default=32, ge=1)
     max_batch: int = Field(default=2000, ge=1)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"

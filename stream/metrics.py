@@ -71,9 +71,10 @@ class WorkerMetrics:
             ["stage"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
             registry=r,
         )
-        self.checkpoint_seconds = Histogram(
-            "anomstream_checkpoint_seconds", "Time to snapshot the dirty series of a partition",
-            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), registry=r,
+        self.snapshot_seconds = Histogram(
+            "anomstream_snapshot_seconds", "Time to snapshot one series (model + windows)",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+            registry=r,
         )
         self.snapshot_bytes = Counter(
             "anomstream_snapshot_bytes", "Bytes of series snapshots written", registry=r

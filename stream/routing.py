@@ -36,6 +36,7 @@ NON_FINITE = "non_finite"
 BAD_TIMESTAMP = "bad_timestamp"
 NO_DETECTOR = "no_detector"
 LATE = "late"
+UNEXPECTED = "unexpected"  # a failure no rule foresaw (a bug); the record is kept, not lost
 
 # Epoch milliseconds beyond year 9999 are surely a unit mistake (microseconds, nanoseconds).
 _MAX_EPOCH_MS = 253_402_300_799_999
@@ -128,7 +129,7 @@ def load_object(payload: bytes | None) -> dict[str, Any]:
         raise InvalidRecord(NOT_JSON, "empty record (null value)")
     try:
         record = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise InvalidRecord(NOT_JSON, f"not JSON: {error}") from None
     if not isinstance(record, dict):
         raise InvalidRecord(NOT_OBJECT, f"a JSON {type(record).__name__}, not an object")

@@ -38,7 +38,15 @@ from stream.config import DetectConfig
 from stream.kafka_io import consumer_config, create_topics, producer_config
 from stream.metrics import Heartbeat, WorkerMetrics
 from stream.records import dimension_list, encode, format_time
-from stream.routing import LATE, NO_DETECTOR, InvalidRecord, Router, load_object
+from stream.routing import (
+    LATE,
+    NO_DETECTOR,
+    UNEXPECTED,
+    InvalidRecord,
+    Rejection,
+    Router,
+    load_object,
+)
 from stream.state import (
     CHECKPOINT_KEY,
     Series,
@@ -303,7 +311,11 @@ class RouteStage(_Stage):
                 continue
             topic, partition, offset = message.topic(), message.partition(), message.offset()
             value = message.value()
-            points, rejections = self.router.route(topic, value)
+            try:
+                points, rejections = self.router.route(topic, value)
+            except Exception as error:  # a record no rule foresaw must not stop the worker
+                log.exception("route: unexpected failure on %s/%d@%d", topic, partition, offset)
+                points, rejections = [], [Rejection(UNEXPECTED, f"{type(error).__name__}: {error}")]
             source: Headers = [
                 ("source_topic", topic),
                 ("source_partition", str(partition)),
@@ -375,7 +387,7 @@ class _Partition:
     """What the score stage holds for one owned repartition partition."""
 
     __slots__ = ("checkpoint_offset", "checkpointed_at", "committed", "live", "next_offset",
-                 "number", "stored")
+                 "number", "round_offset", "round_pending", "stored")
 
     def __init__(self, number: int, start: int, committed: int) -> None:
         self.number = number
@@ -385,6 +397,8 @@ class _Partition:
         self.checkpointed_at = time.monotonic()
         self.live: dict[str, Series] = {}
         self.stored: dict[str, bytes] = {}  # snapshots of series not in memory
+        self.round_offset: int | None = None  # offset of the checkpoint being written
+        self.round_pending: list[str] = []  # series still to snapshot in that checkpoint
 
 
 class ScoreStage(_Stage):
@@ -403,6 +417,7 @@ class ScoreStage(_Stage):
         self.max_live = config.worker.max_live_models
         self.max_fill = config.worker.max_fill_intervals
         self.snapshot_interval_s = config.worker.snapshot_interval_ms / 1000
+        self.snapshots_per_commit = config.worker.snapshots_per_commit
         self._last_gauges = 0.0
         self._in = metrics.records_in.labels(self.name, config.topics.repartition)
         self._results = metrics.records_out.labels("result")
@@ -447,7 +462,14 @@ class ScoreStage(_Stage):
             series.dirty = True
             for window in closed:
                 began = perf()
-                result = series.detector.update(window.start_ms / 1000, window.values)
+                try:
+                    result = series.detector.update(window.start_ms / 1000, window.values)
+                except Exception as error:  # deterministic, so a replay fails the same way
+                    log.exception("score: series %s, window %d", tsid, window.start_ms)
+                    if live_output:
+                        self._dead_letter(message, headers, UNEXPECTED,
+                                          f"{type(error).__name__}: {error}")
+                    continue
                 self._scoring.observe(perf() - began)
                 if live_output:
                     produce(output, _result_record(series, window, result), tsid)
@@ -509,12 +531,10 @@ class ScoreStage(_Stage):
 
     def _evict(self, series: Series) -> None:
         part = self.partitions[series.partition]
-        payload = series.snapshot(part.next_offset)
-        if series.dirty:
-            self.produce(self.config.topics.state, payload, series.timeseries_id,
-                         partition=part.number)
-            self.metrics.snapshots.labels("eviction").inc()
-            self.metrics.snapshot_bytes.inc(len(payload))
+        payload = (
+            self._snapshot(part, series, "eviction") if series.dirty
+            else series.snapshot(part.next_offset)
+        )
         part.stored[series.timeseries_id] = payload
         del part.live[series.timeseries_id]
         del self.lru[series.timeseries_id]
@@ -537,37 +557,60 @@ class ScoreStage(_Stage):
     # -- commits and checkpoints --------------------------------------------------------------
 
     def prepare_commit(self, checkpoint: Iterable[int] = ()) -> None:
-        due = [self.partitions[p] for p in checkpoint if p in self.partitions]
-        if not due:
-            now = time.monotonic()
-            stale = [
-                p for p in self.partitions.values()
-                if p.next_offset > p.checkpoint_offset
-                and now - p.checkpointed_at >= self.snapshot_interval_s
-            ]
-            # One partition per commit spreads the cost of snapshotting over time.
-            due = sorted(stale, key=lambda p: p.checkpointed_at)[:1]
-        for part in due:
-            self._checkpoint(part)
+        """Snapshot work for this transaction.
 
-    def _checkpoint(self, part: _Partition) -> None:
-        state = self.config.topics.state
-        offset = part.next_offset
+        A checkpoint of a partition is spread over several transactions (a round) so that no
+        commit stalls scoring for long: the round fixes its offset X when it starts and lists the
+        series changed so far; each commit snapshots up to ``snapshots_per_commit`` of them (each
+        snapshot carries its own, newer offset, so a replay from X skips what it holds); the
+        marker X is written with the last of them. Revoked partitions are checkpointed at once.
+        """
+        forced = [self.partitions[p] for p in checkpoint if p in self.partitions]
+        for part in forced:
+            self._checkpoint_now(part)
+        budget = self.snapshots_per_commit
+        now = time.monotonic()
+        for part in sorted(self.partitions.values(), key=lambda p: p.checkpointed_at):
+            if part.round_offset is None:
+                if (part.next_offset <= part.checkpoint_offset
+                        or now - part.checkpointed_at < self.snapshot_interval_s):
+                    continue
+                part.round_offset = part.next_offset
+                part.round_pending = [t for t, series in part.live.items() if series.dirty]
+            while part.round_pending and budget > 0:
+                series = part.live.get(part.round_pending.pop())
+                # Gone: evicted (its snapshot was written then) or dropped with the partition.
+                if series is not None and series.dirty:
+                    self._snapshot(part, series, "checkpoint")
+                    budget -= 1
+            if part.round_pending:
+                return
+            self._mark(part, part.round_offset)
+
+    def _snapshot(self, part: _Partition, series: Series, cause: str) -> bytes:
         began = time.perf_counter()
-        written = 0
+        payload = series.snapshot(part.next_offset)
+        self.produce(self.config.topics.state, payload, series.timeseries_id,
+                     partition=part.number)
+        series.dirty = False
+        self.metrics.snapshots.labels(cause).inc()
+        self.metrics.snapshot_bytes.inc(len(payload))
+        self.metrics.snapshot_seconds.observe(time.perf_counter() - began)
+        return payload
+
+    def _checkpoint_now(self, part: _Partition) -> None:
         for series in part.live.values():
             if series.dirty:
-                payload = series.snapshot(offset)
-                self.produce(state, payload, series.timeseries_id, partition=part.number)
-                series.dirty = False
-                written += 1
-                self.metrics.snapshot_bytes.inc(len(payload))
-        self.metrics.snapshots.labels("checkpoint").inc(written)
-        self.metrics.checkpoint_seconds.observe(time.perf_counter() - began)
-        self.produce(state, encode_checkpoint(offset), CHECKPOINT_KEY,
+                self._snapshot(part, series, "checkpoint")
+        self._mark(part, part.next_offset)
+
+    def _mark(self, part: _Partition, offset: int) -> None:
+        self.produce(self.config.topics.state, encode_checkpoint(offset), CHECKPOINT_KEY,
                      partition=part.number)
         part.checkpoint_offset = offset
         part.checkpointed_at = time.monotonic()
+        part.round_offset = None
+        part.round_pending = []
 
     def offsets_to_commit(self) -> list[TopicPartition]:
         topic = self.config.topics.repartition
@@ -599,7 +642,7 @@ class ScoreStage(_Stage):
         self._last_gauges = now
         unsaved = [p for p in self.partitions.values() if p.next_offset > p.checkpoint_offset]
         if any(now - p.checkpointed_at >= self.snapshot_interval_s for p in unsaved):
-            self.commit()  # a quiet partition still gets its checkpoint on time
+            self.commit()  # a quiet partition still gets (and finishes) its checkpoint on time
         self.metrics.live_series.set(len(self.lru))
         self.metrics.stored_series.set(sum(len(p.stored) for p in self.partitions.values()))
         # How old the state a restore would start from is: 0 when the checkpoint is current.

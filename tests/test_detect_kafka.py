@@ -287,8 +287,11 @@ def test_kill_9_five_times_loses_and_duplicates_nothing(
     input_topic = f"killed-{uuid.uuid4().hex[:8]}"
     create_topics(kafka_bootstrap, [input_topic], partitions=3)
     topics = names("killed")
+    # One snapshot per commit: checkpoints span several transactions, kills land inside them.
+    # Four live models for six series: evictions (snapshots newer than the checkpoint) too.
     config = write_config(tmp_path / "detect.yaml", kafka_bootstrap, input_topic=input_topic,
-                          partitions=3, **topics)
+                          partitions=3, worker={"snapshots_per_commit": 1, "max_live_models": 4},
+                          **topics)
     rng = random.Random()
     kills = []
     with PacedFeed(kafka_bootstrap, input_topic, hosts) as feed:

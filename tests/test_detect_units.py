@@ -118,6 +118,7 @@ def test_route_valid_record_to_its_series() -> None:
     [
         (b"\xff\xfe not json", "not_json"),
         (b"[1, 2]", "not_object"),
+        (b"[" * 100_000, "not_json"),
         (b'{"util": 1, "host": "a", "dc": "x"}', "missing_field"),
         (b'{"timestamp": 1, "host": "a", "dc": "x"}', "missing_field"),
         (b'{"timestamp": 1, "util": 1, "dc": "x"}', "missing_field"),
