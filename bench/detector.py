@@ -388,6 +388,7 @@ def run_fleet(spec: dict[str, Any], show_progress: bool) -> dict[str, Any]:
         "rss_after_timed_bytes": resident_bytes(),
         "rss_bytes_per_detector": per_detector,
         "share_in_inference": inference / count,
+        "samplers_full": warm_points >= config.sample_size,
         "detectors_source_sha256": digest,
     }
 
@@ -527,18 +528,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for count in counts
     ]
     if args.sweep:
-        report["sweep"] = [
-            fleet_in_subprocess(
-                {
-                    "config": replace(config, **grid).to_dict(),
-                    "warm_points": warm_points,
-                    "detectors": sweep_count,
-                    "timed_updates": timed_updates,
-                },
-                show_progress,
-            )
-            for grid in SWEEP_GRID
-        ]
+        report["sweep"] = []
+        for grid in SWEEP_GRID:
+            swept = replace(config, **grid)
+            # Until a forest's samplers are full an update only inserts; once full it also
+            # evicts, which costs more. Sample sizes differ across the grid, so each point is
+            # warmed past its own sample size to compare them in the same (steady) state.
+            spec = {
+                "config": swept.to_dict(),
+                "warm_points": args.warm_points or max(warm_points, swept.sample_size + 32),
+                "detectors": sweep_count,
+                "timed_updates": timed_updates,
+            }
+            report["sweep"].append(fleet_in_subprocess(spec, show_progress))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
