@@ -101,8 +101,14 @@ class Calibrator:
         values: Sequence[float],
         residuals: Sequence[float] | None,
         residual_age: int,
+        extremes_armed: bool = True,
     ) -> float:
-        """Grade one point. ``residual_age`` counts points since residuals became available."""
+        """Grade one point.
+
+        ``residual_age`` counts points since residuals became available; ``extremes_armed`` says
+        whether the series has shown enough (a full daily cycle, a minimum of points) for "a
+        value outside everything seen so far" to mean something.
+        """
         p = self.params
         level = self._smoothed(raw_score)
         grade = 0.0
@@ -116,7 +122,8 @@ class Calibrator:
             ranges = self._ranges(self._residual_ranges, len(residuals))
             for residual_range, residual in zip(ranges, residuals, strict=True):
                 if (
-                    residual_age >= p.residual_warmup
+                    extremes_armed
+                    and residual_age >= p.residual_warmup
                     and grade >= p.extreme_gate
                     and residual_range.exceeds(residual, p.residual_margin, p.noise_floor)
                 ):
@@ -124,7 +131,7 @@ class Calibrator:
                 residual_range.add(residual)
         ranges = self._ranges(self._value_ranges, len(values))
         for value_range, value in zip(ranges, values, strict=True):
-            if grade >= p.extreme_gate and value_range.exceeds(
+            if extremes_armed and grade >= p.extreme_gate and value_range.exceeds(
                 value, p.extreme_margin, p.noise_floor
             ):
                 grade = 1.0

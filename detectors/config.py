@@ -32,7 +32,8 @@ class DetectorConfig:
     extreme_margin: float = 0.02
     residual_margin: float = 0.0
     extreme_gate: float = 0.1
-    residual_warmup: int = 0
+    extreme_warmup: int = 300
+    residual_warmup: int = 100
     noise_floor: float = 1e-3
     repeat_window: int = 100
     repeat_escalation: float = 1.2
@@ -61,6 +62,7 @@ class DetectorConfig:
             "residual_margin": self.residual_margin >= 0.0,
             "extreme_gate": 0.0 <= self.extreme_gate <= 1.0,
             "residual_warmup": self.residual_warmup >= 0,
+            "extreme_warmup": self.extreme_warmup >= 0,
             "noise_floor": self.noise_floor >= 0.0,
             "repeat_window": self.repeat_window >= 0,
             "repeat_escalation": self.repeat_escalation >= 1.0,

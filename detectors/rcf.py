@@ -103,7 +103,9 @@ class RcfDetector:
 
         grade = 0.0
         if raw > 0.0:
-            grade = self._calibrator.grade(raw, values, residuals, self._residual_age)
+            grade = self._calibrator.grade(
+                raw, values, residuals, self._residual_age, self._extremes_armed()
+            )
         else:
             self._calibrator.observe(values)
         expected = self._expected(values)
@@ -159,6 +161,11 @@ class RcfDetector:
                         SeasonalReference(period, days) for _ in range(self.dimensions)
                     ]
         self._last_timestamp = timestamp
+
+    def _extremes_armed(self) -> bool:
+        """A new high or low means something only once a full daily cycle has been seen."""
+        period = self._seasonal[0].period if self._seasonal is not None else 0
+        return self._seen > max(self.config.extreme_warmup, period)
 
     def _residuals(self, values: list[float]) -> list[float] | None:
         seasonal = self._seasonal
