@@ -1,0 +1,181 @@
+"""Behaviour of the per-series detector: stages, calibration, corrections, snapshots."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from detectors import DetectorConfig, ModelStage, RcfDetector, Result
+from detectors.rcf import confidence
+
+MINUTE = 60.0
+
+
+def daily_series(days: int, step: float = 300.0, noise: float = 1.0, seed: int = 0) -> list[float]:
+    """A daily cycle (peak at midday) with Gaussian noise, sampled every ``step`` seconds."""
+    rng = random.Random(seed)
+    per_day = int(86_400 / step)
+    return [
+        100.0 + 40.0 * math.sin(2 * math.pi * (i % per_day) / per_day) + rng.gauss(0.0, noise)
+        for i in range(days * per_day)
+    ]
+
+
+def feed(detector: RcfDetector, values: list[float], step: float = 300.0) -> list[Result]:
+    return [detector.update(i * step, value) for i, value in enumerate(values)]
+
+
+def test_learning_then_inference_with_zero_scores_while_learning() -> None:
+    detector = RcfDetector(DetectorConfig(warmup=32))
+    results = feed(detector, daily_series(1))
+    learning = [r for r in results if r.model_stage is ModelStage.LEARNING]
+    assert 30 <= len(learning) <= 40
+    assert all(r.anomaly_score == 0.0 and r.anomaly_decision == 0 for r in learning)
+    assert results[-1].model_stage is ModelStage.INFERENCE
+    assert results[-1].processed_data_points == len(results)
+
+
+def test_confidence_follows_the_decay_formula_and_grows() -> None:
+    detector = RcfDetector()
+    results = feed(detector, daily_series(2))
+    confidences = [r.confidence for r in results]
+    assert confidences[0] == 0.0
+    assert all(b >= a for a, b in itertools.pairwise(confidences))
+    n = len(results)
+    expected = 100.0 * confidence(detector.config.time_decay, n, detector.config.warmup)
+    assert confidences[-1] == pytest.approx(expected, rel=1e-9)
+    assert confidence(1 / 2560, 64, 64) == 0.0
+    assert confidence(1 / 2560, 100_000, 64) == 1.0
+
+
+def test_missing_values_are_imputed_not_learned_and_lower_confidence() -> None:
+    detector = RcfDetector()
+    feed(detector, daily_series(2))
+    before = detector.update(2 * 86_400.0, 100.0)
+    seen = detector.processed_data_points
+    for offset, bad in enumerate([None, math.nan, math.inf, -math.inf, 1e40], start=1):
+        result = detector.update(2 * 86_400.0 + offset * 300.0, bad)
+        assert result.missing and result.anomaly_score == 0.0 and result.anomaly_decision == 0
+        assert math.isfinite(result.expected_value)
+    assert detector.processed_data_points == seen
+    after = detector.update(2 * 86_400.0 + 6 * 300.0, 100.0)
+    assert after.confidence < before.confidence
+    assert math.isfinite(after.raw_score) and after.model_stage is ModelStage.INFERENCE
+
+
+def test_wrong_number_of_values_is_an_error() -> None:
+    with pytest.raises(ValueError, match="expected 2 value"):
+        RcfDetector(dimensions=2).update(0.0, 1.0)
+
+
+def test_same_seed_same_results_other_seed_other_raw_scores() -> None:
+    values = daily_series(2)
+    first = feed(RcfDetector(DetectorConfig(seed=3)), values)
+    again = feed(RcfDetector(DetectorConfig(seed=3)), values)
+    other = feed(RcfDetector(DetectorConfig(seed=4)), values)
+    assert first == again
+    assert [r.raw_score for r in first] != [r.raw_score for r in other]
+
+
+@pytest.mark.parametrize("cut", [20, 400, 700])
+def test_restored_snapshot_continues_exactly(cut: int) -> None:
+    """Cut points: while learning, before the daily reference exists, after it (300-s steps)."""
+    values = daily_series(4, noise=2.0)
+    values[900] += 200.0  # an anomaly after the cut, so reports and suppression are exercised
+    original = RcfDetector()
+    feed(original, values[:cut])
+    restored = RcfDetector.from_bytes(original.to_bytes())
+    tail = [(i * 300.0, v) for i, v in enumerate(values) if i >= cut]
+    assert [original.update(t, v) for t, v in tail] == [restored.update(t, v) for t, v in tail]
+    assert any(r.anomaly_decision for r in [original.update(len(values) * 300.0, 500.0)])
+
+
+def test_snapshot_rejects_foreign_bytes() -> None:
+    with pytest.raises(ValueError, match="snapshot"):
+        RcfDetector.from_bytes(b"not a snapshot")
+
+
+def test_a_spike_is_reported_once_with_an_expected_value_near_normal() -> None:
+    values = daily_series(3)
+    spike_at = len(values) - 100
+    values[spike_at] = 400.0
+    results = feed(RcfDetector(), values)
+    decisions = [i for i, r in enumerate(results) if r.anomaly_decision]
+    assert spike_at in decisions
+    spike = results[spike_at]
+    assert spike.anomaly_score >= 70.0
+    assert abs(spike.expected_value - values[spike_at - 288]) < 10.0
+    assert len([i for i in decisions if spike_at <= i < spike_at + 50]) == 1
+
+
+def test_a_lasting_level_shift_pages_once_not_at_every_point() -> None:
+    rng = random.Random(1)
+    values = [50.0 + rng.gauss(0, 1) for _ in range(800)]
+    values += [90.0 + rng.gauss(0, 1) for _ in range(200)]
+    results = feed(RcfDetector(), values, step=MINUTE)
+    reported = [i for i, r in enumerate(results) if r.anomaly_decision]
+    assert reported and reported[0] in range(800, 805)
+    assert len(reported) <= 3
+
+
+def test_a_runaway_value_is_reported_at_its_start_only() -> None:
+    """Every point of the climb is a new extreme; one incident still pages once."""
+    rng = random.Random(3)
+    values = [50.0 + rng.gauss(0, 1) for _ in range(800)]
+    values += [60.0 + 5.0 * k for k in range(60)]
+    results = feed(RcfDetector(), values, step=MINUTE)
+    reported = [i for i, r in enumerate(results) if r.anomaly_decision]
+    assert reported and reported[0] in range(800, 805)
+    assert len(reported) <= 2
+
+
+def test_no_alarm_on_a_clean_daily_cycle_including_its_first_day() -> None:
+    """New highs during the first day are not "outside everything seen": nothing is reported."""
+    for seed in range(2):
+        values = daily_series(3, step=MINUTE, seed=seed)
+        results = feed(RcfDetector(DetectorConfig(seed=seed)), values, step=MINUTE)
+        assert not [i for i, r in enumerate(results) if r.anomaly_decision]
+
+
+def test_a_missing_daily_peak_is_found_against_the_previous_days() -> None:
+    """Values that stay within the usual range but break the daily pattern."""
+    values = daily_series(10, noise=0.5)
+    per_day = 288
+    start = 9 * per_day + 40
+    for i in range(start, start + 40):  # the midday peak flattened to the daily mean
+        values[i] = 100.0 + (values[i] - 100.0) * 0.1
+    results = feed(RcfDetector(), values)
+    assert any(r.anomaly_decision for r in results[start : start + 40])
+    assert not any(r.anomaly_decision for r in results[per_day : start - 1])
+
+
+def test_multivariate_attribution_points_at_the_variable_that_moved() -> None:
+    rng = random.Random(2)
+    detector = RcfDetector(dimensions=3)
+    for i in range(600):
+        detector.update(i * MINUTE, [10 + rng.gauss(0, 0.5), 20 + rng.gauss(0, 0.5), 5.0])
+    result = detector.update(600 * MINUTE, [10.0, 80.0, 5.0])
+    assert result.anomaly_decision == 1 and result.attribution is not None
+    assert len(result.attribution) == 3
+    assert sum(result.attribution) == pytest.approx(1.0)
+    assert max(range(3), key=lambda k: result.attribution[k]) == 1  # type: ignore[index]
+
+
+def test_ratio_margin_suppresses_reports_close_to_the_expected_value() -> None:
+    rng = random.Random(5)
+    values = [100.0 + rng.gauss(0, 0.2) for _ in range(700)] + [104.0]
+    strict = feed(RcfDetector(), values, step=MINUTE)[-1]
+    lenient = feed(RcfDetector(DetectorConfig(ratio_margin=0.1)), values, step=MINUTE)[-1]
+    assert strict.anomaly_decision == 1
+    assert lenient.anomaly_decision == 0 and lenient.anomaly_score < 70.0
+
+
+def test_config_errors_name_the_parameter() -> None:
+    with pytest.raises(ValueError, match="num_tres"):
+        DetectorConfig.from_dict({"num_tres": 10})
+    with pytest.raises(ValueError, match="threshold=120"):
+        DetectorConfig(threshold=120)
+    assert DetectorConfig.from_dict({"threshold": 80}).threshold == 80
