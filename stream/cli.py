@@ -8,6 +8,10 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
+from stream.errors import CliError
+
+__all__ = ["COMMANDS", "CliError", "build_parser", "main"]
+
 # Sub-command name -> module implementing it (see stream/commands/__init__.py for the protocol).
 COMMANDS: dict[str, str] = {
     "detect": "stream.commands.detect",
@@ -22,10 +26,6 @@ COMMANDS: dict[str, str] = {
     "produce": "stream.commands.produce",
     "dashboard": "stream.commands.dashboard",
 }
-
-
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit code 2."""
 
 
 def _load(name: str) -> ModuleType:
