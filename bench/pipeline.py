@@ -70,16 +70,16 @@ def record(name: str, step: int, value: float) -> bytes:
     return json.dumps({"timestamp": step * STEP_MS, "value": value, "series": name}).encode()
 
 
-def detector_alone(values: np.ndarray, params: dict[str, Any]) -> float:
-    """Seconds for one detector per series to score every point, in production order."""
+def detector_alone(values: np.ndarray, params: dict[str, Any]) -> tuple[float, float]:
+    """Wall and CPU seconds for one detector per series to score every point, in order."""
     config = DetectorConfig.from_dict(params)
     detectors = [RcfDetector(config) for _ in range(values.shape[0])]
     rows = values.T.tolist()
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     for step, row in enumerate(rows):
         for detector, value in zip(detectors, row, strict=True):
             detector.update(float(step), value)
-    return time.perf_counter() - began
+    return time.perf_counter() - began, time.process_time() - cpu
 
 
 class ResultReader:
@@ -90,6 +90,7 @@ class ResultReader:
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
                               for p in range(PARTITIONS)])
         self.arrivals: dict[tuple[str, str], float] = {}
+        self.track = False  # parse results (latency phase) or only count them (throughput)
         self.count = 0
         self.last_at = 0.0
         self.stop = threading.Event()
@@ -102,9 +103,10 @@ class ResultReader:
                 if message.error() is not None:
                     continue
                 now = time.perf_counter()
-                result = json.loads(message.value())
-                series = result["dimensionList"][0]["value"]
-                self.arrivals[(series, result["detectionPeriodStartTime"])] = now
+                if self.track:
+                    result = json.loads(message.value())
+                    series = result["dimensionList"][0]["value"]
+                    self.arrivals[(series, result["detectionPeriodStartTime"])] = now
                 self.count += 1
                 self.last_at = now
 
@@ -122,47 +124,71 @@ class ResultReader:
 
 
 class WorkerRun:
-    def __init__(self, config: Path, log: Path) -> None:
-        self.port = free_port()
+    """The worker: one process with both stages, or (``split``) one process per stage."""
+
+    def __init__(self, config: Path, log: Path, split: bool) -> None:
         self.started = time.perf_counter()
-        with log.open("ab") as handle:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "stream.cli", "detect", "--config", str(config),
-                 "--instance-id", "bench", "--metrics-port", str(self.port),
-                 "--log-level", "WARNING"],
-                cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )
+        self.ports: list[int] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        for stages in (["route", "score"] if split else ["route,score"]):
+            port = free_port()
+            with log.open("ab") as handle:
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "stream.cli", "detect", "--config", str(config),
+                     "--instance-id", "bench", "--stages", stages, "--metrics-port", str(port),
+                     "--log-level", "WARNING"],
+                    cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
+                ))
+            self.ports.append(port)
 
     def wait_ready(self, timeout_s: float = 120) -> float:
         deadline = time.monotonic() + timeout_s
+        pending = list(self.ports)
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if any(process.poll() is not None for process in self.processes):
                 raise RuntimeError("the worker exited; see the bench log")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz",
-                                            timeout=1) as r:
-                    if r.status == 200:
-                        return time.perf_counter()
-            except OSError:
-                pass
+            for port in list(pending):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz",
+                                                timeout=1) as r:
+                        if r.status == 200:
+                            pending.remove(port)
+                except OSError:
+                    pass
+            if not pending:
+                return time.perf_counter()
             time.sleep(0.02)
         raise TimeoutError("worker not ready")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the worker process(es) so far (all threads)."""
+        total = 0.0
+        for process in self.processes:
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            return str(r.read().decode())
+        texts = []
+        for port in self.ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                texts.append(str(r.read().decode()))
+        return "\n".join(texts)
 
     def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
+        for process in self.processes:
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(120)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def metric_value(text: str, name: str) -> float:
@@ -224,9 +250,10 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
     produce_all(bootstrap, input_topic, bulk, "producing the throughput data")
 
     reader = ResultReader(bootstrap, topics["output"])
-    worker = WorkerRun(config_path, log)
+    worker = WorkerRun(config_path, log, args.split_stages)
     try:
         ready_at = worker.wait_ready()
+        cpu_at_ready = worker.cpu_seconds()
         # The last point of each series leaves its window open: (warm - 1) results per series.
         expected = args.series * (warm - 1)
         with Progress(console=console, transient=True) as progress:
@@ -237,6 +264,8 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
                 time.sleep(0.1)
         reader.wait_count(expected, 10)
         pipeline_s = reader.last_at - ready_at
+        pipeline_cpu_s = worker.cpu_seconds() - cpu_at_ready
+        reader.track = True
         during = worker.metrics()
         commits = {
             stage: (metric_value(during, f'anomstream_commit_seconds_sum{{stage="{stage}"}}'),
@@ -286,7 +315,7 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         snapshot_bytes = metric_value(before_kill, "anomstream_snapshot_bytes_total")
         worker.kill()
         before = reader.count
-        restarted = WorkerRun(config_path, log)
+        restarted = WorkerRun(config_path, log, args.split_stages)
         worker = restarted
         ready_after = restarted.wait_ready() - restarted.started
         step = warm + latency_points
@@ -308,16 +337,25 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
     # fair (conservative) reference for the ratio.
     console.print("detector alone, again ...")
     alone_runs.append(detector_alone(values[:, :warm], params))
-    alone_rate = points / min(alone_runs)
+    alone_rate = points / min(wall for wall, _cpu in alone_runs)
+    alone_cpu_per_point = min(cpu for _wall, cpu in alone_runs) / points
     pipeline_rate = pipeline_points / pipeline_s
     return {
         "series": args.series,
+        "worker_processes": 2 if args.split_stages else 1,
         "points_per_series": warm,
         "detector_params": params,
         "detector_alone_points_per_s": round(alone_rate, 1),
-        "detector_alone_runs_points_per_s": [round(points / t, 1) for t in alone_runs],
+        "detector_alone_runs_points_per_s": [round(points / t, 1) for t, _ in alone_runs],
         "pipeline_points_per_s": round(pipeline_rate, 1),
         "pipeline_vs_detector_ratio": round(pipeline_rate / alone_rate, 3),
+        # The same comparison in CPU time per point (worker process, all threads, vs the
+        # detector loop): what the worker itself adds, without the broker and the other
+        # processes that share the machine's cores.
+        "detector_alone_cpu_us_per_point": round(1e6 * alone_cpu_per_point, 1),
+        "pipeline_worker_cpu_us_per_point": round(1e6 * pipeline_cpu_s / pipeline_points, 1),
+        "pipeline_vs_detector_cpu_ratio": round(
+            alone_cpu_per_point / (pipeline_cpu_s / pipeline_points), 3),
         "latency_rate_points_per_s": rate,
         "latency_samples": len(latencies),
         "latency_p50_ms": round(pct(0.50), 2),
@@ -357,6 +395,8 @@ def main() -> int:
                         help='detector parameters as JSON (default: production defaults)')
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "pipeline.json"))
     parser.add_argument("--keep", action="store_true", help="keep the work dir (worker log)")
+    parser.add_argument("--split-stages", action="store_true",
+                        help="run the route and score stages as two processes (two cores)")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-pipeline-")
     try:

@@ -139,6 +139,9 @@ class _Stage:
                     "transactional.id": f"{kafka.group_id}.{instance_id}.{self.name}",
                     "transaction.timeout.ms": kafka.transaction_timeout,
                     "message.max.bytes": MAX_RECORD_BYTES,
+                    # Records are small and go to a broker nearby; compressing them costs CPU
+                    # in the worker and the broker (snapshots are zlib-compressed already).
+                    "compression.type": "none",
                 },
             )
         )
@@ -832,10 +835,29 @@ def _result_record(series: Series, window: ClosedWindow, result: Result) -> byte
     return series.record_prefix + text.encode() + b"}"
 
 
-class Worker:
-    """Both stages of one worker instance, in two threads, plus the health/metrics endpoint."""
+STAGES: dict[str, type[RouteStage] | type[ScoreStage]] = {
+    RouteStage.name: RouteStage,
+    ScoreStage.name: ScoreStage,
+}
 
-    def __init__(self, config: DetectConfig, instance_id: str | None = None) -> None:
+
+class Worker:
+    """The stages of one worker instance (both by default), one thread each.
+
+    Both stages in one process share one interpreter lock; running ``stages=("route",)`` and
+    ``stages=("score",)`` as two processes lets them use two cores.
+    """
+
+    def __init__(
+        self,
+        config: DetectConfig,
+        instance_id: str | None = None,
+        stages: tuple[str, ...] = tuple(STAGES),
+    ) -> None:
+        unknown = sorted(set(stages) - set(STAGES))
+        if unknown or not stages:
+            raise WorkerError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+        self.stage_names = tuple(dict.fromkeys(stages))
         self.config = config
         self.instance_id = instance_id or config.kafka.instance_id or default_instance_id()
         self.metrics = WorkerMetrics()
@@ -848,11 +870,13 @@ class Worker:
         return not self.errors and all(stage.heartbeat.alive() for stage in self.stages)
 
     def ready(self) -> bool:
-        return len(self.stages) == 2 and all(stage.ready for stage in self.stages)
+        return len(self.stages) == len(self.stage_names) and all(
+            stage.ready for stage in self.stages
+        )
 
     def start(self) -> None:
         ensure_topics(self.config)
-        for stage_class in (RouteStage, ScoreStage):
+        for stage_class in (STAGES[name] for name in self.stage_names):
             thread = threading.Thread(target=self._run_stage, args=(stage_class,),
                                       name=stage_class.name, daemon=True)
             self._threads.append(thread)

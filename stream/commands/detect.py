@@ -14,6 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stable id of this worker (default: kafka.instance_id, else the host name); a "
         "restarted worker must reuse it, two live workers must not share it",
     )
+    parser.add_argument(
+        "--stages", default="route,score",
+        help="stages to run in this process: route,score (default), route or score; two "
+        "processes (one per stage, same instance id) use two cores",
+    )
     parser.add_argument("--bootstrap", help="override kafka.bootstrap")
     parser.add_argument("--metrics-port", type=int, help="override worker.metrics_port")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
@@ -45,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"worker": config.worker.model_copy(update={"metrics_port": args.metrics_port})}
         )
-    worker = Worker(config, args.instance_id)
+    try:
+        worker = Worker(config, args.instance_id,
+                        tuple(name.strip() for name in args.stages.split(",") if name.strip()))
+    except WorkerError as error:
+        raise CliError(str(error)) from None
     server = None
     if config.worker.metrics_port is not None:
         try:
