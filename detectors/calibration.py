@@ -16,10 +16,10 @@ own history so that one threshold fits a CPU metric, a price and a count alike:
    (``repeat_escalation``). This keeps one incident from paging many times.
 
 >>> calibrator = Calibrator(DetectorConfig())
->>> grades = [calibrator.grade(0.8 + 0.01 * (i % 3), (10.0 + i % 3,), None, i) for i in range(400)]
+>>> grades = [calibrator.grade(0.8 + 0.01 * (i % 3), (10.0 + i % 3,), None) for i in range(400)]
 >>> max(grades[200:]) < 0.7
 True
->>> calibrator.grade(3.0, (50.0,), None, 400) >= 0.7  # far outside the range, forest agrees
+>>> calibrator.grade(3.0, (50.0,), None) >= 0.7  # far outside the range, forest agrees
 True
 """
 
@@ -100,14 +100,14 @@ class Calibrator:
         raw_score: float,
         values: Sequence[float],
         residuals: Sequence[float] | None,
-        residual_age: int,
-        extremes_armed: bool = True,
+        values_armed: bool = True,
+        residuals_armed: bool = True,
     ) -> float:
         """Grade one point.
 
-        ``residual_age`` counts points since residuals became available; ``extremes_armed`` says
-        whether the series has shown enough (a full daily cycle, a minimum of points) for "a
-        value outside everything seen so far" to mean something.
+        ``values_armed`` and ``residuals_armed`` say whether the series has shown enough values
+        (residuals) — a full daily cycle and a minimum count — for "outside everything seen so
+        far" to mean something.
         """
         p = self.params
         level = self._smoothed(raw_score)
@@ -122,8 +122,7 @@ class Calibrator:
             ranges = self._ranges(self._residual_ranges, len(residuals))
             for residual_range, residual in zip(ranges, residuals, strict=True):
                 if (
-                    extremes_armed
-                    and residual_age >= p.residual_warmup
+                    residuals_armed
                     and grade >= p.extreme_gate
                     and residual_range.exceeds(residual, p.residual_margin, p.noise_floor)
                 ):
@@ -131,7 +130,7 @@ class Calibrator:
                 residual_range.add(residual)
         ranges = self._ranges(self._value_ranges, len(values))
         for value_range, value in zip(ranges, values, strict=True):
-            if extremes_armed and grade >= p.extreme_gate and value_range.exceeds(
+            if values_armed and grade >= p.extreme_gate and value_range.exceeds(
                 value, p.extreme_margin, p.noise_floor
             ):
                 grade = 1.0

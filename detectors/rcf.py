@@ -95,7 +95,7 @@ class RcfDetector:
         if values is None:
             return self._missing(timestamp)
         residuals = self._residuals(values)
-        point = values + (residuals or [0.0] * self.dimensions)
+        point = values + (residuals or self._deviations(values))
         raw = self._forest.score(point)
         self._forest.update(point)
         self._seen += 1
@@ -103,8 +103,13 @@ class RcfDetector:
 
         grade = 0.0
         if raw > 0.0:
+            period = self._seasonal[0].period if self._seasonal is not None else 0
             grade = self._calibrator.grade(
-                raw, values, residuals, self._residual_age, self._extremes_armed()
+                raw,
+                values,
+                residuals,
+                values_armed=self._seen > max(self.config.extreme_warmup, period),
+                residuals_armed=self._residual_age > max(self.config.residual_warmup, period),
             )
         else:
             self._calibrator.observe(values)
@@ -162,10 +167,17 @@ class RcfDetector:
                     ]
         self._last_timestamp = timestamp
 
-    def _extremes_armed(self) -> bool:
-        """A new high or low means something only once a full daily cycle has been seen."""
-        period = self._seasonal[0].period if self._seasonal is not None else 0
-        return self._seen > max(self.config.extreme_warmup, period)
+    def _deviations(self, values: list[float]) -> list[float]:
+        """The forest's second coordinate until a daily reference exists.
+
+        A daily series gets its deviation from the running mean: the same meaning as the daily
+        residual and a similar scale, so the coordinate does not jump from a constant 0 to real
+        values when the reference becomes ready (which made every series look anomalous at
+        once, a day after it started). A series without a daily cycle keeps 0.
+        """
+        if self._seasonal is None or self._mean_values is None:
+            return [0.0] * self.dimensions
+        return [v - m for v, m in zip(values, self._mean_values, strict=True)]
 
     def _residuals(self, values: list[float]) -> list[float] | None:
         seasonal = self._seasonal

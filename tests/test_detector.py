@@ -179,3 +179,19 @@ def test_config_errors_name_the_parameter() -> None:
     with pytest.raises(ValueError, match="threshold=120"):
         DetectorConfig(threshold=120)
     assert DetectorConfig.from_dict({"threshold": 80}).threshold == 80
+
+
+def test_no_burst_when_the_daily_reference_switches_on() -> None:
+    """A day after start the daily comparison takes over; daily series must not page then.
+
+    (Before the fix every series of the demo paged at that moment.)
+    """
+    for seed in range(4):
+        rng = random.Random(seed)
+        values = [
+            50.0 + 20.0 * math.sin(2 * math.pi * i / 1440) + 3.0 * math.sin(i / 37.0)
+            + rng.gauss(0.0, 2.0)
+            for i in range(2 * 1440)
+        ]
+        results = feed(RcfDetector(DetectorConfig(seed=seed)), values, step=MINUTE)
+        assert not [i for i, r in enumerate(results[1440:1700], 1440) if r.anomaly_decision]
