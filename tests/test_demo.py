@@ -30,6 +30,13 @@ def series_key(measure: str, dimensions: dict[str, str]) -> SeriesKey:
     return measure, tuple(sorted(dimensions.items()))
 
 
+FEEDS = ("market", "ops")
+
+
+def labels_written(workdir: Path) -> bool:
+    return all((workdir / f"{feed}.labels.json").exists() for feed in FEEDS)
+
+
 def generated_series(workdir: Path) -> dict[SeriesKey, bool]:
     """Every generated series -> whether it carries injected anomalies."""
     series: dict[SeriesKey, bool] = {}
@@ -137,7 +144,7 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
             elapsed = time.monotonic() - began
             if healthy_after is None and dashboard_healthy(port):
                 healthy_after = elapsed
-            if not expected and (workdir / "ops.labels.json").exists():
+            if not expected and labels_written(workdir):
                 expected = generated_series(workdir)
             lake_done = all_series_after is not None or not expected
             if not lake_done and lake_series(workdir / "lake") >= set(expected):

@@ -239,8 +239,11 @@ def labels_path_for(out: Path) -> Path:
 
 
 def write_labels(feed: Feed, path: Path) -> None:
+    """Written under a temporary name and renamed, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(feed.labels_document(), indent=1) + "\n", encoding="utf-8")
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(json.dumps(feed.labels_document(), indent=1) + "\n", encoding="utf-8")
+    partial.replace(path)
 
 
 def write_records(feed: Feed, path: Path) -> int:
