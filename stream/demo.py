@@ -61,6 +61,9 @@ OPS_DETECTORS: tuple[DetectorRow, ...] = (
     ("ops-tflops", "effective_tflops", ("job",), {"entity": "job"}, "avg"),
     ("ops-grad-norm", "grad_norm", ("job", "layer"), {"entity": "layer"}, "last"),
 )
+# Per-detector parameters, as a user would set them for the measure: error counts are small
+# integers whose swings of a few errors are not incidents.
+DETECTOR_PARAMS: dict[str, dict[str, Any]] = {"ops-errors": {"absolute_margin": 5}}
 # The detector reports each anomaly once (a calibrated grade, not a raw score that stays high),
 # so the alert follows its decision: the record's own threshold, one interval is enough.
 ALERT_RULE: dict[str, Any] = {
@@ -126,6 +129,8 @@ def detect_config(bootstrap: str, topics: Topics, group: str, partitions: int) -
             }
             if match:
                 spec["match"] = dict(match)
+            if name in DETECTOR_PARAMS:
+                spec["params"] = dict(DETECTOR_PARAMS[name])
             detectors.append(spec)
     return {
         "kafka": {"bootstrap": bootstrap, "group_id": group},
