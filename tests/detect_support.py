@@ -80,14 +80,15 @@ def write_config(
 class WorkerProcess:
     """``python -m stream.cli detect`` in a subprocess, with its log and metrics port."""
 
-    def __init__(self, config: Path, instance: str, log_dir: Path) -> None:
+    def __init__(self, config: Path, instance: str, log_dir: Path,
+                 stages: str = "route,score") -> None:
         self.instance = instance
         self.port = free_port()
-        self.log_path = log_dir / f"worker-{instance}.log"
+        self.log_path = log_dir / f"worker-{instance}-{stages.replace(',', '-')}.log"
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "stream.cli", "detect", "--config", str(config),
-             "--instance-id", instance, "--metrics-port", str(self.port)],
+             "--instance-id", instance, "--metrics-port", str(self.port), "--stages", stages],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

@@ -362,3 +362,33 @@ def test_workers_split_partitions_and_hand_over_state(
     reference = uninterrupted_run(kafka_bootstrap, tmp_path, input_topic, 4, expected)
     assert_same_output(got, reference)
     assert_never_back_to_learning(got)
+
+
+def test_route_and_score_stages_in_separate_processes(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    hosts = ["p", "q"]
+    input_topic = f"staged-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka_bootstrap, [input_topic], partitions=2)
+    good = {h: [(i * 1000, signal_value(k, i)) for i in range(80)] for k, h in enumerate(hosts)}
+    produce(kafka_bootstrap, input_topic,
+            [point(h, t, v) for i in range(80) for h in hosts for t, v in [good[h][i]]])
+    topics = names("staged")
+    config = write_config(tmp_path / "detect.yaml", kafka_bootstrap, input_topic=input_topic,
+                          **topics)
+    route = WorkerProcess(config, "staged", tmp_path, stages="route")
+    score = WorkerProcess(config, "staged", tmp_path, stages="score")
+    try:
+        route.wait_ready()
+        score.wait_ready()
+        out = wait_for_results(kafka_bootstrap, topics["output"], 2 * 79, 120, [route, score])
+        assert route.metric("anomstream_records_in_total", stage="score") == 0
+        assert score.metric("anomstream_records_in_total", stage="route") == 0
+    finally:
+        assert route.stop() == 0, route.log()
+        assert score.stop() == 0, score.log()
+    expected = reference_scores(good)
+    series = by_series(out)
+    for host in hosts:
+        tsid = timeseries_id("cpu", "value", {"host": host})
+        assert [r["anomalyScore"] for r in series[tsid]] == pytest.approx(expected[host])
