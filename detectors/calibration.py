@@ -56,6 +56,12 @@ class _Range:
         if value > self.high:
             self.high = value
 
+    def check_and_add(self, value: float, margin: float, noise_floor: float, check: bool) -> bool:
+        """``exceeds`` (when ``check``) and then ``add``: one call on the per-point path."""
+        outside = check and self.exceeds(value, margin, noise_floor)
+        self.add(value)
+        return outside
+
 
 class Calibrator:
     """Streaming grade in [0, 1] for one series; deterministic and serializable."""
@@ -119,22 +125,16 @@ class Calibrator:
         self._learn_level(level)
 
         if residuals is not None:
+            check = residuals_armed and grade >= p.extreme_gate
             ranges = self._ranges(self._residual_ranges, len(residuals))
             for residual_range, residual in zip(ranges, residuals, strict=True):
-                if (
-                    residuals_armed
-                    and grade >= p.extreme_gate
-                    and residual_range.exceeds(residual, p.residual_margin, p.noise_floor)
-                ):
+                if residual_range.check_and_add(residual, p.residual_margin, p.noise_floor, check):
                     grade = 1.0
-                residual_range.add(residual)
+        check = values_armed and grade >= p.extreme_gate
         ranges = self._ranges(self._value_ranges, len(values))
         for value_range, value in zip(ranges, values, strict=True):
-            if values_armed and grade >= p.extreme_gate and value_range.exceeds(
-                value, p.extreme_margin, p.noise_floor
-            ):
+            if value_range.check_and_add(value, p.extreme_margin, p.noise_floor, check):
                 grade = 1.0
-            value_range.add(value)
         return self._report_once(grade, level)
 
     def _smoothed(self, raw_score: float) -> float:

@@ -94,7 +94,7 @@ class RcfDetector:
         self._learn_period(timestamp)
         if values is None:
             return self._missing(timestamp)
-        residuals = self._residuals(values)
+        residuals, expected = self._compare(values)
         point = values + (residuals or self._deviations(values))
         raw = self._forest.score(point)
         self._forest.update(point)
@@ -113,7 +113,6 @@ class RcfDetector:
             )
         else:
             self._calibrator.observe(values)
-        expected = self._expected(values)
         grade = self._apply_margins(grade, values, expected)
         self._remember(values)
 
@@ -179,12 +178,14 @@ class RcfDetector:
             return [0.0] * self.dimensions
         return [v - m for v, m in zip(values, self._mean_values, strict=True)]
 
-    def _residuals(self, values: list[float]) -> list[float] | None:
+    def _compare(self, values: list[float]) -> tuple[list[float] | None, list[float]]:
+        """Daily residuals (None before a full day) and the expected values of this point."""
         seasonal = self._seasonal
         if seasonal is None or not seasonal[0].ready:
-            return None
+            return None, self._expected(values)
         self._residual_age += 1
-        return [ref.residual(v) for ref, v in zip(seasonal, values, strict=True)]
+        compared = [ref.compare(v) for ref, v in zip(seasonal, values, strict=True)]
+        return [residual for residual, _ in compared], [expected for _, expected in compared]
 
     def _expected(self, values: Sequence[float]) -> list[float]:
         seasonal = self._seasonal

@@ -11,9 +11,12 @@ class ModelStage(StrEnum):
     INFERENCE = "INFERENCE"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Result:
-    """The detector's verdict on one point.
+    """The detector's verdict on one point (the caller's to keep; the detector keeps no reference).
+
+    Not frozen: a frozen dataclass sets each field through ``object.__setattr__``, which cost
+    ~0.9 µs of the ~8 µs the detector adds per point to the forest's own time.
 
     ``values`` and ``expected_values`` are in input units, one entry per variable (one for a
     univariate series). ``attribution`` shares the score among the variables (sums to 1) and is

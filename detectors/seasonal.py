@@ -28,14 +28,14 @@ def points_per_day(median_step_seconds: float) -> int:
 class SeasonalReference:
     """Same-time-of-day values of the last ``days`` days, one variable.
 
-    ``residual(x)`` is ``x`` minus the closest of those values: a single odd day in the history
+    ``compare(x)`` gives ``x`` minus the closest of those values: a single odd day in the history
     cannot echo into today (the other days still match), while a change against every recent
     day shows. ``expected()`` is their median, the value a user would call "usual".
 
     >>> ref = SeasonalReference(period=4, days=3)
     >>> for x in [1, 2, 3, 4] * 3 + [1, 9, 3, 4, 1]:  # a one-off 9 on the fourth day
     ...     ref.push(float(x))
-    >>> ref.residual(2.0), ref.expected()  # the next phase is the 9's: it does not echo
+    >>> ref.compare(2.0)  # (residual, expected): the next phase is the 9's, it does not echo
     (0.0, 2.0)
     """
 
@@ -60,21 +60,23 @@ class SeasonalReference:
     def ready(self) -> bool:
         return self._count >= self.period
 
-    def residual(self, value: float) -> float:
-        """``value`` minus the closest same-phase value of the last days (0 before a full day)."""
+    def compare(self, value: float) -> tuple[float, float]:
+        """``(residual, expected)`` for ``value``; both read the references once (hot path).
+
+        The residual is ``value`` minus the closest same-phase value of the last days, the
+        expected value their median. Call only when ``ready``.
+        """
         references = self._references()
-        if not references:
-            return 0.0
-        return min((value - reference for reference in references), key=abs)
+        residual = value - references[0]
+        for reference in references[1:]:
+            difference = value - reference
+            if abs(difference) < abs(residual):
+                residual = difference
+        return residual, _median(references)
 
     def expected(self) -> float | None:
-        references = sorted(self._references())
-        if not references:
-            return None
-        middle = len(references) // 2
-        if len(references) % 2:
-            return references[middle]
-        return 0.5 * (references[middle - 1] + references[middle])
+        references = self._references()
+        return _median(references) if references else None
 
     def push(self, value: float) -> None:
         self._buffer[self._head] = value
@@ -97,3 +99,11 @@ class SeasonalReference:
         reference._head = state["head"]
         reference._count = state["count"]
         return reference
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return 0.5 * (ordered[middle - 1] + ordered[middle])
