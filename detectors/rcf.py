@@ -64,6 +64,7 @@ class RcfDetector:
         self._seen = 0
         self._residual_age = 0
         self._observed_share = 1.0
+        self._has_margins = self.config.absolute_margin > 0.0 or self.config.ratio_margin > 0.0
 
     def _new_forest(self) -> krcf.RandomCutForest:
         c = self.config
@@ -91,7 +92,8 @@ class RcfDetector:
 
     def update(self, timestamp: float, value: float | Sequence[float] | None) -> Result:
         values = _finite_values(value, self.dimensions)
-        self._learn_period(timestamp)
+        if self._seasonal is None:  # the period is learned from the first steps only
+            self._learn_period(timestamp)
         if values is None:
             return self._missing(timestamp)
         residuals, expected = self._compare(values)
@@ -113,7 +115,8 @@ class RcfDetector:
             )
         else:
             self._calibrator.observe(values)
-        grade = self._apply_margins(grade, values, expected)
+        if self._has_margins:
+            grade = self._apply_margins(grade, values, expected)
         self._remember(values)
 
         score = 100.0 * grade
@@ -154,7 +157,7 @@ class RcfDetector:
         )
 
     def _learn_period(self, timestamp: float) -> None:
-        learning = self._seasonal is None and len(self._steps) < _PERIOD_SAMPLE
+        learning = len(self._steps) < _PERIOD_SAMPLE
         if learning and self._last_timestamp is not None and timestamp > self._last_timestamp:
             self._steps.append(timestamp - self._last_timestamp)
             if len(self._steps) == _PERIOD_SAMPLE:
@@ -196,7 +199,7 @@ class RcfDetector:
     def _apply_margins(self, grade: float, values: list[float], expected: list[float]) -> float:
         """Not an anomaly when every value is within the configured margins of its expected."""
         c = self.config
-        if grade * 100.0 < c.threshold or (c.absolute_margin == 0.0 and c.ratio_margin == 0.0):
+        if grade * 100.0 < c.threshold:
             return grade
         close = all(
             abs(v - e) <= max(c.absolute_margin, c.ratio_margin * abs(e))
@@ -283,11 +286,14 @@ def confidence(time_decay: float, seen: int, warmup: int) -> float:
         return 0.0
     if exponent >= 20.0:
         return 1.0
-    return (math.exp(exponent) - math.exp(time_decay * warmup)) / math.expm1(exponent)
+    grown = math.exp(exponent)
+    return (grown - math.exp(time_decay * warmup)) / (grown - 1.0)
 
 
 def _finite_values(value: float | Sequence[float] | None, dimensions: int) -> list[float] | None:
     """The point's values as floats, or None when it is missing (None, NaN, inf, too large)."""
+    if type(value) is float and dimensions == 1:  # the common case, kept cheap
+        return [value] if abs(value) <= _FLOAT32_SAFE else None  # NaN fails the comparison too
     if value is None:
         return None
     items = [value] if isinstance(value, int | float) else list(value)
