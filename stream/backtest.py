@@ -21,8 +21,7 @@ import csv
 import math
 import os
 from array import array
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -32,6 +31,7 @@ from typing import Any
 from detectors.config import DetectorConfig
 from detectors.rcf import RcfDetector
 from detectors.result import ModelStage, Result
+from stream.progress import progress_bar
 
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -489,7 +489,7 @@ def run_backtest(
         )
     summary = BacktestSummary(output=output_path, plot=plot_path)
     try:
-        with _progress(progress, total, input_path.name) as advance:
+        with progress_bar(f"backtest {input_path.name}", total, "rows", progress) as advance:
             for row in rows:
                 value: float | tuple[float, ...] = row.values if multivariate else row.values[0]
                 result = detector.update(row.timestamp, value)
@@ -536,32 +536,3 @@ def _keep_for_plot(data: _PlotData, row: InputRow, result: Result) -> None:
     data.scores.append(result.anomaly_score)
     data.decisions.append(result.anomaly_decision)
     data.learning.append(result.model_stage is ModelStage.LEARNING)
-
-
-@contextmanager
-def _progress(enabled: bool, total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (or nothing); yields ``advance(n)``."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("rows"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task(f"backtest {label}", total=total)
-        yield lambda n: bar.advance(task, n)

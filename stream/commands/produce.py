@@ -39,16 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from stream.cli import CliError
     from stream.producer import (
         InputError,
@@ -58,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         read_table,
         send_records,
     )
+    from stream.progress import progress_bar
 
     if args.partitions < 1:
         raise CliError(f"--partitions must be at least 1, not {args.partitions}")
@@ -81,13 +72,10 @@ def run(args: argparse.Namespace) -> int:
         spec.check()
         records = build_records(read_table(args.input), spec, str(args.input))
         _prepare_topic(bootstrap, args.topic, args.partitions)
-        console = Console(stderr=True)
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task(f"{args.input.name} -> {args.topic}", total=len(records))
+        label = f"{args.input.name} -> {args.topic}"
+        with progress_bar(label, len(records)) as advance:
             report = send_records(bootstrap, args.topic, paced(records, args.speed),
-                                  on_sent=lambda n: progress.advance(task, n))
+                                  on_sent=advance)
     except InputError as error:
         raise CliError(str(error)) from error
     if report.failed:
