@@ -15,7 +15,6 @@ so a typo in the YAML is reported before the worker touches Kafka.
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,26 +31,7 @@ from pydantic import (
 )
 
 from detectors import DetectorConfig
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
-
-
-def parse_duration_ms(value: Any) -> int:
-    """Milliseconds of ``"500ms"``, ``"60s"``, ``"5m"``, ``"1h"``, ``"1d"`` or a number of seconds.
-
-    >>> parse_duration_ms("60s"), parse_duration_ms("250ms"), parse_duration_ms(2)
-    (60000, 250, 2000)
-    """
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as '60s', '500ms', '5m'")
-    if isinstance(value, int | float):
-        return round(float(value) * 1000)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"expected a duration such as '60s', '500ms', '5m', got {value!r}")
-    return round(float(match.group(1)) * _UNIT_MS[match.group(2)])
-
+from stream.durations import parse_duration_ms
 
 # Milliseconds, written in YAML as "60s", "500ms", "5m" or a number of seconds.
 DurationMs = Annotated[int, BeforeValidator(parse_duration_ms)]

@@ -23,33 +23,13 @@ from pydantic import (
     model_validator,
 )
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+from stream.durations import parse_duration
+
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the file, the place and the fix."""
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds of a duration written as a number or ``<n><unit>``.
-
-    >>> parse_duration("2h"), parse_duration("90s"), parse_duration(15)
-    (7200.0, 90.0, 15.0)
-    """
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s, 5m, 2h or 1d")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ValueError(f"{value!r} is not a duration; write e.g. 30s, 5m, 2h or 1d")
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]

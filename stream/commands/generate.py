@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from stream.generators.common import (
         OUTPUT_SUFFIXES,
         labels_path_for,
-        parse_duration,
+        parse_interval,
         write_labels,
         write_records,
     )
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--tolerance must be 0 or more, got {args.tolerance}")
     try:
         start = None if args.start is None else _start(args.start)
-        interval = None if args.interval is None else parse_duration(args.interval)
+        interval = None if args.interval is None else parse_interval(args.interval)
     except ValueError as error:
         raise CliError(str(error)) from None
 

@@ -8,24 +8,9 @@ import re
 import sys
 
 from stream.cli import CliError
+from stream.durations import parse_duration_ms
 
 HELP = "Write the result topic into a date-partitioned Parquet lake, exactly once; compact it."
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-
-
-def parse_duration_ms(text: str) -> int:
-    """``"90s"`` -> 90000; units ms, s, m, h, d; a bare number is seconds.
-
-    >>> parse_duration_ms("1h"), parse_duration_ms("30m"), parse_duration_ms("15")
-    (3600000, 1800000, 15000)
-    """
-    match = _DURATION.match(text)
-    if not match:
-        raise CliError(f"--max-span: {text!r} is not a duration like 90s, 30m, 1h or 1d")
-    return int(float(match[1]) * _UNIT_MS[match[2] or "s"])
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -121,7 +106,11 @@ def _sink(args: argparse.Namespace) -> int:
     )
 
     try:
-        policy = RotationPolicy(args.max_records, parse_duration_ms(args.max_span))
+        span_ms = parse_duration_ms(args.max_span)
+    except ValueError as error:
+        raise CliError(f"--max-span: {error}") from None
+    try:
+        policy = RotationPolicy(args.max_records, span_ms)
     except ValueError as error:
         raise CliError(f"--max-records/--max-span: {error}") from None
     if "+" in args.topic or "/" in args.topic:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from stream.durations import parse_duration
 from stream.records import format_time, parse_time
 
 DEFAULT_START = "2026-01-05T00:00:00Z"
@@ -206,22 +206,15 @@ def daily_phase(spec: FeedSpec) -> np.ndarray:
     return np.mod(spec.timestamps(), 86400.0) / 86400.0
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+def parse_interval(text: str) -> float:
+    """Seconds between points: a duration (``stream.durations``) that must be positive.
 
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``60s``, ``5m``, ``1h``, ``1d`` or a bare number of seconds.
-
-    >>> parse_duration("60s"), parse_duration("5m"), parse_duration("1h"), parse_duration("90")
-    (60.0, 300.0, 3600.0, 90.0)
+    >>> parse_interval("60s"), parse_interval("5m"), parse_interval("90")
+    (60.0, 300.0, 90.0)
     """
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 60s, 5m, 1h)")
-    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    seconds = parse_duration(text)
     if seconds <= 0:
-        raise ValueError(f"a duration must be positive: {text!r}")
+        raise ValueError(f"an interval must be positive: {text!r}")
     return seconds
 
 
