@@ -6,6 +6,7 @@ The "independent" answers read the Parquet files directly (``read_parquet``), no
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,3 +45,35 @@ def direct(lake: Path, sql: str, params: list[object] | None = None) -> list[tup
 def direct_one(lake: Path, sql: str, params: list[object] | None = None) -> tuple:
     (row,) = direct(lake, sql, params)
     return row
+
+
+@dataclass(frozen=True)
+class LakeTotals:
+    """What the KPI row must show for the whole lake, computed straight from the files."""
+
+    series: int
+    points: int
+    flagged: int
+    confidence: float
+
+    def kpis(self) -> dict[str, str]:
+        return {
+            "Series tracked": f"{self.series:,}",
+            "Data points processed": f"{self.points:,}",
+            "Anomalies in range": f"{self.flagged:,}",
+            "Mean confidence": f"{self.confidence:.1f}",
+        }
+
+
+def lake_totals(lake: Path) -> LakeTotals:
+    series, points, flagged = direct_one(
+        lake,
+        "SELECT count(DISTINCT timeseriesId), sum(p), sum(a) FROM (SELECT timeseriesId, "
+        "max(processedDataPoints) p, sum(anomalyDecision) a FROM files GROUP BY ALL)",
+    )
+    (confidence,) = direct_one(
+        lake,
+        "SELECT avg(c) FROM (SELECT arg_max(anomalyConfidenceScore, detectionPeriodStartTime) c"
+        " FROM files GROUP BY timeseriesId)",
+    )
+    return LakeTotals(series, points, flagged, confidence)

@@ -25,7 +25,15 @@ from typing import Any
 import pytest
 
 from dashboard.fixtures import LakeSummary, build_lake
-from tests.dashboard_support import ANOMALY_RATE, SEED, SERIES, direct, direct_one, small_lake
+from tests.dashboard_support import (
+    ANOMALY_RATE,
+    SEED,
+    SERIES,
+    direct,
+    direct_one,
+    lake_totals,
+    small_lake,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -188,23 +196,9 @@ def test_risk_desk_in_chromium(
     toggle_live(browser)
     wait_for(browser, settled, "the page to settle")
 
-    series, points, flagged = direct_one(
-        lake.lake_dir,
-        "SELECT count(DISTINCT timeseriesId), sum(p), sum(a) FROM (SELECT timeseriesId, "
-        "max(processedDataPoints) p, sum(anomalyDecision) a FROM files GROUP BY ALL)",
-    )
-    (confidence,) = direct_one(
-        lake.lake_dir,
-        "SELECT avg(c) FROM (SELECT arg_max(anomalyConfidenceScore, detectionPeriodStartTime) c"
-        " FROM files GROUP BY timeseriesId)",
-    )
-    assert metrics(browser) == {
-        "Series tracked": f"{series:,}",
-        "Data points processed": f"{points:,}",
-        "Anomalies in range": f"{flagged:,}",
-        "Mean confidence": f"{confidence:.1f}",
-    }
-    assert caption_with(browser, f"{flagged} flagged intervals, newest first")
+    totals = lake_totals(lake.lake_dir)
+    assert metrics(browser) == totals.kpis()
+    assert caption_with(browser, f"{totals.flagged} flagged intervals, newest first")
     newest = direct(
         lake.lake_dir,
         "SELECT timeseriesId, anomalyScore FROM files WHERE anomalyDecision = 1 "
@@ -222,7 +216,7 @@ def test_risk_desk_in_chromium(
         "SELECT count(*) FROM files WHERE anomalyDecision = 1 AND anomalyScore >= ?",
         [minimum],
     )
-    assert 0 < strong < flagged
+    assert 0 < strong < totals.flagged
     before = table_cells(browser)
     field = browser.find_element(By.CSS_SELECTOR, 'input[aria-label="Minimum score"]')
     field.send_keys(Keys.CONTROL, "a")
