@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -19,6 +17,7 @@ from pathlib import Path
 
 from sinks.alerting.config import SilenceSpec
 from sinks.alerting.rules import labels_match
+from stream.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +59,11 @@ def parse_matchers(items: Iterable[str]) -> dict[str, str]:
 
 
 def write_silence(directory: Path, silence: Silence) -> Path:
-    """Write one silence file atomically (temp file, fsync, rename) so a reader never sees half."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write one silence file atomically so a running alerter never reads half of it."""
     silence_id = silence.id or uuid.uuid4().hex[:12]
     target = directory / f"{silence_id}.json"
     payload = json.dumps({**asdict(silence), "id": silence_id}, indent=2)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomically(target, payload)
     return target
 
 

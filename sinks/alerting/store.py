@@ -10,11 +10,11 @@ after this file and serve monitoring (consumer lag); this file wins when they di
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from stream.files import write_text_atomically
 
 FORMAT_VERSION = 1
 
@@ -30,7 +30,6 @@ class Snapshot:
 
 
 def save(path: Path, snapshot: Snapshot) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "version": FORMAT_VERSION,
         "offsets": {
@@ -43,22 +42,7 @@ def save(path: Path, snapshot: Snapshot) -> None:
         "next_id": snapshot.next_id,
         "watermark": snapshot.watermark,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, separators=(",", ":"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename is durable only once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_text_atomically(path, json.dumps(payload, separators=(",", ":")))
 
 
 def load(path: Path) -> Snapshot:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from stream.durations import parse_duration
+from stream.files import write_text_atomically
 from stream.records import format_time, parse_time
 
 DEFAULT_START = "2026-01-05T00:00:00Z"
@@ -232,11 +233,8 @@ def labels_path_for(out: Path) -> Path:
 
 
 def write_labels(feed: Feed, path: Path) -> None:
-    """Written under a temporary name and renamed, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(json.dumps(feed.labels_document(), indent=1) + "\n", encoding="utf-8")
-    partial.replace(path)
+    """Written atomically: a reader (the demo, its test) never sees half a file."""
+    write_text_atomically(path, json.dumps(feed.labels_document(), indent=1) + "\n")
 
 
 def write_records(feed: Feed, path: Path) -> int:
