@@ -77,12 +77,12 @@ class Calibrator:
         "_streak",
         "_value_ranges",
         "_window",
-        "params",
+        "config",
         "threshold",
     )
 
     def __init__(self, config: DetectorConfig) -> None:
-        self.params = config
+        self.config = config
         self.threshold = config.threshold / 100.0
         self._window: list[float] = []
         self._stat_mean = 0.0
@@ -115,7 +115,7 @@ class Calibrator:
         (residuals) — a full daily cycle and a minimum count — for "outside everything seen so
         far" to mean something.
         """
-        p = self.params
+        p = self.config
         level = self._smoothed(raw_score)
         grade = 0.0
         if self._stat_count >= p.score_warmup:
@@ -141,13 +141,13 @@ class Calibrator:
         # Summed afresh each time (the window is tiny) so a restored snapshot continues bit-exact.
         window = self._window
         window.append(raw_score)
-        if len(window) > self.params.score_window:
+        if len(window) > self.config.score_window:
             del window[0]
         return sum(window) / len(window)
 
     def _learn_level(self, level: float) -> None:
         self._stat_count += 1
-        alpha = max(self.params.score_decay, 1.0 / self._stat_count)
+        alpha = max(self.config.score_decay, 1.0 / self._stat_count)
         delta = level - self._stat_mean
         self._stat_mean += alpha * delta
         self._stat_var = (1.0 - alpha) * (self._stat_var + alpha * delta * delta)
@@ -161,7 +161,7 @@ class Calibrator:
         if self._streak:
             return min(grade, 0.5 * self.threshold)
         self._streak = True
-        p = self.params
+        p = self.config
         recent = self._seen - self._last_report < p.repeat_window
         if recent and level <= self._report_level * p.repeat_escalation:
             return min(grade, 0.5 * self.threshold)
