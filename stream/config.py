@@ -87,6 +87,8 @@ class WorkerSettings(_Strict):
     # A checkpoint is spread over transactions, this many series snapshots per commit, so that
     # snapshotting thousands of series never stalls scoring for seconds.
     snapshots_per_commit: int = Field(default=32, ge=1)
+    # Records per consume call. The score stage scores a batch's windows series by series, so
+    # on a backlog a larger batch puts more windows of a series together (a warm forest).
     max_batch: int = Field(default=2000, ge=1)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
