@@ -219,9 +219,11 @@ def consume_all(
                 raise KafkaException(error)
             if partition is None or offset is None or partition not in ends:
                 continue
-            if offset >= ends[partition]:
-                continue
-            messages.append(message)
+            if offset < ends[partition]:
+                messages.append(message)
+            # A record at or past the end also means done: when a transaction marker sits last
+            # before the end, no record has the end's offset - 1, and a topic that producers
+            # keep writing to may never report the partition's end.
             if offset >= ends[partition] - 1:
                 pending.discard(partition)
         messages.sort(key=lambda m: (m.partition(), m.offset()))

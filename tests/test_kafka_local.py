@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,6 +65,40 @@ def test_consume_all_reads_every_partition_in_offset_order(
     keys = [(m.partition(), m.offset()) for m in messages]
     assert keys == sorted(keys)
     assert {m.partition() for m in messages} == {0, 1, 2}
+
+
+@pytest.mark.kafka
+def test_consume_all_ends_at_a_closing_marker_and_leaves_out_what_is_written_later(
+    kafka_bootstrap: str, topic_factory
+) -> None:
+    topic = topic_factory()
+    transactional = _transactional_producer(kafka_bootstrap)
+    transactional.begin_transaction()
+    for i in range(3):
+        transactional.produce(topic, value=f"committed-{i}".encode())
+    transactional.commit_transaction(30)  # offsets 0-2 records, 3 the commit marker: end 4
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        producer = Producer(producer_config(kafka_bootstrap, **{"linger.ms": 0}))
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            producer.produce(topic, value=b"later")
+            producer.poll(0.001)
+        producer.flush(30)
+
+    writer = threading.Thread(target=keep_writing, daemon=True)
+    writer.start()
+    try:
+        # No record sits at end - 1 (the marker does): the first record past it ends the read,
+        # without waiting for the partition's end, which a busy writer may never let it reach
+        # (whether a fetch catches up with the writer is a race, so only the result is checked).
+        messages = consume_all(kafka_bootstrap, topic, timeout_s=20)
+    finally:
+        stop.set()
+        writer.join(60)
+
+    assert [m.value() for m in messages] == [b"committed-0", b"committed-1", b"committed-2"]
 
 
 @pytest.mark.kafka
