@@ -32,6 +32,7 @@ from typing import Any
 from detectors.config import DetectorConfig
 
 _SQRT2 = math.sqrt(2.0)
+_JITTER_DECAY = 0.05  # about the last 20 steps
 
 
 class _Range:
@@ -43,11 +44,11 @@ class _Range:
         self.low = math.inf
         self.high = -math.inf
 
-    def exceeds(self, value: float, margin: float, noise_floor: float) -> bool:
+    def exceeds(self, value: float, margin: float, noise_floor: float, extra: float = 0.0) -> bool:
         if self.low > self.high:
             return False
         span = self.high - self.low
-        slack = margin * span + noise_floor * max(abs(self.low), abs(self.high), span)
+        slack = margin * span + noise_floor * max(abs(self.low), abs(self.high), span) + extra
         return value > self.high + slack or value < self.low - slack
 
     def add(self, value: float) -> None:
@@ -56,17 +57,38 @@ class _Range:
         if value > self.high:
             self.high = value
 
-    def check_and_add(self, value: float, margin: float, noise_floor: float, check: bool) -> bool:
+    def check_and_add(
+        self, value: float, margin: float, noise_floor: float, check: bool, extra: float = 0.0
+    ) -> bool:
         """``exceeds`` (when ``check``) and then ``add``: one call on the per-point path."""
-        outside = check and self.exceeds(value, margin, noise_floor)
+        outside = check and self.exceeds(value, margin, noise_floor, extra)
         self.add(value)
         return outside
+
+
+class _Jitter:
+    """Typical size of a step between consecutive values: EW mean of ``|x_t - x_(t-1)|``."""
+
+    __slots__ = ("last", "size")
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.size = 0.0
+
+    def step(self, value: float) -> float:
+        """The typical step size before ``value``; then learn from ``value``."""
+        size = self.size
+        if self.last is not None:
+            self.size += _JITTER_DECAY * (abs(value - self.last) - size)
+        self.last = value
+        return size
 
 
 class Calibrator:
     """Streaming grade in [0, 1] for one series; deterministic and serializable."""
 
     __slots__ = (
+        "_jitters",
         "_last_report",
         "_report_level",
         "_residual_ranges",
@@ -94,12 +116,15 @@ class Calibrator:
         self._last_report = -(10**9)
         self._report_level = 0.0
         self._seen = 0
+        self._jitters: list[_Jitter] = []
 
     def observe(self, values: Sequence[float]) -> None:
         """Learn the range from a point that is not graded (the forest is still warming up)."""
         self._ranges(self._value_ranges, len(values))
         for value_range, value in zip(self._value_ranges, values, strict=True):
             value_range.add(value)
+        for jitter, value in zip(self._new_jitters(len(values)), values, strict=True):
+            jitter.step(value)
 
     def grade(
         self,
@@ -108,12 +133,15 @@ class Calibrator:
         residuals: Sequence[float] | None,
         values_armed: bool = True,
         residuals_armed: bool = True,
+        settling: bool = False,
     ) -> float:
         """Grade one point.
 
         ``values_armed`` and ``residuals_armed`` say whether the series has shown enough values
         (residuals) — a full daily cycle and a minimum count — for "outside everything seen so
-        far" to mean something.
+        far" to mean something. ``settling`` says the forest's input just changed (the daily
+        comparison took over): its raw scores run high until its sample adapts, so their
+        rarity alone cannot report; new extremes still can.
         """
         p = self.config
         level = self._smoothed(raw_score)
@@ -122,6 +150,8 @@ class Calibrator:
             deviation = max(math.sqrt(self._stat_var), 1e-4)
             tail = 0.5 * math.erfc((level - self._stat_mean) / deviation / _SQRT2)
             grade = min(1.0, math.log10(max(tail, 1e-300)) / -p.log10_tail) if tail < 1.0 else 0.0
+            if settling:
+                grade = min(grade, 0.5 * self.threshold)
         self._learn_level(level)
 
         if residuals is not None:
@@ -132,10 +162,18 @@ class Calibrator:
                     grade = 1.0
         check = values_armed and grade >= p.extreme_gate
         ranges = self._ranges(self._value_ranges, len(values))
-        for value_range, value in zip(ranges, values, strict=True):
-            if value_range.check_and_add(value, p.extreme_margin, p.noise_floor, check):
+        jitters = self._new_jitters(len(values))
+        for value_range, jitter, value in zip(ranges, jitters, values, strict=True):
+            # A drifting series makes new highs (lows) by less than its usual step: not news.
+            slack = p.extreme_jitter * jitter.step(value)
+            if value_range.check_and_add(value, p.extreme_margin, p.noise_floor, check, slack):
                 grade = 1.0
         return self._report_once(grade, level)
+
+    def _new_jitters(self, size: int) -> list[_Jitter]:
+        while len(self._jitters) < size:
+            self._jitters.append(_Jitter())
+        return self._jitters
 
     def _smoothed(self, raw_score: float) -> float:
         # Summed afresh each time (the window is tiny) so a restored snapshot continues bit-exact.
@@ -181,6 +219,7 @@ class Calibrator:
             "stat": [self._stat_mean, self._stat_var, self._stat_count],
             "value_ranges": [[r.low, r.high] for r in self._value_ranges],
             "residual_ranges": [[r.low, r.high] for r in self._residual_ranges],
+            "jitters": [[j.last, j.size] for j in self._jitters],
             "report": [self._streak, self._last_report, self._report_level, self._seen],
         }
 
@@ -197,6 +236,10 @@ class Calibrator:
                 value_range = _Range()
                 value_range.low, value_range.high = low, high
                 target.append(value_range)
+        for last, size in state["jitters"]:
+            jitter = _Jitter()
+            jitter.last, jitter.size = last, size
+            calibrator._jitters.append(jitter)
         streak, last_report, level, seen = state["report"]
         calibrator._streak = streak
         calibrator._last_report = last_report

@@ -25,18 +25,20 @@ class DetectorConfig:
     # Daily-seasonal residual: compare with the same time of day over this many past days.
     seasonal_days: int = 8
     # Calibration of the raw score (see detectors/calibration.py).
-    score_window: int = 3
+    score_window: int = 2
     score_decay: float = 0.001
     score_warmup: int = 150
     log10_tail: float = 10.0
     extreme_margin: float = 0.02
-    residual_margin: float = 0.0
+    extreme_jitter: float = 0.35
+    residual_margin: float = 0.02
     extreme_gate: float = 0.1
     extreme_warmup: int = 300
     residual_warmup: int = 100
+    settle: int = 50
     noise_floor: float = 1e-3
     repeat_window: int = 100
-    repeat_escalation: float = 1.2
+    repeat_escalation: float = 1.4
     # Reporting.
     threshold: float = 70.0
     absolute_margin: float = 0.0
@@ -59,9 +61,11 @@ class DetectorConfig:
             "score_warmup": self.score_warmup >= 1,
             "log10_tail": self.log10_tail > 0.0,
             "extreme_margin": self.extreme_margin >= 0.0,
+            "extreme_jitter": self.extreme_jitter >= 0.0,
             "residual_margin": self.residual_margin >= 0.0,
             "extreme_gate": 0.0 <= self.extreme_gate <= 1.0,
             "residual_warmup": self.residual_warmup >= 0,
+            "settle": self.settle >= 0,
             "extreme_warmup": self.extreme_warmup >= 0,
             "noise_floor": self.noise_floor >= 0.0,
             "repeat_window": self.repeat_window >= 0,

@@ -23,7 +23,7 @@ from detectors.config import DetectorConfig
 from detectors.result import ModelStage, Result
 from detectors.seasonal import SeasonalReference, points_per_day
 
-_SNAPSHOT_MAGIC = b"ASD2"
+_SNAPSHOT_MAGIC = b"ASD3"
 _PERIOD_SAMPLE = 32  # sampling steps looked at before the daily period is fixed
 _EXPECTED_DECAY = 0.2  # fast mean for the expected value of series without a daily cycle
 _FLOAT32_SAFE = 1e30  # krcf stores float32: larger magnitudes overflow to inf and corrupt it
@@ -112,6 +112,7 @@ class RcfDetector:
                 residuals,
                 values_armed=self._seen > max(self.config.extreme_warmup, period),
                 residuals_armed=self._residual_age > max(self.config.residual_warmup, period),
+                settling=0 < self._residual_age <= self.config.settle,
             )
         else:
             self._calibrator.observe(values)

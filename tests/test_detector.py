@@ -80,9 +80,9 @@ def test_same_seed_same_results_other_seed_other_raw_scores() -> None:
     assert [r.raw_score for r in first] != [r.raw_score for r in other]
 
 
-@pytest.mark.parametrize("cut", [20, 400, 700])
+@pytest.mark.parametrize("cut", [20, 300, 340, 700])
 def test_restored_snapshot_continues_exactly(cut: int) -> None:
-    """Cut points: while learning, before the daily reference exists, after it (300-s steps)."""
+    """Cut points (300-s steps): learning, before the daily reference, settling, after it."""
     values = daily_series(4, noise=2.0)
     values[900] += 200.0  # an anomaly after the cut, so reports and suppression are exercised
     original = RcfDetector()
@@ -195,3 +195,33 @@ def test_no_burst_when_the_daily_reference_switches_on() -> None:
         ]
         results = feed(RcfDetector(DetectorConfig(seed=seed)), values, step=MINUTE)
         assert not [i for i, r in enumerate(results[1440:1700], 1440) if r.anomaly_decision]
+
+
+def converging_metric(points: int, seed: int) -> list[float]:
+    """A training job's gradient norm: decaying towards its final level, 8 % log-normal noise."""
+    rng = random.Random(seed)
+    return [
+        (1.0 + 1.5 * math.exp(-i / 800.0)) * math.exp(rng.gauss(0.0, 0.08)) for i in range(points)
+    ]
+
+
+def test_a_converging_metric_does_not_page() -> None:
+    """Its new lows are smaller than its usual step, and a day in, the daily comparison (which
+    fits it badly) takes over while the forest's rarity alone cannot report (``settle``)."""
+    for seed in range(6):
+        results = feed(
+            RcfDetector(DetectorConfig(seed=seed)), converging_metric(3000, seed), step=MINUTE
+        )
+        assert not [i for i, r in enumerate(results) if r.anomaly_decision]
+
+
+def test_without_settling_the_switch_to_the_daily_comparison_pages() -> None:
+    """The reason for ``settle``: the forest's input changes meaning a day (+ 32 points) in."""
+    for seed in range(3):
+        results = feed(
+            RcfDetector(DetectorConfig(seed=seed, settle=0)),
+            converging_metric(1600, seed),
+            step=MINUTE,
+        )
+        fired = [i for i, r in enumerate(results) if r.anomaly_decision]
+        assert fired and all(1440 + 32 <= i <= 1440 + 32 + 5 for i in fired)
