@@ -129,3 +129,23 @@ def test_user_errors_are_reported_without_a_traceback(corpus_dir, tmp_path, caps
     write_results(results, {f.key: np.zeros(f.rows - 1) for f in corpus})
     assert main([*argv, "--results", str(results)]) == 2
     assert "result rows, but the data file has" in capsys.readouterr().err
+
+
+NAB_ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nab"
+
+
+@pytest.mark.slow
+def test_the_default_detector_meets_its_nab_bars(tmp_path: Path) -> None:
+    """The headline claims (README, docs/detector.md), re-measured on every run where NAB is."""
+    if not (NAB_ROOT / "data").is_dir():
+        pytest.skip(f"NAB corpus not found at {NAB_ROOT.resolve()} (shared/ beside the repo)")
+    report = tmp_path / "nab.json"
+    labels = NAB_ROOT / "labels" / "combined_windows.json"
+    argv = ["evaluate", "--data", str(NAB_ROOT / "data"), "--labels", str(labels)]
+    assert main([*argv, "--json", str(report)]) == 0
+    profiles = json.loads(report.read_text())["profiles"]
+    optimized = {name: profiles[name]["optimized"]["score"] for name in PROFILES}
+    assert optimized["standard"] >= 74.0, optimized
+    assert optimized["reward_low_FP_rate"] >= 66.0, optimized
+    assert optimized["reward_low_FN_rate"] >= 79.0, optimized
+    assert profiles["standard"]["deployed"]["score"] >= 65.0, profiles["standard"]["deployed"]
