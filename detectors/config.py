@@ -39,6 +39,10 @@ class DetectorConfig:
     noise_floor: float = 1e-3
     repeat_window: int = 100
     repeat_escalation: float = 1.4
+    # Input: "log" models log(1 + |x|) (with x's sign) for series whose noise grows with their
+    # level (volumes, prices, latencies, spreads); values, expected values and margins stay in
+    # input units.
+    transform: str = "none"
     # Reporting.
     threshold: float = 70.0
     absolute_margin: float = 0.0
@@ -66,6 +70,7 @@ class DetectorConfig:
             "extreme_gate": 0.0 <= self.extreme_gate <= 1.0,
             "residual_warmup": self.residual_warmup >= 0,
             "settle": self.settle >= 0,
+            "transform": self.transform in ("none", "log"),
             "extreme_warmup": self.extreme_warmup >= 0,
             "noise_floor": self.noise_floor >= 0.0,
             "repeat_window": self.repeat_window >= 0,

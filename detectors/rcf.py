@@ -26,6 +26,8 @@ from detectors.seasonal import SeasonalReference, points_per_day
 _SNAPSHOT_MAGIC = b"ASD3"
 _PERIOD_SAMPLE = 32  # sampling steps looked at before the daily period is fixed
 _EXPECTED_DECAY = 0.2  # fast mean for the expected value of series without a daily cycle
+_FIT_DECAY = 0.002  # the expected value follows whichever predictor fit the last ~500 points
+_FIT_CLIP = 4.0
 _FLOAT32_SAFE = 1e30  # krcf stores float32: larger magnitudes overflow to inf and corrupt it
 
 
@@ -63,8 +65,11 @@ class RcfDetector:
         self._mean_values: list[float] | None = None
         self._seen = 0
         self._residual_age = 0
+        # Per variable: recent mean absolute error of the daily and of the running-mean predictor.
+        self._fits = [[0.0, 0.0] for _ in range(dimensions)]
         self._observed_share = 1.0
         self._has_margins = self.config.absolute_margin > 0.0 or self.config.ratio_margin > 0.0
+        self._log = self.config.transform == "log"
 
     def _new_forest(self) -> krcf.RandomCutForest:
         c = self.config
@@ -91,12 +96,15 @@ class RcfDetector:
         return self._seen
 
     def update(self, timestamp: float, value: float | Sequence[float] | None) -> Result:
-        values = _finite_values(value, self.dimensions)
+        observed = _finite_values(value, self.dimensions)
         if self._seasonal is None:  # the period is learned from the first steps only
             self._learn_period(timestamp)
-        if values is None:
+        if observed is None:
             return self._missing(timestamp)
+        values = [_to_log(v) for v in observed] if self._log else observed
         residuals, expected = self._compare(values)
+        if self._log:
+            expected = [_from_log(e) for e in expected]
         point = values + (residuals or self._deviations(values))
         raw = self._forest.score(point)
         self._forest.update(point)
@@ -117,14 +125,14 @@ class RcfDetector:
         else:
             self._calibrator.observe(values)
         if self._has_margins:
-            grade = self._apply_margins(grade, values, expected)
+            grade = self._apply_margins(grade, observed, expected)
         self._remember(values)
 
         score = 100.0 * grade
         decision = int(raw > 0.0 and score >= self.config.threshold)
         return Result(
             timestamp=timestamp,
-            values=tuple(values),
+            values=tuple(observed),
             anomaly_score=score,
             anomaly_decision=decision,
             threshold=self.config.threshold,
@@ -143,6 +151,8 @@ class RcfDetector:
         if self._seasonal is not None:
             for reference, value in zip(self._seasonal, imputed, strict=True):
                 reference.push(value)
+        if self._log:
+            imputed = [_from_log(v) for v in imputed]
         return Result(
             timestamp=timestamp,
             values=tuple(math.nan for _ in range(self.dimensions)),
@@ -189,13 +199,33 @@ class RcfDetector:
             return None, self._expected(values)
         self._residual_age += 1
         compared = [ref.compare(v) for ref, v in zip(seasonal, values, strict=True)]
-        return [residual for residual, _ in compared], [expected for _, expected in compared]
+        means = self._mean_values or values
+        expected = []
+        for (_, daily), mean, value, fit in zip(compared, means, values, self._fits, strict=True):
+            expected.append(daily if fit[0] <= fit[1] else mean)
+            # Errors clipped: an outage (a sensor stuck at 0) must not teach "follow the level".
+            cap = _FIT_CLIP * max(fit) or math.inf
+            fit[0] += _FIT_DECAY * (min(abs(value - daily), cap) - fit[0])
+            fit[1] += _FIT_DECAY * (min(abs(value - mean), cap) - fit[1])
+        return [residual for residual, _ in compared], expected
 
     def _expected(self, values: Sequence[float]) -> list[float]:
+        """The better recent predictor per variable: the daily references or the running mean.
+
+        A daily series is best described by its same-time-of-day values; a trending or
+        wandering one (a price, a gradient norm) by its recent level, which yesterday's values
+        miss by the day's drift.
+        """
         seasonal = self._seasonal
+        means = self._mean_values
         if seasonal is not None and seasonal[0].ready:
-            return [ref.expected() or v for ref, v in zip(seasonal, values, strict=True)]
-        return list(self._mean_values) if self._mean_values is not None else list(values)
+            return [
+                (ref.expected() or v) if means is None or fit[0] <= fit[1] else mean
+                for ref, v, mean, fit in zip(
+                    seasonal, values, means or values, self._fits, strict=True
+                )
+            ]
+        return list(means) if means is not None else list(values)
 
     def _apply_margins(self, grade: float, values: list[float], expected: list[float]) -> float:
         """Not an anomaly when every value is within the configured margins of its expected."""
@@ -246,6 +276,7 @@ class RcfDetector:
             "mean_values": self._mean_values,
             "seen": self._seen,
             "residual_age": self._residual_age,
+            "fits": self._fits,
             "observed_share": self._observed_share,
         }
         header = json.dumps(state, separators=(",", ":")).encode()
@@ -270,6 +301,7 @@ class RcfDetector:
         detector._mean_values = state["mean_values"]
         detector._seen = state["seen"]
         detector._residual_age = state["residual_age"]
+        detector._fits = state["fits"]
         detector._observed_share = state["observed_share"]
         return detector
 
@@ -289,6 +321,15 @@ def confidence(time_decay: float, seen: int, warmup: int) -> float:
         return 1.0
     grown = math.exp(exponent)
     return (grown - math.exp(time_decay * warmup)) / (grown - 1.0)
+
+
+def _to_log(value: float) -> float:
+    """Signed ``log1p``: multiplicative noise becomes additive; 0 and negatives stay valid."""
+    return math.copysign(math.log1p(abs(value)), value)
+
+
+def _from_log(value: float) -> float:
+    return math.copysign(math.expm1(abs(value)), value)
 
 
 def _finite_values(value: float | Sequence[float] | None, dimensions: int) -> list[float] | None:

@@ -61,9 +61,20 @@ OPS_DETECTORS: tuple[DetectorRow, ...] = (
     ("ops-tflops", "effective_tflops", ("job",), {"entity": "job"}, "avg"),
     ("ops-grad-norm", "grad_norm", ("job", "layer"), {"entity": "layer"}, "last"),
 )
-# Per-detector parameters, as a user would set them for the measure: error counts are small
-# integers whose swings of a few errors are not incidents.
-DETECTOR_PARAMS: dict[str, dict[str, Any]] = {"ops-errors": {"absolute_margin": 5}}
+# Per-detector parameters, as a user would set them for the measure (docs/detector.md, "Tuning
+# for your series"): volumes, spreads and latencies have noise proportional to their level, so
+# they are modelled in log space; each measure ignores moves within what its desk or on-call
+# engineer would shrug at (1.5 % on a price, half a volume, 10 CPU points, a few errors).
+DETECTOR_PARAMS: dict[str, dict[str, Any]] = {
+    "market-price": {"ratio_margin": 0.015},
+    "market-volume": {"transform": "log", "ratio_margin": 0.5},
+    "market-spread": {"transform": "log", "ratio_margin": 0.5},
+    "ops-cpu": {"absolute_margin": 10},
+    "ops-latency": {"transform": "log", "ratio_margin": 0.5},
+    "ops-errors": {"absolute_margin": 8},
+    "ops-gpu": {"ratio_margin": 0.3},
+    "ops-grad-norm": {"ratio_margin": 0.3},
+}
 # The detector reports each anomaly once (a calibrated grade, not a raw score that stays high),
 # so the alert follows its decision: the record's own threshold, one interval is enough.
 ALERT_RULE: dict[str, Any] = {

@@ -225,3 +225,53 @@ def test_without_settling_the_switch_to_the_daily_comparison_pages() -> None:
         )
         fired = [i for i, r in enumerate(results) if r.anomaly_decision]
         assert fired and all(1440 + 32 <= i <= 1440 + 32 + 5 for i in fired)
+
+
+def random_walk(points: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    values, level = [], 100.0
+    for _ in range(points):
+        level += rng.gauss(0.0, 0.3)
+        values.append(level)
+    return values
+
+
+def test_expected_value_follows_a_wandering_series_not_yesterday() -> None:
+    """A price has no daily cycle: its expected value is its recent level, not yesterday's."""
+    for seed in range(3):
+        values = random_walk(3 * 1440, seed)
+        results = feed(RcfDetector(DetectorConfig(seed=seed)), values, step=MINUTE)
+        late = range(2 * 1440, 3 * 1440)
+        ours = sum(abs(values[i] - results[i].expected_values[0]) for i in late) / len(late)
+        yesterday = sum(abs(values[i] - values[i - 1440]) for i in late) / len(late)
+        assert ours < 0.25 * yesterday, (ours, yesterday)
+
+
+def test_expected_value_of_a_daily_series_keeps_the_daily_shape_through_an_outage() -> None:
+    values = daily_series(4, noise=0.5)
+    start = 3 * 288 + 60
+    for i in range(start, start + 30):  # a sensor stuck at zero for 30 points
+        values[i] = 0.0
+    results = feed(RcfDetector(), values)
+    normal = [100.0 + 40.0 * math.sin(2 * math.pi * (i % 288) / 288) for i in range(len(values))]
+    assert all(abs(results[i].expected_values[0] - normal[i]) < 5.0 for i in range(start, start + 30))
+    assert any(r.anomaly_decision for r in results[start : start + 3])
+
+
+def test_log_transform_keeps_input_units_and_finds_a_burst() -> None:
+    """Volumes: noise proportional to the level. Values, expected values stay in input units."""
+    rng = random.Random(4)
+    values = [
+        50_000.0 * (1.5 + math.cos(2 * math.pi * i / 1440)) * math.exp(rng.gauss(0.0, 0.25))
+        for i in range(2000)
+    ]
+    values[1800] *= 8.0
+    detector = RcfDetector(DetectorConfig(transform="log"))
+    results = feed(detector, values, step=MINUTE)
+    assert results[1800].values == (values[1800],)
+    assert 0.5 < results[1799].expected_values[0] / values[1799] < 2.0
+    assert results[1800].anomaly_decision == 1
+    restored = RcfDetector.from_bytes(detector.to_bytes())
+    assert restored.update(2000 * MINUTE, 60_000.0) == detector.update(2000 * MINUTE, 60_000.0)
+    with pytest.raises(ValueError, match="transform='sqrt'"):
+        DetectorConfig(transform="sqrt")
