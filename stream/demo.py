@@ -63,17 +63,18 @@ OPS_DETECTORS: tuple[DetectorRow, ...] = (
 )
 # Per-detector parameters, as a user would set them for the measure (docs/detector.md, "Tuning
 # for your series"): volumes, spreads and latencies have noise proportional to their level, so
-# they are modelled in log space; each measure ignores moves within what its desk or on-call
-# engineer would shrug at (1.5 % on a price, half a volume, 10 CPU points, a few errors).
+# they are modelled in log space; each measure ignores moves its desk or on-call engineer would
+# shrug at: 1.5 % on a price, up to 3x the usual volume or spread (a volatile regime alone
+# nearly doubles them; bursts and blow-outs are 5-12x), 10 CPU points, 8 errors.
 DETECTOR_PARAMS: dict[str, dict[str, Any]] = {
     "market-price": {"ratio_margin": 0.015},
-    "market-volume": {"transform": "log", "ratio_margin": 0.5},
-    "market-spread": {"transform": "log", "ratio_margin": 0.5},
+    "market-volume": {"transform": "log", "ratio_margin": 2.0},
+    "market-spread": {"transform": "log", "ratio_margin": 2.0},
     "ops-cpu": {"absolute_margin": 10},
     "ops-latency": {"transform": "log", "ratio_margin": 0.5},
     "ops-errors": {"absolute_margin": 8},
     "ops-gpu": {"ratio_margin": 0.3},
-    "ops-grad-norm": {"ratio_margin": 0.3},
+    "ops-grad-norm": {"ratio_margin": 0.5},
 }
 # The detector reports each anomaly once (a calibrated grade, not a raw score that stays high),
 # so the alert follows its decision: the record's own threshold, one interval is enough.

@@ -254,7 +254,8 @@ def test_expected_value_of_a_daily_series_keeps_the_daily_shape_through_an_outag
         values[i] = 0.0
     results = feed(RcfDetector(), values)
     normal = [100.0 + 40.0 * math.sin(2 * math.pi * (i % 288) / 288) for i in range(len(values))]
-    assert all(abs(results[i].expected_values[0] - normal[i]) < 5.0 for i in range(start, start + 30))
+    outage = range(start, start + 30)
+    assert all(abs(results[i].expected_values[0] - normal[i]) < 5.0 for i in outage)
     assert any(r.anomaly_decision for r in results[start : start + 3])
 
 

@@ -328,6 +328,41 @@ def test_evaluate_prints_a_table_and_json(
     assert "STALE-TABLE" not in text and "| bookstore | unexplained_spike | 2 |" in text
 
 
+def test_the_demo_detectors_page_on_anomalies_and_never_on_anomaly_free_series(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The demo's own feeds and detector parameters (examples/docker/detect.yaml = stream/demo.py),
+    over about as many points as the demo test replays."""
+    config = Path(__file__).resolve().parents[1] / "examples" / "docker" / "detect.yaml"
+    for feed, entities in (("market", ["--instruments", "4"]), ("ops", ["--hosts", "2"])):
+        argv = ["generate", feed, *entities, "--points", "2200", "--evaluate", "--no-progress"]
+        assert main([*argv, "--detect-config", str(config), "--json"]) == 0
+        (report,) = json.loads(capsys.readouterr().out)["feeds"]
+        assert report["anomaly_free"]["series_with_alerts"] == 0, report["anomaly_free"]
+        assert report["found"] >= report["labels"] // 2, report
+        volume_or_latency = report["measure_params"].get("volume") or report["measure_params"].get(
+            "latency_ms"
+        )
+        assert volume_or_latency["transform"] == "log"
+
+
+def test_detect_config_with_two_settings_for_one_measure_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "detect.yaml"
+    spec = "{name: %s, input: m, measure: price, interval: 60s, params: {ratio_margin: %s}}"
+    config.write_text(
+        "kafka: {bootstrap: 127.0.0.1:9092, group_id: g}\n"
+        "topics: {output: o, dead_letter: d, repartition: r, state: s}\n"
+        f"detectors: [{spec % ('a', 0.1)}, {spec % ('b', 0.2)}]\n"
+    )
+    argv = ["generate", "market", "--points", "50", "--evaluate", "--detect-config", str(config)]
+    assert main(argv) == 2
+    assert "detectors 'a' and 'b' both read 'price' with different parameters" in (
+        capsys.readouterr().err
+    )
+
+
 @pytest.mark.kafka
 def test_topic_output_produces_every_record_keyed_by_entity(
     kafka_bootstrap: str, tmp_path: Path

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from stream.generators import Feed
@@ -77,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the default detector over every series and print precision and recall",
     )
     parser.add_argument(
+        "--detect-config",
+        type=Path,
+        metavar="DETECT.yaml",
+        help="with --evaluate: take each measure's detector parameters and threshold from this "
+        "`anomstream detect` configuration (e.g. examples/docker/detect.yaml, the demo's)",
+    )
+    parser.add_argument(
         "--json",
         nargs="?",
         const="-",
@@ -127,8 +134,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--out {args.out}: use a {', '.join(OUTPUT_SUFFIXES)} file")
     if args.labels is not None and not args.topic:
         raise CliError("--labels goes with --topic; with --out the labels go to FILE.labels.json")
-    if (args.json or args.plot or args.markdown) and not args.evaluate:
-        raise CliError("--json, --plot and --markdown report an evaluation; add --evaluate")
+    if (args.json or args.plot or args.markdown or args.detect_config) and not args.evaluate:
+        raise CliError(
+            "--json, --plot, --markdown and --detect-config go with an evaluation; add --evaluate"
+        )
     if args.instruments is not None and args.feed not in ("market", "all"):
         raise CliError("--instruments is for the market feed")
     if args.hosts is not None and args.feed not in ("ops", "all"):
@@ -178,8 +187,31 @@ def run(args: argparse.Namespace) -> int:
             print(f"{len(feed.labels)} labelled anomalies -> {args.labels}")
 
     if args.evaluate:
-        _evaluate(generated, args)
+        measure_params = None if args.detect_config is None else _measure_params(args.detect_config)
+        _evaluate(generated, args, measure_params)
     return 0
+
+
+def _measure_params(path: Path) -> dict[str, dict[str, Any]]:
+    """Each measure's detector parameters (threshold included) from a detect configuration."""
+    from stream.cli import CliError
+    from stream.config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        raise CliError(str(error)) from None
+    chosen: dict[str, tuple[str, dict[str, Any]]] = {}
+    for spec in config.detectors:
+        params = {**spec.params, "threshold": spec.threshold}
+        for measure in spec.measures:
+            if measure in chosen and chosen[measure][1] != params:
+                raise CliError(
+                    f"{path}: detectors {chosen[measure][0]!r} and {spec.name!r} both read "
+                    f"{measure!r} with different parameters; the evaluation needs one per measure"
+                )
+            chosen[measure] = (spec.name, params)
+    return {measure: params for measure, (_, params) in chosen.items()}
 
 
 def _start(text: str) -> float:
@@ -255,7 +287,11 @@ def _produce(feed: Feed, args: argparse.Namespace) -> int:
     return count
 
 
-def _evaluate(feeds: list[Feed], args: argparse.Namespace) -> None:
+def _evaluate(
+    feeds: list[Feed],
+    args: argparse.Namespace,
+    measure_params: dict[str, dict[str, Any]] | None,
+) -> None:
     import json
     import sys
 
@@ -277,7 +313,14 @@ def _evaluate(feeds: list[Feed], args: argparse.Namespace) -> None:
             def advance(task: TaskID = task) -> None:
                 bar.advance(task)
 
-            evaluations.append(evaluate_feed(feed, tolerance=args.tolerance, advance=advance))
+            evaluations.append(
+                evaluate_feed(
+                    feed,
+                    tolerance=args.tolerance,
+                    advance=advance,
+                    measure_params=measure_params,
+                )
+            )
     report = {"seed": args.seed, "feeds": [evaluation.to_json() for evaluation in evaluations]}
     if args.json == "-":
         json.dump(report, sys.stdout, indent=1)
@@ -328,6 +371,7 @@ def _provenance(args: argparse.Namespace) -> str:
     command = (
         f"anomstream generate {args.feed} --evaluate --seed {args.seed} --points {args.points}"
         f" --tolerance {args.tolerance}"
+        + ("" if args.detect_config is None else f" --detect-config {args.detect_config}")
     )
     params = ", ".join(f"{k}={v}" for k, v in DetectorConfig().to_dict().items())
     return (

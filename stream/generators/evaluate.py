@@ -71,6 +71,7 @@ class FeedEvaluation:
     tolerance: int
     detector: dict[str, Any]
     runs: list[SeriesRun]
+    measure_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     kinds: dict[str, KindScore] = field(default_factory=dict)
     labels: int = 0
     found: int = 0
@@ -96,6 +97,7 @@ class FeedEvaluation:
             "series": len(self.runs),
             "tolerance_intervals": self.tolerance,
             "detector": self.detector,
+            "measure_params": self.measure_params,
             "labels": self.labels,
             "found": self.found,
             "recall": self.recall,
@@ -158,10 +160,13 @@ def evaluate_feed(
     detector_params: dict[str, Any] | None = None,
     tolerance: int = DEFAULT_TOLERANCE,
     advance: Callable[[], None] | None = None,
+    measure_params: dict[str, dict[str, Any]] | None = None,
 ) -> FeedEvaluation:
     """Run every series of ``feed`` through a detector and score it against the labels.
 
-    ``advance`` is called once per series (a progress bar's step).
+    ``measure_params`` overrides ``detector_params`` for the series of a measure (the
+    per-detector ``params`` of a detect configuration). ``advance`` is called once per series
+    (a progress bar's step).
     """
     from detectors import DetectorConfig
 
@@ -174,7 +179,8 @@ def evaluate_feed(
     runs: list[SeriesRun] = []
     timestamps = feed.spec.timestamps()
     for series in feed.series:
-        runs.append(run_series(series, labels_of.get(series.key, []), params, timestamps))
+        own = {**params, **(measure_params or {}).get(series.measure, {})}
+        runs.append(run_series(series, labels_of.get(series.key, []), own, timestamps))
         if advance is not None:
             advance()
     evaluation = FeedEvaluation(
@@ -184,6 +190,11 @@ def evaluate_feed(
         tolerance=tolerance,
         detector=DetectorConfig(**params).to_dict(),
         runs=runs,
+        measure_params={
+            measure: own
+            for measure, own in sorted((measure_params or {}).items())
+            if any(series.measure == measure for series in feed.series)
+        },
     )
     for run in runs:
         _score_run(evaluation, run, tolerance)
