@@ -36,59 +36,57 @@ _JITTER_DECAY = 0.05  # about the last 20 steps
 
 
 class _Range:
-    """Running min and max of one quantity; ``exceeds`` asks whether a value leaves it."""
+    """Running min and max of one quantity, and the typical step between its values."""
 
-    __slots__ = ("high", "low")
+    __slots__ = ("high", "last", "low", "step")
 
     def __init__(self) -> None:
         self.low = math.inf
         self.high = -math.inf
-
-    def exceeds(self, value: float, margin: float, noise_floor: float, extra: float = 0.0) -> bool:
-        if self.low > self.high:
-            return False
-        span = self.high - self.low
-        slack = margin * span + noise_floor * max(abs(self.low), abs(self.high), span) + extra
-        return value > self.high + slack or value < self.low - slack
-
-    def add(self, value: float) -> None:
-        if value < self.low:
-            self.low = value
-        if value > self.high:
-            self.high = value
+        self.last: float | None = None
+        self.step = 0.0  # EW mean of |x_t - x_(t-1)|
 
     def check_and_add(
-        self, value: float, margin: float, noise_floor: float, check: bool, extra: float = 0.0
+        self, value: float, margin: float, noise_floor: float, jitter: float, check: bool
     ) -> bool:
-        """``exceeds`` (when ``check``) and then ``add``: one call on the per-point path."""
-        outside = check and self.exceeds(value, margin, noise_floor, extra)
-        self.add(value)
+        """Whether ``value`` leaves the range (asked only when ``check``); then learn it.
+
+        The slack beyond the range is ``margin`` of its span, ``noise_floor`` of its magnitude
+        and ``jitter`` typical steps: a drifting series makes new highs (lows) by less than its
+        usual step, which is not news. One call per variable on the per-point path.
+        """
+        low, high = self.low, self.high
+        outside = False
+        if check and low <= high:
+            span = high - low
+            slack = margin * span + noise_floor * max(abs(low), abs(high), span)
+            slack += jitter * self.step
+            outside = value > high + slack or value < low - slack
+        if value < low:
+            self.low = value
+        if value > high:
+            self.high = value
+        last = self.last
+        if last is not None:
+            self.step += _JITTER_DECAY * (abs(value - last) - self.step)
+        self.last = value
         return outside
 
+    def to_state(self) -> list[float | None]:
+        return [self.low, self.high, self.last, self.step]
 
-class _Jitter:
-    """Typical size of a step between consecutive values: EW mean of ``|x_t - x_(t-1)|``."""
-
-    __slots__ = ("last", "size")
-
-    def __init__(self) -> None:
-        self.last: float | None = None
-        self.size = 0.0
-
-    def step(self, value: float) -> float:
-        """The typical step size before ``value``; then learn from ``value``."""
-        size = self.size
-        if self.last is not None:
-            self.size += _JITTER_DECAY * (abs(value - self.last) - size)
-        self.last = value
-        return size
+    @classmethod
+    def from_state(cls, state: list[Any]) -> _Range:
+        value_range = cls()
+        value_range.low, value_range.high, value_range.last, value_range.step = state
+        return value_range
 
 
 class Calibrator:
-    """Streaming grade in [0, 1] for one series; deterministic and serializable."""
+    """Streaming grade in [0, 1] for one series of ``dimensions`` variables; deterministic and
+    serializable."""
 
     __slots__ = (
-        "_jitters",
         "_last_report",
         "_report_level",
         "_residual_ranges",
@@ -103,28 +101,24 @@ class Calibrator:
         "threshold",
     )
 
-    def __init__(self, config: DetectorConfig) -> None:
+    def __init__(self, config: DetectorConfig, dimensions: int = 1) -> None:
         self.config = config
         self.threshold = config.threshold / 100.0
         self._window: list[float] = []
         self._stat_mean = 0.0
         self._stat_var = 0.0
         self._stat_count = 0
-        self._value_ranges: list[_Range] = []
-        self._residual_ranges: list[_Range] = []
+        self._value_ranges = [_Range() for _ in range(dimensions)]
+        self._residual_ranges = [_Range() for _ in range(dimensions)]
         self._streak = False
         self._last_report = -(10**9)
         self._report_level = 0.0
         self._seen = 0
-        self._jitters: list[_Jitter] = []
 
     def observe(self, values: Sequence[float]) -> None:
         """Learn the range from a point that is not graded (the forest is still warming up)."""
-        self._ranges(self._value_ranges, len(values))
         for value_range, value in zip(self._value_ranges, values, strict=True):
-            value_range.add(value)
-        for jitter, value in zip(self._new_jitters(len(values)), values, strict=True):
-            jitter.step(value)
+            value_range.check_and_add(value, 0.0, 0.0, 0.0, False)
 
     def grade(
         self,
@@ -144,51 +138,43 @@ class Calibrator:
         rarity alone cannot report; new extremes still can.
         """
         p = self.config
-        level = self._smoothed(raw_score)
+        # The smoothed score, summed afresh each time (the window is tiny) so that a restored
+        # snapshot continues bit-exact.
+        window = self._window
+        window.append(raw_score)
+        if len(window) > p.score_window:
+            del window[0]
+        level = sum(window) / len(window)
         grade = 0.0
-        if self._stat_count >= p.score_warmup:
+        count = self._stat_count
+        if count >= p.score_warmup:
             deviation = max(math.sqrt(self._stat_var), 1e-4)
             tail = 0.5 * math.erfc((level - self._stat_mean) / deviation / _SQRT2)
             grade = min(1.0, math.log10(max(tail, 1e-300)) / -p.log10_tail) if tail < 1.0 else 0.0
             if settling:
                 grade = min(grade, 0.5 * self.threshold)
-        self._learn_level(level)
-
-        if residuals is not None:
-            check = residuals_armed and grade >= p.extreme_gate
-            ranges = self._ranges(self._residual_ranges, len(residuals))
-            for residual_range, residual in zip(ranges, residuals, strict=True):
-                if residual_range.check_and_add(residual, p.residual_margin, p.noise_floor, check):
-                    grade = 1.0
-        check = values_armed and grade >= p.extreme_gate
-        ranges = self._ranges(self._value_ranges, len(values))
-        jitters = self._new_jitters(len(values))
-        for value_range, jitter, value in zip(ranges, jitters, values, strict=True):
-            # A drifting series makes new highs (lows) by less than its usual step: not news.
-            slack = p.extreme_jitter * jitter.step(value)
-            if value_range.check_and_add(value, p.extreme_margin, p.noise_floor, check, slack):
-                grade = 1.0
-        return self._report_once(grade, level)
-
-    def _new_jitters(self, size: int) -> list[_Jitter]:
-        while len(self._jitters) < size:
-            self._jitters.append(_Jitter())
-        return self._jitters
-
-    def _smoothed(self, raw_score: float) -> float:
-        # Summed afresh each time (the window is tiny) so a restored snapshot continues bit-exact.
-        window = self._window
-        window.append(raw_score)
-        if len(window) > self.config.score_window:
-            del window[0]
-        return sum(window) / len(window)
-
-    def _learn_level(self, level: float) -> None:
-        self._stat_count += 1
-        alpha = max(self.config.score_decay, 1.0 / self._stat_count)
+        # Learn the level: exponentially weighted mean and variance (exact while young).
+        count += 1
+        self._stat_count = count
+        alpha = max(p.score_decay, 1.0 / count)
         delta = level - self._stat_mean
         self._stat_mean += alpha * delta
         self._stat_var = (1.0 - alpha) * (self._stat_var + alpha * delta * delta)
+
+        if residuals is not None:
+            check = residuals_armed and grade >= p.extreme_gate
+            for residual_range, residual in zip(self._residual_ranges, residuals, strict=True):
+                if residual_range.check_and_add(
+                    residual, p.residual_margin, p.noise_floor, 0.0, check
+                ):
+                    grade = 1.0
+        check = values_armed and grade >= p.extreme_gate
+        for value_range, value in zip(self._value_ranges, values, strict=True):
+            if value_range.check_and_add(
+                value, p.extreme_margin, p.noise_floor, p.extreme_jitter, check
+            ):
+                grade = 1.0
+        return self._report_once(grade, level)
 
     def _report_once(self, grade: float, level: float) -> float:
         """Cap the points after a report so one incident reports once (see module docstring)."""
@@ -207,39 +193,22 @@ class Calibrator:
         self._report_level = level
         return grade
 
-    @staticmethod
-    def _ranges(ranges: list[_Range], size: int) -> list[_Range]:
-        while len(ranges) < size:
-            ranges.append(_Range())
-        return ranges
-
     def to_state(self) -> dict[str, Any]:
         return {
             "window": self._window,
             "stat": [self._stat_mean, self._stat_var, self._stat_count],
-            "value_ranges": [[r.low, r.high] for r in self._value_ranges],
-            "residual_ranges": [[r.low, r.high] for r in self._residual_ranges],
-            "jitters": [[j.last, j.size] for j in self._jitters],
+            "value_ranges": [r.to_state() for r in self._value_ranges],
+            "residual_ranges": [r.to_state() for r in self._residual_ranges],
             "report": [self._streak, self._last_report, self._report_level, self._seen],
         }
 
     @classmethod
     def from_state(cls, config: DetectorConfig, state: dict[str, Any]) -> Calibrator:
-        calibrator = cls(config)
+        calibrator = cls(config, dimensions=0)
         calibrator._window = list(state["window"])
         calibrator._stat_mean, calibrator._stat_var, calibrator._stat_count = state["stat"]
-        for target, pairs in (
-            (calibrator._value_ranges, state["value_ranges"]),
-            (calibrator._residual_ranges, state["residual_ranges"]),
-        ):
-            for low, high in pairs:
-                value_range = _Range()
-                value_range.low, value_range.high = low, high
-                target.append(value_range)
-        for last, size in state["jitters"]:
-            jitter = _Jitter()
-            jitter.last, jitter.size = last, size
-            calibrator._jitters.append(jitter)
+        calibrator._value_ranges = [_Range.from_state(r) for r in state["value_ranges"]]
+        calibrator._residual_ranges = [_Range.from_state(r) for r in state["residual_ranges"]]
         streak, last_report, level, seen = state["report"]
         calibrator._streak = streak
         calibrator._last_report = last_report

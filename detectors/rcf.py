@@ -57,7 +57,7 @@ class RcfDetector:
         self.config = config or DetectorConfig()
         self.dimensions = dimensions
         self._forest = self._new_forest()
-        self._calibrator = Calibrator(self.config)
+        self._calibrator = Calibrator(self.config, dimensions)
         self._seasonal: list[SeasonalReference] | None = None
         self._steps: list[float] = []
         self._last_timestamp: float | None = None
@@ -198,16 +198,20 @@ class RcfDetector:
         if seasonal is None or not seasonal[0].ready:
             return None, self._expected(values)
         self._residual_age += 1
-        compared = [ref.compare(v) for ref, v in zip(seasonal, values, strict=True)]
         means = self._mean_values or values
-        expected = []
-        for (_, daily), mean, value, fit in zip(compared, means, values, self._fits, strict=True):
-            expected.append(daily if fit[0] <= fit[1] else mean)
+        residuals, expected = [], []
+        for ref, value, mean, fit in zip(seasonal, values, means, self._fits, strict=True):
+            residual, daily = ref.compare(value)
+            residuals.append(residual)
+            daily_error, mean_error = fit
+            expected.append(daily if daily_error <= mean_error else mean)
             # Errors clipped: an outage (a sensor stuck at 0) must not teach "follow the level".
-            cap = _FIT_CLIP * max(fit) or math.inf
-            fit[0] += _FIT_DECAY * (min(abs(value - daily), cap) - fit[0])
-            fit[1] += _FIT_DECAY * (min(abs(value - mean), cap) - fit[1])
-        return [residual for residual, _ in compared], expected
+            cap = _FIT_CLIP * (daily_error if daily_error > mean_error else mean_error) or math.inf
+            error = abs(value - daily)
+            fit[0] = daily_error + _FIT_DECAY * ((error if error < cap else cap) - daily_error)
+            error = abs(value - mean)
+            fit[1] = mean_error + _FIT_DECAY * ((error if error < cap else cap) - mean_error)
+        return residuals, expected
 
     def _expected(self, values: Sequence[float]) -> list[float]:
         """The better recent predictor per variable: the daily references or the running mean.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_left
+from collections.abc import Sequence
 from typing import Any
 
 SECONDS_PER_DAY = 86_400.0
@@ -39,22 +41,21 @@ class SeasonalReference:
     (0.0, 2.0)
     """
 
-    __slots__ = ("_buffer", "_count", "_head", "days", "period")
+    __slots__ = ("_buffer", "_count", "days", "period")
 
     def __init__(self, period: int, days: int = 3) -> None:
         self.period = period
         self.days = days
         # float32, as the forest itself stores values: 8 days of minutes cost 46 KB, not 92 KB.
+        # Laid out phase by phase, so one phase's days are one slice (the hot path reads them).
         self._buffer = array("f", bytes(4 * period * days))
-        self._head = 0
         self._count = 0
 
-    def _references(self) -> list[float]:
-        size = len(self._buffer)
-        available = min(self._count // self.period, self.days)
-        return [
-            self._buffer[(self._head - day * self.period) % size] for day in range(1, available + 1)
-        ]
+    def _references(self) -> array[float]:
+        """The next value's same-phase values of the last days (oldest slot first)."""
+        count = self._count
+        start = (count % self.period) * self.days
+        return self._buffer[start : start + min(count // self.period, self.days)]
 
     @property
     def ready(self) -> bool:
@@ -66,28 +67,30 @@ class SeasonalReference:
         The residual is ``value`` minus the closest same-phase value of the last days, the
         expected value their median. Call only when ``ready``.
         """
-        references = self._references()
-        residual = value - references[0]
-        for reference in references[1:]:
-            difference = value - reference
-            if abs(difference) < abs(residual):
-                residual = difference
-        return residual, _median(references)
+        ordered = sorted(self._references())
+        above = bisect_left(ordered, value)  # the first reference >= value
+        if above == 0:
+            residual = value - ordered[0]
+        elif above == len(ordered):
+            residual = value - ordered[-1]
+        else:
+            over, under = value - ordered[above], value - ordered[above - 1]
+            residual = over if -over < under else under
+        return residual, _sorted_median(ordered)
 
     def expected(self) -> float | None:
         references = self._references()
-        return _median(references) if references else None
+        return _sorted_median(sorted(references)) if references else None
 
     def push(self, value: float) -> None:
-        self._buffer[self._head] = value
-        self._head = (self._head + 1) % len(self._buffer)
-        self._count += 1
+        count = self._count
+        self._buffer[(count % self.period) * self.days + (count // self.period) % self.days] = value
+        self._count = count + 1
 
     def to_state(self) -> dict[str, Any]:
         return {
             "period": self.period,
             "days": self.days,
-            "head": self._head,
             "count": self._count,
             "buffer": self._buffer.tobytes().hex(),
         }
@@ -96,13 +99,11 @@ class SeasonalReference:
     def from_state(cls, state: dict[str, Any]) -> SeasonalReference:
         reference = cls(state["period"], state["days"])
         reference._buffer = array("f", bytes.fromhex(state["buffer"]))
-        reference._head = state["head"]
         reference._count = state["count"]
         return reference
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
+def _sorted_median(ordered: Sequence[float]) -> float:
     middle = len(ordered) // 2
     if len(ordered) % 2:
         return ordered[middle]
