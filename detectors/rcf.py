@@ -108,19 +108,21 @@ class RcfDetector:
         point = values + (residuals or self._deviations(values))
         raw = self._forest.score(point)
         self._forest.update(point)
-        self._seen += 1
-        self._observed_share += self.config.time_decay * (1.0 - self._observed_share)
+        c = self.config
+        seen = self._seen = self._seen + 1
+        self._observed_share += c.time_decay * (1.0 - self._observed_share)
 
         grade = 0.0
         if raw > 0.0:
             period = self._seasonal[0].period if self._seasonal is not None else 0
+            age = self._residual_age
             grade = self._calibrator.grade(
                 raw,
                 values,
                 residuals,
-                values_armed=self._seen > max(self.config.extreme_warmup, period),
-                residuals_armed=self._residual_age > max(self.config.residual_warmup, period),
-                settling=0 < self._residual_age <= self.config.settle,
+                seen > max(c.extreme_warmup, period),  # values armed
+                age > max(c.residual_warmup, period),  # residuals armed
+                0 < age <= c.settle,  # settling
             )
         else:
             self._calibrator.observe(values)
@@ -129,18 +131,18 @@ class RcfDetector:
         self._remember(values)
 
         score = 100.0 * grade
-        decision = int(raw > 0.0 and score >= self.config.threshold)
+        decision = int(raw > 0.0 and score >= c.threshold)
         return Result(
             timestamp=timestamp,
             values=tuple(observed),
             anomaly_score=score,
             anomaly_decision=decision,
-            threshold=self.config.threshold,
+            threshold=c.threshold,
             model_stage=ModelStage.INFERENCE if raw > 0.0 else ModelStage.LEARNING,
             confidence=self._confidence(),
             expected_values=tuple(expected),
             raw_score=raw,
-            processed_data_points=self._seen,
+            processed_data_points=seen,
             attribution=self._attribution(point) if decision else None,
         )
 
