@@ -4,6 +4,8 @@ Same run, same data (``--series`` series x ``--points`` points, one point per de
 interval, aggregation ``last`` so every point is scored exactly once):
 
 1. detector alone: ``RcfDetector.update`` over the points, in the order they are produced;
+   then one short unmeasured pass through the pipeline on other topics warms the broker's JVM
+   (``--warmup-series``, ``--warmup-points``);
 2. pipeline throughput: the points are produced to the input topic first, then a worker process
    (``python -m stream.cli detect``) starts; points/s = points / (last result readable - worker
    ready). Route, repartition, windows, scoring, results and transactions are all inside;
@@ -213,6 +215,60 @@ def produce_all(bootstrap: str, topic: str, records: list[tuple[str, bytes]],
         producer.flush(60)
 
 
+def pipeline_setup(
+    bootstrap: str, workdir: Path, args: argparse.Namespace, params: dict[str, Any], series: int
+) -> tuple[Path, str, dict[str, Any]]:
+    """Fresh topics and a worker configuration for one pass: (config path, input, topics)."""
+    tag = uuid.uuid4().hex[:8]
+    topics = {
+        "output": f"bench-out-{tag}", "dead_letter": f"bench-dlq-{tag}",
+        "repartition": f"bench-rep-{tag}", "state": f"bench-state-{tag}",
+        "partitions": PARTITIONS,
+    }
+    input_topic = f"bench-in-{tag}"
+    create_topics(bootstrap, [input_topic], partitions=PARTITIONS)
+    config_path = workdir / f"bench-{tag}.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap": bootstrap, "group_id": f"bench-{tag}", "session_timeout": 6000,
+                  "transaction_timeout": 15000},
+        "topics": topics,
+        "worker": {"snapshot_interval": f"{args.snapshot_interval}s",
+                   "commit_interval": "100ms", "max_live_models": series * 2},
+        "detectors": [{"name": "bench", "input": input_topic, "measure": "value",
+                       "dimensions": ["series"], "aggregation": "last", "interval": "1s",
+                       "params": params}],
+    }, sort_keys=False))
+    return config_path, input_topic, topics
+
+
+def warm_broker(
+    bootstrap: str, workdir: Path, args: argparse.Namespace, params: dict[str, Any]
+) -> None:
+    """One short pass through the whole pipeline on throwaway topics, not measured.
+
+    A broker the bench has just started runs its transactional produce and fetch paths in the
+    JVM's interpreter at first; without this pass, that warm-up lands inside the measured one.
+    """
+    series, points = args.warmup_series, args.warmup_points
+    if series <= 0 or points <= 1:
+        return
+    names = [f"w{i:04d}" for i in range(series)]
+    values = series_values(series, points, seed=11)
+    config_path, input_topic, topics = pipeline_setup(bootstrap, workdir, args, params, series)
+    produce_all(bootstrap, input_topic,
+                [(names[s], record(names[s], step, float(values[s, step])))
+                 for step in range(points) for s in range(series)],
+                "warming the broker")
+    reader = ResultReader(bootstrap, topics["output"])
+    worker = WorkerRun(config_path, workdir / "warmup-worker.log", args.split_stages)
+    try:
+        worker.wait_ready()
+        reader.wait_count(series * (points - 1), 300)
+    finally:
+        worker.stop()
+        reader.close()
+
+
 def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, Any]:
     params: dict[str, Any] = json.loads(args.params)
     names = [f"s{i:04d}" for i in range(args.series)]
@@ -224,25 +280,10 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
     alone_runs = [detector_alone(values[:, :warm], params)]
     points = args.series * warm
 
-    tag = uuid.uuid4().hex[:8]
-    topics = {
-        "output": f"bench-out-{tag}", "dead_letter": f"bench-dlq-{tag}",
-        "repartition": f"bench-rep-{tag}", "state": f"bench-state-{tag}",
-        "partitions": PARTITIONS,
-    }
-    input_topic = f"bench-in-{tag}"
-    create_topics(bootstrap, [input_topic], partitions=PARTITIONS)
-    config_path = workdir / "bench.yaml"
-    config_path.write_text(yaml.safe_dump({
-        "kafka": {"bootstrap": bootstrap, "group_id": f"bench-{tag}", "session_timeout": 6000,
-                  "transaction_timeout": 15000},
-        "topics": topics,
-        "worker": {"snapshot_interval": f"{args.snapshot_interval}s",
-                   "commit_interval": "100ms", "max_live_models": args.series * 2},
-        "detectors": [{"name": "bench", "input": input_topic, "measure": "value",
-                       "dimensions": ["series"], "aggregation": "last", "interval": "1s",
-                       "params": params}],
-    }, sort_keys=False))
+    warm_broker(bootstrap, workdir, args, params)
+    config_path, input_topic, topics = pipeline_setup(
+        bootstrap, workdir, args, params, args.series
+    )
     log = workdir / "worker.log"
 
     bulk = [(names[s], record(names[s], step, float(values[s, step])))
@@ -343,6 +384,7 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
     return {
         "series": args.series,
         "worker_processes": 2 if args.split_stages else 1,
+        "broker_warmup_pass": {"series": args.warmup_series, "points": args.warmup_points},
         "points_per_series": warm,
         "detector_params": params,
         "detector_alone_points_per_s": round(alone_rate, 1),
@@ -391,6 +433,10 @@ def main() -> int:
     parser.add_argument("--latency-rate", type=float, default=500.0, help="points/s")
     parser.add_argument("--snapshot-interval", type=float, default=30.0,
                         help="seconds (the worker's default)")
+    parser.add_argument("--warmup-series", type=int, default=200,
+                        help="series of the unmeasured pass that warms the broker (0: none)")
+    parser.add_argument("--warmup-points", type=int, default=50,
+                        help="points per series of that pass")
     parser.add_argument("--params", default="{}",
                         help='detector parameters as JSON (default: production defaults)')
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "pipeline.json"))
