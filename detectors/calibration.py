@@ -66,10 +66,11 @@ class _Range:
             self.low = value
         if value > high:
             self.high = value
-        last = self.last
-        if last is not None:
-            self.step += _JITTER_DECAY * (abs(value - last) - self.step)
-        self.last = value
+        if jitter:  # the typical step is only learned where it is used
+            last = self.last
+            if last is not None:
+                self.step += _JITTER_DECAY * (abs(value - last) - self.step)
+            self.last = value
         return outside
 
     def to_state(self) -> list[float | None]:
@@ -117,8 +118,9 @@ class Calibrator:
 
     def observe(self, values: Sequence[float]) -> None:
         """Learn the range from a point that is not graded (the forest is still warming up)."""
+        jitter = self.config.extreme_jitter
         for value_range, value in zip(self._value_ranges, values, strict=True):
-            value_range.check_and_add(value, 0.0, 0.0, 0.0, False)
+            value_range.check_and_add(value, 0.0, 0.0, jitter, False)
 
     def grade(
         self,

@@ -97,7 +97,7 @@ class RcfDetector:
 
     def update(self, timestamp: float, value: float | Sequence[float] | None) -> Result:
         observed = _finite_values(value, self.dimensions)
-        if self._seasonal is None:  # the period is learned from the first steps only
+        if len(self._steps) < _PERIOD_SAMPLE:  # the period is learned from the first steps only
             self._learn_period(timestamp)
         if observed is None:
             return self._missing(timestamp)
@@ -170,8 +170,7 @@ class RcfDetector:
         )
 
     def _learn_period(self, timestamp: float) -> None:
-        learning = len(self._steps) < _PERIOD_SAMPLE
-        if learning and self._last_timestamp is not None and timestamp > self._last_timestamp:
+        if self._last_timestamp is not None and timestamp > self._last_timestamp:
             self._steps.append(timestamp - self._last_timestamp)
             if len(self._steps) == _PERIOD_SAMPLE:
                 period = points_per_day(statistics.median(self._steps))
@@ -205,8 +204,8 @@ class RcfDetector:
         for ref, value, mean, fit in zip(seasonal, values, means, self._fits, strict=True):
             residual, daily = ref.compare(value)
             residuals.append(residual)
+            expected.append(_better(daily, mean, fit))
             daily_error, mean_error = fit
-            expected.append(daily if daily_error <= mean_error else mean)
             # Errors clipped: an outage (a sensor stuck at 0) must not teach "follow the level".
             cap = _FIT_CLIP * (daily_error if daily_error > mean_error else mean_error) or math.inf
             error = abs(value - daily)
@@ -216,22 +215,17 @@ class RcfDetector:
         return residuals, expected
 
     def _expected(self, values: Sequence[float]) -> list[float]:
-        """The better recent predictor per variable: the daily references or the running mean.
-
-        A daily series is best described by its same-time-of-day values; a trending or
-        wandering one (a price, a gradient norm) by its recent level, which yesterday's values
-        miss by the day's drift.
-        """
+        """Expected values without a new value to compare: before a full day, or imputed."""
         seasonal = self._seasonal
         means = self._mean_values
-        if seasonal is not None and seasonal[0].ready:
-            return [
-                (ref.expected() or v) if means is None or fit[0] <= fit[1] else mean
-                for ref, v, mean, fit in zip(
-                    seasonal, values, means or values, self._fits, strict=True
-                )
-            ]
-        return list(means) if means is not None else list(values)
+        if means is None:
+            return list(values)
+        if seasonal is None or not seasonal[0].ready:
+            return list(means)
+        return [
+            _better(ref.expected(), mean, fit)
+            for ref, mean, fit in zip(seasonal, means, self._fits, strict=True)
+        ]
 
     def _apply_margins(self, grade: float, values: list[float], expected: list[float]) -> float:
         """Not an anomaly when every value is within the configured margins of its expected."""
@@ -327,6 +321,17 @@ def confidence(time_decay: float, seen: int, warmup: int) -> float:
         return 1.0
     grown = math.exp(exponent)
     return (grown - math.exp(time_decay * warmup)) / (grown - 1.0)
+
+
+def _better(daily: float, mean: float, fit: list[float]) -> float:
+    """The expected value from the predictor that fitted recent points better (``fit``: mean
+    absolute errors of the daily references and of the running mean).
+
+    A daily series is best described by its same-time-of-day values; a trending or wandering
+    one (a price, a gradient norm) by its recent level, which yesterday's values miss by the
+    day's drift.
+    """
+    return daily if fit[0] <= fit[1] else mean
 
 
 def _to_log(value: float) -> float:

@@ -78,9 +78,9 @@ class SeasonalReference:
             residual = over if -over < under else under
         return residual, _sorted_median(ordered)
 
-    def expected(self) -> float | None:
-        references = self._references()
-        return _sorted_median(sorted(references)) if references else None
+    def expected(self) -> float:
+        """The median of the references. Call only when ``ready``."""
+        return _sorted_median(sorted(self._references()))
 
     def push(self, value: float) -> None:
         count = self._count

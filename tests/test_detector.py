@@ -276,3 +276,14 @@ def test_log_transform_keeps_input_units_and_finds_a_burst() -> None:
     assert restored.update(2000 * MINUTE, 60_000.0) == detector.update(2000 * MINUTE, 60_000.0)
     with pytest.raises(ValueError, match="transform='sqrt'"):
         DetectorConfig(transform="sqrt")
+
+
+def test_a_missing_point_is_imputed_from_its_daily_references_even_when_they_are_zero() -> None:
+    """A GPU idle every night: the expected value of a missing night-time point is 0."""
+    per_day = 288
+    values = [0.0 if (i % per_day) < per_day // 2 else 80.0 for i in range(3 * per_day)]
+    detector = RcfDetector()
+    feed(detector, values)
+    # The next point opens the night (its references are all 0) after a day-time 80.
+    missing = detector.update(len(values) * 300.0, None)
+    assert missing.missing and missing.expected_values == (0.0,)
