@@ -307,15 +307,7 @@ def run_fleet(spec: dict[str, Any], show_progress: bool) -> dict[str, Any]:
     Resident memory is read before the detectors exist and after they are created and warm, so
     the difference divided by their number is the memory one more live detector costs.
     """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from stream.progress import progress_bar
 
     digest = detectors_digest()
     config = DetectorConfig.from_dict(spec["config"])
@@ -326,51 +318,40 @@ def run_fleet(spec: dict[str, Any], show_progress: bool) -> dict[str, Any]:
     gc.collect()
     rss_before = resident_bytes()
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not show_progress,
-        transient=True,
-    )
-    with progress:
-        label = f"{count:,} detectors"
-        task = progress.add_task(f"{label}: create", total=count)
+    label = f"{count:,} detectors"
+    with progress_bar(f"{label}: create", count, enabled=show_progress) as advance:
         start = time.perf_counter()
         fleet = []
         for index in range(count):
             fleet.append(RcfDetector(replace(config, seed=config.seed + index)))
             if index % 256 == 255:
-                progress.advance(task, 256)
+                advance(256)
         create_s = time.perf_counter() - start
 
-        task = progress.add_task(f"{label}: warm-up rounds", total=warm_points)
+    with progress_bar(f"{label}: warm-up rounds", warm_points, enabled=show_progress) as advance:
         start = time.perf_counter()
         for step in range(warm_points):
             stamp = stamps[step]
             for detector, values in zip(fleet, series, strict=True):
                 detector.update(stamp, values[step])
-            progress.advance(task)
+            advance(1)
         warm_s = time.perf_counter() - start
-        gc.collect()
-        rss_warm = resident_bytes()
+    gc.collect()
+    rss_warm = resident_bytes()
 
-        task = progress.add_task(f"{label}: timed rounds", total=rounds)
-        inference = 0
-        gc.collect()
-        with Stopwatch() as timed:
-            for step in range(warm_points, warm_points + rounds):
-                stamp = stamps[step]
-                for detector, values in zip(fleet, series, strict=True):
-                    detector.update(stamp, values[step])
-                progress.advance(task)
-        for detector, values in zip(fleet, series, strict=True):
-            inference += detector.update(stamps[-1] + 60.0, values[-1]).model_stage is (
-                ModelStage.INFERENCE
-            )
+    inference = 0
+    gc.collect()
+    timed_bar = progress_bar(f"{label}: timed rounds", rounds, enabled=show_progress)
+    with timed_bar as advance, Stopwatch() as timed:
+        for step in range(warm_points, warm_points + rounds):
+            stamp = stamps[step]
+            for detector, values in zip(fleet, series, strict=True):
+                detector.update(stamp, values[step])
+            advance(1)
+    for detector, values in zip(fleet, series, strict=True):
+        inference += detector.update(stamps[-1] + 60.0, values[-1]).model_stage is (
+            ModelStage.INFERENCE
+        )
 
     per_detector = (rss_warm - rss_before) / count if rss_before is not None and rss_warm else None
     return {

@@ -176,10 +176,11 @@ def evaluate_feed(
         labels_of.setdefault((tuple(sorted(label.dimensions.items())), label.measure), []).append(
             label
         )
+    overrides = measure_params or {}
     runs: list[SeriesRun] = []
     timestamps = feed.spec.timestamps()
     for series in feed.series:
-        own = {**params, **(measure_params or {}).get(series.measure, {})}
+        own = {**params, **overrides.get(series.measure, {})}
         runs.append(run_series(series, labels_of.get(series.key, []), own, timestamps))
         if advance is not None:
             advance()
@@ -191,9 +192,8 @@ def evaluate_feed(
         detector=DetectorConfig(**params).to_dict(),
         runs=runs,
         measure_params={
-            measure: own
-            for measure, own in sorted((measure_params or {}).items())
-            if any(series.measure == measure for series in feed.series)
+            measure: overrides[measure]
+            for measure in sorted(overrides.keys() & {series.measure for series in feed.series})
         },
     )
     for run in runs:
