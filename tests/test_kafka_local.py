@@ -68,7 +68,7 @@ def test_consume_all_reads_every_partition_in_offset_order(
 
 
 @pytest.mark.kafka
-def test_consume_all_ends_at_a_closing_marker_and_leaves_out_what_is_written_later(
+def test_consume_all_returns_what_was_committed_before_it_while_a_writer_keeps_writing(
     kafka_bootstrap: str, topic_factory
 ) -> None:
     topic = topic_factory()
