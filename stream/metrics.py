@@ -50,6 +50,10 @@ class WorkerMetrics:
             "anomstream_windows_closed", "Detection intervals closed and scored", ["detector"],
             registry=r,
         )
+        self.anomalies = Counter(
+            "anomstream_anomalies", "Results produced with anomalyDecision = 1", ["detector"],
+            registry=r,
+        )
         self.scoring_seconds = Histogram(
             "anomstream_scoring_seconds", "Detector time per closed window",
             buckets=SCORING_BUCKETS, registry=r,

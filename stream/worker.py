@@ -541,6 +541,8 @@ class ScoreStage(_Stage):
         self._results = metrics.records_out.labels("result")
         self._windows = {spec.name: metrics.windows_closed.labels(spec.name)
                          for spec in config.detectors}
+        self._anomalies = {spec.name: metrics.anomalies.labels(spec.name)
+                           for spec in config.detectors}
         self._scoring = metrics.scoring_seconds
         # Closed windows not yet scored, by series, and what the batch produces, in order:
         # result records (their windows) and dead letters.
@@ -637,6 +639,8 @@ class ScoreStage(_Stage):
                 series = entry.series
                 produce(output, _result_record(series, entry.window, entry.result),
                         series.timeseries_id)
+                if entry.result.anomaly_decision:
+                    self._anomalies[series.spec.name].inc()
             else:
                 produce(*self._dead_letter_args(entry.message.value(), entry.headers,
                                                 UNEXPECTED, entry.error or ""))
