@@ -87,6 +87,13 @@ def is_transient(error: BaseException) -> bool:
     return bool(kafka_error.retriable()) or kafka_error.code() in TRANSIENT_CODES
 
 
+def _kind(error: BaseException) -> object:
+    """What makes two failures the same for the log: the Kafka error code, else the type."""
+    if isinstance(error, KafkaException) and error.args and isinstance(error.args[0], KafkaError):
+        return error.args[0].code()
+    return type(error)
+
+
 def retry(
     call: Callable[[], T],
     what: str,
@@ -98,14 +105,15 @@ def retry(
 ) -> T:
     """``call()``, repeated while it raises a ``transient`` error, with back-off.
 
-    Logs one warning when the first attempt fails and one line when a later one succeeds, not a
-    line per attempt (an outage of minutes would otherwise flood the log). Once
-    ``backoff.give_up_s`` have passed the last error is raised (so a transient error escaping
-    this function means "gave up"); other errors propagate at once.
+    Logs a warning when the first attempt fails (and when the error changes) and one line when a
+    later one succeeds, not a line per attempt (an outage of minutes would otherwise flood the
+    log). Once ``backoff.give_up_s`` have passed the last error is raised (so a transient error
+    escaping this function means "gave up"); other errors propagate at once.
     """
     began = clock()
     wait = backoff.first_s
     attempts = 0
+    last_kind: object = None
     while True:
         try:
             result = call()
@@ -118,7 +126,9 @@ def retry(
                 log.error("%s: giving up after %.0f s (%d attempts): %s", what, elapsed,
                           attempts, error)
                 raise
-            if attempts == 1:
+            kind = _kind(error)
+            if kind != last_kind:  # the first failure, and each change of error
+                last_kind = kind
                 log.warning("%s failed (%s); retrying for up to %.0f s", what, error,
                             backoff.give_up_s)
             sleep(min(wait, max(0.0, backoff.give_up_s - elapsed)))
@@ -141,7 +151,7 @@ class RebuildBudget:
     within ``window_s`` raise ``TooManyFailures``.
     """
 
-    def __init__(self, what: str, limit: int = 5, window_s: float = 600.0,
+    def __init__(self, what: str, limit: int = 10, window_s: float = 600.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
         self.limit = limit

@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -71,12 +71,18 @@ _EVENT = struct.Struct(">q")
 # Kafka record headers as confluent-kafka takes and returns them.
 Headers = list[tuple[str, Any]]
 T = TypeVar("T")
+# How long past its own time-out a transactional call may take before it counts as hung.
+CALL_GRACE_S = 5.0
 # Header positions of a repartition record, written by RouteStage, read by ScoreStage.
 _H_DETECTOR, _H_EVENT, _H_SOURCE_TOPIC, _H_SOURCE_PARTITION, _H_SOURCE_OFFSET = range(5)
 
 
 class WorkerError(Exception):
     """The worker cannot go on (fenced by a newer instance, broker unreachable, bad topics)."""
+
+
+class TransactionLost(Exception):
+    """A transaction outlived transaction.timeout.ms uncommitted (the broker aborts it)."""
 
 
 def default_instance_id() -> str:
@@ -151,6 +157,7 @@ class _Stage:
         self.in_transaction = False
         self.transaction_began = 0.0
         self.commit_interval_s = config.worker.commit_interval_ms / 1000
+        self.transaction_timeout_s = config.kafka.transaction_timeout / 1000
         self._rebuilds = RebuildBudget(f"{self.name} (instance {instance_id!r})")
         self._discarding = False
         self._errors = ThrottledLog(log, self.name)
@@ -175,7 +182,9 @@ class _Stage:
                 },
             )
         )
-        self._call(lambda: self.producer.init_transactions(60), "init_transactions")
+        producer = self.producer
+        self._call(lambda: self._txn(producer.init_transactions, 60.0, "init_transactions"),
+                   "init_transactions")
         consumer_settings: dict[str, Any] = {
             "partition.assignment.strategy": "range",
             "session.timeout.ms": kafka.session_timeout,
@@ -194,11 +203,41 @@ class _Stage:
         """``call()`` with transient Kafka errors retried for up to ``worker.retry_timeout``."""
         return retry(call, f"{self.name}: {what}", backoff=self.backoff)
 
+    def _bounded(self, call: Callable[[], T], timeout_s: float, what: str) -> T:
+        """``call()`` (a transactional API call given ``timeout_s``), which must return in time.
+
+        librdkafka's transactional calls take a time-out, but after a broker restart
+        ``send_offsets_to_transaction`` was seen blocking for minutes past it (2.16, its
+        consumer's session expired meanwhile). The call runs in a helper thread; if it has not
+        returned ``CALL_GRACE_S`` after its own time-out the transaction counts as lost and
+        ``run`` replaces the clients (the stuck thread ends with its old client).
+        """
+        outcome: list[Any] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                outcome.append((True, call()))
+            except BaseException as error:  # handed to the caller's thread
+                outcome.append((False, error))
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"{self.name}-{what}", daemon=True).start()
+        if not done.wait(timeout_s + CALL_GRACE_S):
+            raise TransactionLost(
+                f"{what} did not return within {timeout_s + CALL_GRACE_S:.0f} s"
+            )
+        succeeded, value = outcome[0]
+        if not succeeded:
+            raise value
+        return cast(T, value)
+
     # -- transactions -------------------------------------------------------------------------
 
     def begin(self) -> None:
         if not self.in_transaction:
-            self._call(self.producer.begin_transaction, "begin_transaction")
+            self._call(self.producer.begin_transaction, "begin_transaction")  # local, no I/O
             self.in_transaction = True
             self.transaction_began = time.monotonic()
 
@@ -241,22 +280,44 @@ class _Stage:
             return
         offsets = self.offsets_to_commit()
         began = time.perf_counter()
+        # The broker aborts a transaction older than transaction.timeout.ms on its own, so
+        # retrying its calls longer is pointless; a transaction that cannot be committed in
+        # that time is lost, and new clients restore what Kafka holds (``run``).
+        deadline = self.transaction_began + self.transaction_timeout_s
+        in_transaction = Backoff(give_up_s=max(1.0, deadline - time.monotonic()))
+
+        def time_left() -> float:
+            return min(60.0, max(1.0, deadline - time.monotonic()))
+
+        producer = self.producer
+
         try:
             if offsets:
-                self._call(
-                    lambda: self.producer.send_offsets_to_transaction(
-                        offsets, self.consumer.consumer_group_metadata(), 60
+                metadata = self.consumer.consumer_group_metadata()
+                retry(
+                    lambda: self._txn(
+                        lambda timeout: producer.send_offsets_to_transaction(
+                            offsets, metadata, timeout
+                        ),
+                        time_left(), "send_offsets_to_transaction",
                     ),
-                    "send_offsets_to_transaction",
+                    f"{self.name}: send_offsets_to_transaction", backoff=in_transaction,
                 )
             # A timed-out commit goes on in the background; calling again waits for its outcome.
-            self._call(lambda: self.producer.commit_transaction(60), "commit_transaction")
+            retry(lambda: self._txn(producer.commit_transaction, time_left(),
+                                    "commit_transaction"),
+                  f"{self.name}: commit_transaction", backoff=in_transaction)
         except KafkaException as error:
             kafka_error = error.args[0]
+            if is_transient(error):
+                raise TransactionLost(
+                    f"the transaction could not be committed within transaction.timeout.ms: "
+                    f"{kafka_error}"
+                ) from error
             if not kafka_error.txn_requires_abort():
-                raise  # fatal (``run`` replaces the clients) or retried in vain
+                raise  # fatal: ``run`` replaces the clients
             log.warning("%s: aborting transaction: %s", self.name, kafka_error)
-            self._call(lambda: self.producer.abort_transaction(60), "abort_transaction")
+            self._abort()
             self.in_transaction = False
             self.metrics.transactions.labels(self.name, "aborted").inc()
             self.aborted()
@@ -267,9 +328,17 @@ class _Stage:
         self.metrics.transactions.labels(self.name, "committed").inc()
         self.committed(offsets)
 
+    def _abort(self) -> None:
+        producer = self.producer
+        self._call(lambda: self._txn(producer.abort_transaction, 60.0, "abort_transaction"),
+                   "abort_transaction")
+
+    def _txn(self, call: Callable[[float], Any], timeout_s: float, what: str) -> Any:
+        return self._bounded(lambda: call(timeout_s), timeout_s, what)
+
     def abort_if_open(self) -> None:
         if self.in_transaction:
-            self._call(lambda: self.producer.abort_transaction(60), "abort_transaction")
+            self._abort()
             self.in_transaction = False
             self.metrics.transactions.labels(self.name, "aborted").inc()
 
@@ -309,13 +378,20 @@ class _Stage:
             try:
                 self._loop()
                 return
-            except KafkaException as error:
-                if is_transient(error):  # retried for worker.retry_timeout in vain
-                    raise WorkerError(f"{self.name}: Kafka unavailable: {error}") from error
+            except (KafkaException, TransactionLost) as error:
+                failure: Exception = error
+            while True:  # new clients, as often as the rebuild budget allows
+                if isinstance(failure, KafkaException) and is_transient(failure):
+                    # Retried for worker.retry_timeout in vain.
+                    raise WorkerError(f"{self.name}: Kafka unavailable: {failure}") from failure
                 if self.stop.is_set():
-                    raise WorkerError(f"{self.name}: stopped with a failed client: {error}") \
-                        from error
-                self._rebuild(error)
+                    raise WorkerError(f"{self.name}: stopped with a failed client: {failure}") \
+                        from failure
+                try:
+                    self._rebuild(failure)
+                    break
+                except (KafkaException, TransactionLost) as error:
+                    failure = error
 
     def _loop(self) -> None:
         self.subscribe()
@@ -336,7 +412,7 @@ class _Stage:
         self.abort_if_open()
         self.dead_letter_log.report(force=True)
 
-    def _rebuild(self, error: KafkaException) -> None:
+    def _rebuild(self, error: Exception) -> None:
         """New clients after a fatal error; the assignment is restored as after a rebalance."""
         self._rebuilds.spend(error)
         log.warning("%s: %s; replacing the Kafka clients and rejoining the group", self.name,
