@@ -16,10 +16,10 @@ only in the limit, so the strongest incident ranks first. There is no report-onc
 score holds while the evidence lasts, and paging once per incident is the alerter's job.
 
 >>> calibrator = Calibrator(DetectorConfig())
->>> quiet = [calibrator.grade(0.8 + 0.01 * (i % 3), [0.5 + i % 3], [i]) for i in range(400)]
+>>> quiet = [calibrator.grade(0.8 + 0.01 * (i % 3), [i + i % 3], [i + 1]) for i in range(400)]
 >>> max(quiet[200:]) < 70
 True
->>> calibrator.grade(3.0, [25.0], [400.0]) >= 70  # far from expected, the forest agrees
+>>> calibrator.grade(3.0, [425.0], [400.0]) >= 70  # far from expected, the forest agrees
 True
 """
 
@@ -33,6 +33,7 @@ from detectors.config import DetectorConfig
 
 _LN10 = math.log(10.0)
 _MAX_SHAPE = 0.25  # heavier tails than this are not told apart by a moment estimate
+_REFIT = 8
 _AFTERGLOW = 0.7  # the surprise fades by this factor a point once its evidence is gone
 
 
@@ -52,7 +53,7 @@ class Tail:
     True
     """
 
-    __slots__ = ("count", "mean", "over", "shape_moment", "size")
+    __slots__ = ("base", "count", "limit", "mean", "over", "shape", "shape_moment", "size")
 
     def __init__(self) -> None:
         self.count = 0
@@ -60,6 +61,11 @@ class Tail:
         self.over = 0.5  # share of values above the mean
         self.size = 0.0  # mean excess over the mean, given an excess
         self.shape_moment = 0.0  # mean squared excess, given an excess
+        # The fit, refreshed every _REFIT values learned (the moments move slowly): the shape,
+        # -log10(over), and the excess at which a learned value is clipped.
+        self.shape = 0.0
+        self.base = -math.log10(self.over)
+        self.limit = math.inf
 
     def surprise(self, x: float, floor: float, given_excess: bool = False) -> float:
         """``-log10 P(X >= x)``; 0 at or below the mean. ``floor`` bounds the excess scale from
@@ -72,25 +78,19 @@ class Tail:
         size = self.size if self.size > floor else floor
         if size <= 0.0:
             return math.inf
-        shape, scale = self._fit(size)
-        base = -math.log10(self.over) if self.over > 0.0 and not given_excess else 0.0
+        shape = self.shape
+        base = 0.0 if given_excess else self.base
         if shape > 1e-6:
-            return base + math.log10(1.0 + shape * excess / scale) / shape
-        return base + excess / (scale * _LN10)
-
-    def _fit(self, size: float) -> tuple[float, float]:
-        variance = self.shape_moment - self.size * self.size
-        shape = 0.5 * (1.0 - self.size * self.size / variance) if variance > 0.0 else 0.0
-        shape = 0.0 if shape < 0.0 else _MAX_SHAPE if shape > _MAX_SHAPE else shape
-        return shape, size * (1.0 - shape)
+            return base + math.log10(1.0 + shape * excess / (size * (1.0 - shape))) / shape
+        return base + excess / (size * _LN10)
 
     def learn(self, x: float, decay: float, clip: float) -> None:
         """Learn ``x``, clipped where its surprise would reach ``clip`` (once fitted)."""
         count = self.count = self.count + 1
         rate = decay if decay * count > 1.0 else 1.0 / count
         excess = x - self.mean
-        if excess > 0.0 and count > 1 / decay / 10 and self.size > 0.0:
-            excess = min(excess, self._excess_at(clip))
+        if excess > self.limit:
+            excess = self.limit
         if excess > 0.0:
             self.over += rate * (1.0 - self.over)
             self.size += rate / self.over * (excess - self.size)
@@ -98,23 +98,43 @@ class Tail:
         else:
             self.over -= rate * self.over
         self.mean += rate * excess
+        if not count % _REFIT:
+            self._refit(decay, clip)
 
-    def _excess_at(self, surprise: float) -> float:
-        shape, scale = self._fit(self.size)
-        base = -math.log10(self.over) if self.over > 0.0 else 0.0
-        target = max(surprise - base, 0.0)
+    def _refit(self, decay: float, clip: float) -> None:
+        size = self.size
+        variance = self.shape_moment - size * size
+        shape = 0.5 * (1.0 - size * size / variance) if variance > 0.0 else 0.0
+        self.shape = shape = 0.0 if shape < 0.0 else _MAX_SHAPE if shape > _MAX_SHAPE else shape
+        self.base = base = -math.log10(self.over) if self.over > 0.0 else 0.0
+        if self.count < 0.1 / decay or size <= 0.0:  # too young to tell a wild value
+            self.limit = math.inf
+            return
+        scale, target = size * (1.0 - shape), max(clip - base, 0.0)
         if shape > 1e-6:
-            return scale * (10.0 ** (shape * target) - 1.0) / shape
-        return scale * _LN10 * target
+            self.limit = scale * (10.0 ** (shape * target) - 1.0) / shape
+        else:
+            self.limit = scale * _LN10 * target
 
     def to_state(self) -> list[float]:
-        return [self.count, self.mean, self.over, self.size, self.shape_moment]
+        return [
+            self.count,
+            self.mean,
+            self.over,
+            self.size,
+            self.shape_moment,
+            self.shape,
+            self.base,
+            self.limit,
+        ]
 
     @classmethod
     def from_state(cls, state: Sequence[float]) -> Tail:
         tail = cls()
-        count, tail.mean, tail.over, tail.size, tail.shape_moment = state
+        count, tail.mean, tail.over, tail.size, tail.shape_moment, *fit = state
         tail.count = int(count)
+        if fit:
+            tail.shape, tail.base, tail.limit = fit
         return tail
 
 
@@ -179,6 +199,7 @@ class Calibrator:
         "_repeats",
         "_window",
         "config",
+        "stale",
     )
 
     def __init__(self, config: DetectorConfig, dimensions: int = 1) -> None:
@@ -189,26 +210,26 @@ class Calibrator:
         self._forest_tail = Tail()
         self._deviation_tails = [Tail() for _ in range(dimensions)]
         self._repeats = [_Repeats() for _ in range(dimensions)]
+        self.stale = False  # the last point's run of repeats alone reports it
         # The rarest of d variables' deviations is d times less rare than one of them.
         self._look_elsewhere = math.log10(dimensions) if dimensions > 1 else 0.0
 
     def grade(
         self,
         raw_score: float,
-        deviations: Sequence[float],
         values: Sequence[float],
-        floors: Sequence[float] | None = None,
+        expected: Sequence[float],
         settling: bool = False,
         learn: bool = True,
     ) -> float:
         """Score one point (0–100) and learn from it.
 
-        ``deviations`` are the variables' distances from their expected values, ``values`` the
-        values themselves (for repeats), ``floors`` the smallest deviation scale that counts per
-        variable. ``settling`` says the forest's input just changed meaning (the daily
-        comparison took over): its raw scores run high until its sample adapts, so their rarity
-        alone cannot report. ``learn`` is False while an incident lasts: the deviation tails
-        then keep the pre-incident picture.
+        ``values`` and ``expected`` are the variables' values and expected values (a deviation
+        under ``noise_floor`` of the expected value's magnitude never counts). ``settling`` says
+        the forest's input and the expected value just changed meaning (the daily comparison
+        took over): until the forest's sample adapts neither the forest nor the deviations can
+        report. ``learn`` is False while an incident lasts: the deviation tails then keep the
+        pre-incident picture.
         """
         p = self.config
         # The smoothed score, summed afresh each time (the window is tiny) so that a restored
@@ -228,12 +249,14 @@ class Calibrator:
         clip = 2.0 * p.rarity
         forest_tail.learn(level, decay, clip)
         recent = self._last_deviations
+        noise_floor = p.noise_floor
         for index, tail in enumerate(self._deviation_tails):
             # Two points, so a lone noisy value counts half and a lasting deviation in full.
-            deviation = 0.5 * (deviations[index] + recent[index])
-            recent[index] = deviations[index]
+            latest = abs(values[index] - expected[index])
+            deviation = 0.5 * (latest + recent[index])
+            recent[index] = latest
             if armed and tail.count >= p.score_warmup:
-                found = tail.surprise(deviation, floors[index] if floors is not None else 0.0)
+                found = tail.surprise(deviation, noise_floor * abs(expected[index]))
                 found -= self._look_elsewhere
                 if found > surprise:
                     surprise = found
@@ -243,13 +266,17 @@ class Calibrator:
         # forest's sample adapts, neither can report (a repeat still can).
         if settling and surprise > 0.5 * p.rarity:
             surprise = 0.5 * p.rarity
+        stale = 0.0
         for repeats, value in zip(self._repeats, values, strict=True):
             found = repeats.surprise(value, armed, decay, clip) - self._look_elsewhere
-            if found > surprise:
-                surprise = found
+            if found > stale:
+                stale = found
+        self.stale = stale >= p.rarity
+        if stale > surprise:
+            surprise = stale
         # The afterglow: a score falls back over a few points instead of at once, so an
         # incident whose evidence flickers stays one incident; from at most twice the
-        # threshold's surprise, so that it is under the threshold within five points.
+        # threshold's surprise, so that it is under the threshold within two points.
         cap = 2.0 * p.rarity
         glow = self._glow if self._glow < cap else cap
         if glow * _AFTERGLOW > surprise:

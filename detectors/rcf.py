@@ -126,20 +126,19 @@ class RcfDetector:
         score = 0.0
         if raw > 0.0:
             age = self._residual_age
-            floor = c.noise_floor
             score = self._calibrator.grade(
                 raw,
-                [abs(v - e) for v, e in zip(values, expected, strict=True)],
                 values,
-                [floor * abs(e) for e in expected] if floor else None,
+                expected,
                 0 < age <= c.settle,  # settling
-                not self._holding,
+                not 0 < self._incident <= _ACCEPT_AFTER,  # learn unless holding
             )
         else:
             self._calibrator.observe(values)
         if self._log:
             expected = [_from_log(e) for e in expected]
-        if self._has_margins:
+        # A frozen value sits right on its expected value: margins do not excuse it.
+        if self._has_margins and not self._calibrator.stale:
             score = self._apply_margins(score, observed, expected)
         decision = int(raw > 0.0 and score >= c.threshold)
         self._remember(values, decision == 1)

@@ -50,7 +50,7 @@ class SeasonalReference:
     (0.0, 4.0)
     """
 
-    __slots__ = ("_buffer", "_count", "days", "period")
+    __slots__ = ("_buffer", "_count", "_empty", "days", "period")
 
     def __init__(self, period: int, days: int = 3) -> None:
         self.period = period
@@ -59,14 +59,14 @@ class SeasonalReference:
         # Laid out phase by phase, so one phase's days are one slice (the hot path reads them).
         self._buffer = array("f", bytes(4 * period * days))
         self._count = 0
+        self._empty = 0  # empty (NaN) slots in the buffer: none, the hot path skips the filter
 
-    def _references(self) -> list[float]:
+    def _references(self) -> Sequence[float]:
         """The next slot's same-phase values of the last days, empty slots left out."""
         count = self._count
         start = (count % self.period) * self.days
-        return [
-            v for v in self._buffer[start : start + min(count // self.period, self.days)] if v == v
-        ]
+        references = self._buffer[start : start + min(count // self.period, self.days)]
+        return [v for v in references if v == v] if self._empty else references
 
     @property
     def ready(self) -> bool:
@@ -99,7 +99,13 @@ class SeasonalReference:
     def push(self, value: float) -> None:
         """Fill the next slot (NaN: the point is missing)."""
         count = self._count
-        self._buffer[(count % self.period) * self.days + (count // self.period) % self.days] = value
+        slot = (count % self.period) * self.days + (count // self.period) % self.days
+        buffer = self._buffer
+        if buffer[slot] != buffer[slot]:
+            self._empty -= 1
+        if value != value:
+            self._empty += 1
+        buffer[slot] = value
         self._count = count + 1
 
     def skip(self, steps: int) -> None:
@@ -122,6 +128,7 @@ class SeasonalReference:
         reference = cls(state["period"], state["days"])
         reference._buffer = array("f", bytes.fromhex(state["buffer"]))
         reference._count = state["count"]
+        reference._empty = sum(1 for v in reference._buffer if v != v)
         return reference
 
 

