@@ -44,6 +44,7 @@ import pyarrow as pa
 
 from sinks.lake_files import lake_end, publish_sink_file, remove_temp_files
 from sinks.result_table import MS_PER_DAY, concat, day_name, epoch_millis, parse_results
+from stream.kafka_security import PLAINTEXT, KafkaSecurity
 
 log = logging.getLogger("anomstream.sink.parquet")
 
@@ -172,6 +173,7 @@ class SinkConfig:
     # Static group membership: a restarted sink takes its partitions back at once instead of
     # waiting for the killed one's session to expire, and a second live copy is fenced off.
     instance_id: str | None = None
+    security: KafkaSecurity = PLAINTEXT
 
     @property
     def dead_letters(self) -> str:
@@ -227,6 +229,7 @@ class ParquetSink:
             consumer_config(
                 config.bootstrap,
                 group_id=config.group,
+                security=config.security,
                 **{
                     "client.id": "anomstream-parquet-sink",
                     "enable.auto.offset.store": False,
@@ -329,8 +332,11 @@ class ParquetSink:
                     )
                     if parsed.rejected:
                         if producer is None:
-                            create_topics(config.bootstrap, [config.dead_letters])
-                            producer = Producer(producer_config(config.bootstrap))
+                            create_topics(config.bootstrap, [config.dead_letters],
+                                          security=config.security)
+                            producer = Producer(
+                                producer_config(config.bootstrap, security=config.security)
+                            )
                         self._dead_letter(producer, batch, parsed.rejected)
                     for closed in buffer.add(parsed.table, batch[-1].offset() + 1):
                         publish(partition, closed)

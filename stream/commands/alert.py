@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from stream.cli import CliError
+from stream.kafka_security import add_security_arguments
 
 if TYPE_CHECKING:
     from sinks.alerting.config import AlertConfig
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop once no record arrived and nothing was pending for this long (batch runs)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_security_arguments(parser)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     silence = actions.add_parser(
         "silence",
@@ -52,10 +54,14 @@ def _load(args: argparse.Namespace) -> AlertConfig:
         overrides["bootstrap_servers"] = args.bootstrap
     if getattr(args, "topic", None):
         overrides["result_topic"] = args.topic
+    from stream.kafka_security import security_from_args
+
     try:
-        return load_config(args.config, overrides)
-    except ConfigError as error:
+        config = load_config(args.config, overrides)
+        security = security_from_args(args, config.kafka_security)
+    except (ConfigError, ValueError) as error:
         raise CliError(str(error)) from None
+    return config.model_copy(update={"kafka_security": security})
 
 
 def _silence(args: argparse.Namespace) -> int:
@@ -121,6 +127,13 @@ def run(args: argparse.Namespace) -> int:
     install_logging(redactor, logging.DEBUG if args.verbose else logging.INFO)
 
     from sinks.alerting.service import Alerter
+    from stream.kafka_io import KafkaUnavailable, check_connection
+
+    try:
+        # Before the consumer, which would retry an unusable cluster for ever.
+        check_connection(config.bootstrap_servers, config.kafka_security)
+    except KafkaUnavailable as error:
+        raise CliError(redactor(str(error))) from None
 
     if config.metrics_port:
         from prometheus_client import start_http_server
