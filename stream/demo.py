@@ -388,7 +388,8 @@ class Demo:
         controller_port = free_port()
         while controller_port == broker_port:
             controller_port = free_port()
-        kafka = LocalKafka(workdir / "kafka", port=broker_port, controller_port=controller_port)
+        kafka = LocalKafka(workdir / "kafka", port=broker_port, controller_port=controller_port,
+                           progress=lambda line: self.say(f"kafka: {line}"))
         self.kafka = kafka
         with self.console.status("starting the local Kafka broker (jars fetched once with mvn)"):
             try:

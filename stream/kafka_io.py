@@ -58,6 +58,9 @@ class ClientLog:
         self.repeat_s = repeat_s
         # Set: every line at this level instead of librdkafka's own (a probe's lines are DEBUG).
         self.level = level
+        # The latest warning or error, for a probe whose errors say less (a PLAINTEXT client on
+        # a TLS port gets only "transport failure" as an error, the reason only in the log).
+        self.last_problem = ""
         self._last: dict[tuple[int, str], float] = {}
         self._suppressed: dict[tuple[int, str], int] = {}
         # Clients in several threads (a worker's stages) share this object.
@@ -66,6 +69,8 @@ class ClientLog:
     def log(self, level: int, message: str, *args: Any) -> None:
         """The ``logging.Logger.log`` signature, as confluent-kafka calls it."""
         text = message % args if args else message
+        if level >= logging.WARNING:
+            self.last_problem = text
         key = (level, self._VARYING.sub("", text))
         now = time.monotonic()
         with self._lock:
@@ -174,7 +179,8 @@ def check_connection(
     except ValueError as error:  # a secret's variable or file is missing
         raise KafkaUnavailable(f"cannot connect to Kafka at {bootstrap}: {error}") from None
     errors: list[KafkaError] = []
-    settings["logger"] = ClientLog(CLIENT_LOG.logger, level=logging.DEBUG)
+    probe_log = ClientLog(CLIENT_LOG.logger, level=logging.DEBUG)
+    settings["logger"] = probe_log
     settings["error_cb"] = errors.append
     try:
         admin = AdminClient(settings)
@@ -193,19 +199,22 @@ def check_connection(
         admin.poll(0)  # delivers the connection errors to error_cb
         refusal = next((e for e in errors if e.code() in _REFUSALS), None)
         if refusal is not None or time.monotonic() >= deadline:
-            reason = _reason(refusal, errors, last)
+            reason = _reason(refusal, errors, probe_log.last_problem, last)
             waited = "" if refusal is not None else f" within {timeout_s:.0f} s"
             raise KafkaUnavailable(
                 f"cannot connect to Kafka at {bootstrap} ({security.describe()}){waited}: {reason}"
             )
 
 
-def _reason(refusal: KafkaError | None, errors: list[KafkaError], fallback: str) -> str:
-    """The most telling error: a refusal, else the latest connection error, else ``fallback``."""
+def _reason(
+    refusal: KafkaError | None, errors: list[KafkaError], logged: str, fallback: str
+) -> str:
+    """The most telling error: a refusal, else the latest connection error, else the latest
+    problem the client logged, else ``fallback`` (the metadata request's own error)."""
     specific = [e for e in errors if e.code() != KafkaError._ALL_BROKERS_DOWN]
     chosen = refusal or (specific[-1] if specific else None)
-    text = chosen.str() if chosen is not None else fallback
-    return _TIMING.sub("", text).strip() or fallback
+    text = chosen.str() if chosen is not None else logged
+    return ClientLog._VARYING.sub("", _TIMING.sub("", text)).strip() or fallback
 
 
 def create_topics(
