@@ -19,7 +19,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message
@@ -53,9 +53,11 @@ class ClientLog:
         logger: logging.Logger,
         repeat_s: float = CLIENT_LOG_REPEAT_S,
         level: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.logger = logger
         self.repeat_s = repeat_s
+        self.clock = clock
         # Set: every line at this level instead of librdkafka's own (a probe's lines are DEBUG).
         self.level = level
         # The latest warning or error, for a probe whose errors say less (a PLAINTEXT client on
@@ -72,7 +74,7 @@ class ClientLog:
         if level >= logging.WARNING:
             self.last_problem = text
         key = (level, self._VARYING.sub("", text))
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             last = self._last.get(key)
             if last is not None and now - last < self.repeat_s:
