@@ -566,7 +566,9 @@ class LocalKafka:
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             try:
-                admin.list_topics(timeout=2.0)
+                # Short tries, so that progress lines and the deadline are kept to.
+                remaining = deadline - time.monotonic()
+                admin.list_topics(timeout=max(0.1, min(2.0, PROGRESS_EVERY_S, remaining)))
                 return
             except Exception as error:  # KafkaException until the listener is up
                 last_error = str(error) or type(error).__name__

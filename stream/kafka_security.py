@@ -27,9 +27,16 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 Protocol = Literal["PLAINTEXT", "SSL", "SASL_SSL"]
 Mechanism = Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"]
@@ -65,16 +72,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _existing_file(path: Path | None, field: str) -> None:
-    if path is not None and not path.expanduser().is_file():
-        raise ValueError(f"{field}: {path} is not a readable file")
+def _existing_file(path: Path) -> Path:
+    if not path.expanduser().is_file():
+        raise ValueError(f"{path} is not a readable file")
+    return path
+
+
+# Checked when the configuration is read: a typo in a path fails before any client is built.
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
 
 
 class SaslSettings(_Strict):
     mechanism: Mechanism = "SCRAM-SHA-512"
     username: str = Field(min_length=1)
     password_env: str | None = Field(default=None, min_length=1)
-    password_file: Path | None = None
+    password_file: ExistingFile | None = None
 
     @model_validator(mode="after")
     def _one_password_source(self) -> SaslSettings:
@@ -83,7 +95,6 @@ class SaslSettings(_Strict):
                 "give the password as exactly one of password_env (the name of an environment "
                 "variable holding it) or password_file (a file holding it)"
             )
-        _existing_file(self.password_file, "password_file")
         return self
 
     def password(self) -> str:
@@ -92,12 +103,12 @@ class SaslSettings(_Strict):
 
 class TlsSettings(_Strict):
     # None: the system's trusted CAs (a public CA signed the brokers' certificates).
-    ca_file: Path | None = None
+    ca_file: ExistingFile | None = None
     # A client certificate and its key (PEM) make the connection mutual TLS.
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    cert_file: ExistingFile | None = None
+    key_file: ExistingFile | None = None
     key_password_env: str | None = Field(default=None, min_length=1)
-    key_password_file: Path | None = None
+    key_password_file: ExistingFile | None = None
     # Off only for brokers whose certificates do not name the address the client dials.
     verify_hostname: bool = True
 
@@ -111,8 +122,6 @@ class TlsSettings(_Strict):
                              "key_password_file, not both")
         if self.key_file is None and (self.key_password_env or self.key_password_file):
             raise ValueError("a key passphrase needs key_file")
-        for name in ("ca_file", "cert_file", "key_file", "key_password_file"):
-            _existing_file(getattr(self, name), name)
         return self
 
 
