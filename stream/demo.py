@@ -380,6 +380,12 @@ class Demo:
 
     def _broker(self, workdir: Path) -> str:
         if self.options.bootstrap:
+            from stream.kafka_io import KafkaUnavailable, check_connection
+
+            try:
+                check_connection(self.options.bootstrap)
+            except KafkaUnavailable as error:
+                raise DemoError(str(error)) from None
             self.say(f"kafka: using the configured broker {self.options.bootstrap}")
             return self.options.bootstrap
         from stream.kafka_local import KafkaError, LocalKafka, free_port
