@@ -129,12 +129,6 @@ def run(args: argparse.Namespace) -> int:
     from sinks.alerting.service import Alerter
     from stream.kafka_io import KafkaUnavailable, check_connection
 
-    try:
-        # Before the consumer, which would retry an unusable cluster for ever.
-        check_connection(config.bootstrap_servers, config.kafka_security)
-    except KafkaUnavailable as error:
-        raise CliError(redactor(str(error))) from None
-
     if config.metrics_port:
         from prometheus_client import start_http_server
 
@@ -145,6 +139,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         alerter = Alerter(config, redactor)
     except ValueError as error:
+        raise CliError(redactor(str(error))) from None
+    try:
+        # After the receivers are checked, before the consumer, which would retry an unusable
+        # cluster for ever.
+        check_connection(config.bootstrap_servers, config.kafka_security)
+    except KafkaUnavailable as error:
         raise CliError(redactor(str(error))) from None
     alerter.run(stop, until_idle=args.until_idle)
     return 0
