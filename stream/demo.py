@@ -37,6 +37,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
+from stream.kafka_security import PLAINTEXT, KafkaSecurity, security_flags
 from stream.records import format_time
 
 if TYPE_CHECKING:
@@ -105,6 +106,8 @@ class DemoOptions:
     workers: int = 2
     partitions: int = 2
     dashboard_port: int = 8501
+    # How to reach a ``bootstrap`` broker; the demo's own broker is PLAINTEXT.
+    security: KafkaSecurity = PLAINTEXT
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +129,18 @@ class Topics:
         )
 
 
-def detect_config(bootstrap: str, topics: Topics, group: str, partitions: int) -> dict[str, Any]:
+def _security_section(security: KafkaSecurity) -> dict[str, Any]:
+    """The YAML form of ``security``: secrets stay references (variable names, file paths)."""
+    return security.model_dump(mode="json", exclude_none=True)
+
+
+def detect_config(
+    bootstrap: str,
+    topics: Topics,
+    group: str,
+    partitions: int,
+    security: KafkaSecurity = PLAINTEXT,
+) -> dict[str, Any]:
     """The detection workers' configuration: one detector per measure of each feed."""
     detectors = []
     for topic, table in ((topics.market, MARKET_DETECTORS), (topics.ops, OPS_DETECTORS)):
@@ -145,7 +159,11 @@ def detect_config(bootstrap: str, topics: Topics, group: str, partitions: int) -
                 spec["params"] = dict(DETECTOR_PARAMS[name])
             detectors.append(spec)
     return {
-        "kafka": {"bootstrap": bootstrap, "group_id": group},
+        "kafka": {
+            "bootstrap": bootstrap,
+            "group_id": group,
+            **({"security": _security_section(security)} if security != PLAINTEXT else {}),
+        },
         "topics": {
             "output": topics.results,
             "dead_letter": topics.dead_letter,
@@ -159,10 +177,17 @@ def detect_config(bootstrap: str, topics: Topics, group: str, partitions: int) -
 
 
 def alert_config(
-    bootstrap: str, topics: Topics, group: str, webhook_url: str, state_dir: Path, dashboard: str
+    bootstrap: str,
+    topics: Topics,
+    group: str,
+    webhook_url: str,
+    state_dir: Path,
+    dashboard: str,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> dict[str, Any]:
     return {
         "bootstrap_servers": bootstrap,
+        **({"kafka_security": _security_section(security)} if security != PLAINTEXT else {}),
         "result_topic": topics.results,
         "group_id": group,
         "instance_id": f"{group}-0",
@@ -383,7 +408,7 @@ class Demo:
             from stream.kafka_io import KafkaUnavailable, check_connection
 
             try:
-                check_connection(self.options.bootstrap)
+                check_connection(self.options.bootstrap, self.options.security)
             except KafkaUnavailable as error:
                 raise DemoError(str(error)) from None
             self.say(f"kafka: using the configured broker {self.options.bootstrap}")
@@ -415,6 +440,7 @@ class Demo:
                 bootstrap,
                 [topics.market, topics.ops, topics.results],
                 partitions=self.options.partitions,
+                security=self.options.security,
                 timeout_s=30.0,
             )
         except (KafkaException, TimeoutError) as error:
@@ -431,7 +457,8 @@ class Demo:
         detect_yaml = workdir / "detect.yaml"
         detect_yaml.write_text(
             yaml.safe_dump(
-                detect_config(bootstrap, topics, f"demo-detect{suffix}", options.partitions),
+                detect_config(bootstrap, topics, f"demo-detect{suffix}", options.partitions,
+                              options.security),
                 sort_keys=False,
             )
         )
@@ -445,6 +472,7 @@ class Demo:
                     self.webhook.url,
                     workdir / "alert-state",
                     dashboard_url,
+                    options.security,
                 ),
                 sort_keys=False,
             )
@@ -486,6 +514,7 @@ class Demo:
                     "6h",
                     "--idle-flush",
                     "2",
+                    *security_flags(options.security),
                 ],
                 logs / "sink.log",
             )
@@ -542,6 +571,7 @@ class Demo:
                         str(options.speed),
                         "--no-progress",
                         *sizing,
+                        *security_flags(options.security),
                     ],
                     logs / f"generate-{feed}.log",
                     finishes=True,

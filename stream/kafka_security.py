@@ -188,6 +188,7 @@ _FLAGS: dict[str, tuple[str | None, str]] = {
     "tls_key_file": ("tls", "key_file"),
     "tls_key_password_env": ("tls", "key_password_env"),
     "tls_key_password_file": ("tls", "key_password_file"),
+    "tls_verify_hostname": ("tls", "verify_hostname"),
 }
 
 
@@ -215,6 +216,9 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
                        help="environment variable holding the key's passphrase")
     group.add_argument("--tls-key-password-file", type=Path, metavar="PATH",
                        help="file holding the key's passphrase")
+    group.add_argument("--tls-no-verify-hostname", dest="tls_verify_hostname",
+                       action="store_false", default=None,
+                       help="accept broker certificates that do not name the address dialled")
 
 
 def security_from_args(
@@ -246,6 +250,23 @@ def security_from_args(
         return KafkaSecurity.model_validate(data)
     except ValidationError as error:
         raise ValueError(_describe_flag_errors(error)) from None
+
+
+def security_flags(security: KafkaSecurity) -> list[str]:
+    """The flags that give ``security`` to a child command (the demo's sink and generators);
+    ``security_from_args`` turns them back into ``security``.
+
+    Secrets stay references (variable names, file paths), as in the configuration.
+    """
+    flags: list[str] = []
+    for attribute, (section, field) in _FLAGS.items():
+        part = security if section is None else getattr(security, section)
+        value = None if part is None else getattr(part, field)
+        if attribute == "tls_verify_hostname":
+            flags += ["--tls-no-verify-hostname"] if value is False else []
+        elif value is not None:
+            flags += ["--" + attribute.replace("_", "-"), str(value)]
+    return flags
 
 
 def _describe_flag_errors(error: ValidationError) -> str:

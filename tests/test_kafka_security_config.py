@@ -16,6 +16,7 @@ from stream.kafka_security import (
     KafkaSecurity,
     SecretError,
     add_security_arguments,
+    security_flags,
     security_from_args,
 )
 
@@ -177,3 +178,49 @@ def test_the_alert_config_takes_the_same_security_section(
     assert config.kafka_security.describe() == "SASL_SSL (SCRAM-SHA-256 as alerter)"
     assert config.kafka_security.client_settings()["sasl.password"] == SECRET
     assert SECRET not in repr(config)
+
+
+def test_security_flags_give_a_child_command_the_same_settings(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("pem")
+    security = KafkaSecurity.model_validate({
+        "protocol": "SASL_SSL",
+        "sasl": {"username": "demo", "mechanism": "SCRAM-SHA-256", "password_env": "PW"},
+        "tls": {"ca_file": str(tmp_path / "ca.pem"), "verify_hostname": False},
+    })
+    flags = security_flags(security)
+    assert security_from_args(_flags(*flags)) == security
+    assert "--tls-no-verify-hostname" in flags and "PW" in flags
+    assert security_flags(KafkaSecurity()) == ["--security-protocol", "PLAINTEXT"]
+
+
+def test_the_demo_hands_its_security_to_every_service(tmp_path: Path) -> None:
+    from sinks.alerting.config import AlertConfig
+    from stream.config import DetectConfig
+    from stream.demo import Topics, alert_config, detect_config
+
+    security = KafkaSecurity.model_validate(
+        {"protocol": "SASL_SSL", "sasl": {"username": "demo", "password_env": "PW"}}
+    )
+    topics = Topics.named("")
+    detect = DetectConfig.model_validate(
+        detect_config("kafka-1:9094", topics, "g", 2, security)
+    )
+    alerts = AlertConfig.model_validate(
+        alert_config("kafka-1:9094", topics, "a", "json://127.0.0.1:1/x", tmp_path, "http://d",
+                     security)
+    )
+    assert detect.kafka.security == security == alerts.kafka_security
+    # A plaintext demo writes the configs it always wrote (examples/docker compares them).
+    assert "security" not in detect_config("k:9092", topics, "g", 2)["kafka"]
+    assert "kafka_security" not in alert_config("k:9092", topics, "a", "json://h/x", tmp_path, "d")
+
+
+def test_the_demo_refuses_security_flags_for_its_own_plaintext_broker(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from stream.cli import main
+
+    code = main(["demo", "--workdir", str(tmp_path / "run"), "--security-protocol", "SSL"])
+    assert code == 2
+    assert "the security flags go with --bootstrap" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
