@@ -1,10 +1,10 @@
 """Small shared Kafka helpers on top of confluent-kafka: client configs, a connection check,
 topic creation, reading a topic to its end.
 
-Every module that talks to Kafka builds its clients from ``producer_config``/``consumer_config``/
-``admin_config`` so that delivery guarantees (idempotence, ``acks=all``, ``read_committed``), the
-security settings (``stream/kafka_security.py``) and the routing of librdkafka's own log lines are
-the same everywhere and are changed in one place.
+Every module that talks to Kafka builds its clients from ``producer_config``/``consumer_config``
+(admin clients from ``client_config``) so that delivery guarantees (idempotence, ``acks=all``,
+``read_committed``), the security settings (``stream/kafka_security.py``) and the routing of
+librdkafka's own log lines are the same everywhere and are changed in one place.
 
 >>> producer_config("127.0.0.1:9092", **{"transactional.id": "worker-0"})["acks"]
 'all'
@@ -33,7 +33,7 @@ DEFAULT_TIMEOUT_S = 30.0
 # librdkafka retries a refused connection every second or so; ten seconds rides out a broker that
 # is just restarting and still leaves the whole failure well under half a minute.
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
-# The same librdkafka line (per client thread, minus its timing) is logged at most this often.
+# The same librdkafka line (minus its thread and timing) is logged at most this often.
 CLIENT_LOG_REPEAT_S = 60.0
 
 
@@ -157,8 +157,15 @@ _REFUSALS = frozenset({
     KafkaError._AUTHENTICATION,
     KafkaError._SSL,
     KafkaError.SASL_AUTHENTICATION_FAILED,
-    KafkaError._INVALID_ARG,
 })
+
+
+def _is_refusal(error: KafkaError) -> bool:
+    # A TLS alert from the broker (e.g. "bad certificate" for a client without one on a mutual-TLS
+    # listener) arrives as a transport error, but it is the broker's answer, not a network fault.
+    return error.code() in _REFUSALS or "ssl/tls alert" in error.str()
+
+
 # Parts of librdkafka's error text that vary per retry or repeat what the message already says.
 _TIMING = re.compile(r"\s*\((?:after \d+ms in state [^)]*|\d+ identical error\(s\) suppressed)\)"
                      r"|^\S+/(?:bootstrap|\d+): ")
@@ -199,7 +206,7 @@ def check_connection(
         except KafkaException as error:
             last = error.args[0].str()
         admin.poll(0)  # delivers the connection errors to error_cb
-        refusal = next((e for e in errors if e.code() in _REFUSALS), None)
+        refusal = next((e for e in errors if _is_refusal(e)), None)
         if refusal is not None or time.monotonic() >= deadline:
             reason = _reason(refusal, errors, probe_log.last_problem, last)
             waited = "" if refusal is not None else f" within {timeout_s:.0f} s"
