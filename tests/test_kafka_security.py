@@ -291,3 +291,20 @@ def test_replication_beyond_the_brokers_is_a_clear_error(
     with pytest.raises(ReplicationError, match=r"replication factor 3: .* has 1 broker"):
         create_topics(setup.bootstrap, ["never-created"], replication_factor=3,
                       security=setup.security)
+
+
+def test_detect_with_more_replicas_than_brokers_stops_in_one_line(
+    secured_broker: SecuredBroker, tmp_path: Path
+) -> None:
+    config = tmp_path / "detect.yaml"
+    config.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap": secured_broker.kafka.bootstrap},
+        "topics": {"output": f"out-{uuid.uuid4().hex[:8]}", "replication": 3,
+                   "min_insync_replicas": 2},
+        "detectors": [{"name": "cpu", "input": "in", "measure": "v", "interval": "1s"}],
+    }))
+    result = anomstream("detect", "--config", str(config))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "replication factor 3" in lines[0] and "has 1 broker(s)" in lines[0]
