@@ -218,9 +218,9 @@ class SecuredListeners:
 
     The PLAINTEXT listener stays: the broker's own traffic and the readiness check use it. The
     SCRAM users are created when the storage is formatted, so they exist from the first second
-    (a data dir formatted without them keeps having none). Passwords may not contain ``,`` or
-    ``]`` (the format tool's syntax); the keystore password is written to ``server.properties``,
-    which is fine for a local test broker only.
+    (a data dir formatted without them keeps having none). Names and passwords may not contain
+    ``,``, ``=``, ``[`` or ``]`` (the format tool's syntax). The keystore password is written
+    to ``server.properties``, which is fine for a local test broker only.
     """
 
     scram_port: int
@@ -262,6 +262,14 @@ class BrokerConfig:
     controller_port: int
     log_dir: Path
     secured: SecuredListeners | None = None
+
+    @property
+    def ports(self) -> list[int]:
+        """Every port the broker listens on."""
+        ports = [self.port, self.controller_port]
+        if self.secured is not None:
+            ports += [self.secured.scram_port, self.secured.mtls_port]
+        return ports
 
     def render(self) -> str:
         listeners = {"PLAINTEXT": ("PLAINTEXT", self.port)}
@@ -348,13 +356,12 @@ class LocalKafka:
         secured: SecuredListeners | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> None:
-        ports = [port, controller_port]
-        if secured is not None:
-            ports += [secured.scram_port, secured.mtls_port]
-        if len(set(ports)) != len(ports):
-            raise KafkaError(f"the broker's listeners need different ports (have {ports})")
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.config = BrokerConfig(port, controller_port, self.data_dir / "kraft", secured)
+        if len(set(self.config.ports)) != len(self.config.ports):
+            raise KafkaError(
+                f"the broker's listeners need different ports (have {self.config.ports})"
+            )
         self.version = version
         self.start_timeout_s = (
             configured_start_timeout_s() if start_timeout_s is None else start_timeout_s
@@ -415,10 +422,7 @@ class LocalKafka:
         running = self.running_pid()
         if running is not None:
             raise KafkaError(f"a broker already runs from {self.data_dir} (pid {running})")
-        ports = [self.config.port, self.config.controller_port]
-        if self.config.secured is not None:
-            ports += [self.config.secured.scram_port, self.config.secured.mtls_port]
-        for port in ports:
+        for port in self.config.ports:
             if not _port_is_free(port):
                 raise KafkaError(
                     f"port {port} on 127.0.0.1 is in use; pick others with --port/--controller-port"
