@@ -24,13 +24,13 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, Producer
 
-from stream.kafka_io import consume_all, create_topics
+from stream.kafka_io import consume_all, create_topics, producer_config
 from stream.kafka_local import LocalKafka, SecuredListeners, free_port
 from stream.kafka_security import KafkaSecurity
 from tests.alerting_support import HttpReceiver, wait_until
-from tests.detect_support import SMALL_MODEL
+from tests.detect_support import SMALL_MODEL, WorkerProcess, by_series, point, wait_for
 from tests.tls_support import KEYSTORE_PASSWORD, TlsFiles, make_tls_files
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
@@ -308,3 +308,72 @@ def test_detect_with_more_replicas_than_brokers_stops_in_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "replication factor 3" in lines[0] and "has 1 broker(s)" in lines[0]
+
+
+def test_a_fenced_worker_rebuilds_its_clients_with_the_security_settings(
+    secured_broker: SecuredBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage whose producer is fenced replaces its clients; the new ones must reach the
+    secured listener as the first ones did, or the stage never finishes its input."""
+    setup = scram_setup(secured_broker)
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)  # the worker and this process read it
+    run = uuid.uuid4().hex[:8]
+    topics = {name: f"{name}-{run}" for name in ("input", "output", "dlq", "repart", "state")}
+    group, instance = f"detect-{run}", f"fenced-{run}"
+    create_topics(setup.bootstrap, [topics["input"]], partitions=2, security=setup.security)
+    detect_yaml = tmp_path / "detect.yaml"
+    detect_yaml.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap": setup.bootstrap, "group_id": group, "session_timeout": 6000,
+                  "transaction_timeout": 10000, "security": setup.yaml},
+        "topics": {"output": topics["output"], "dead_letter": topics["dlq"],
+                   "repartition": topics["repart"], "state": topics["state"], "partitions": 2,
+                   "replication": 1, "min_insync_replicas": 1},
+        "worker": {"snapshot_interval": "1s", "commit_interval": "100ms"},
+        "detectors": [{"name": "cpu", "input": topics["input"], "measure": "value",
+                       "dimensions": ["host"], "aggregation": "last", "interval": "1s",
+                       "params": SMALL_MODEL}],
+    }))
+    steps = 60
+
+    def output() -> list[dict[str, Any]]:
+        try:
+            return [json.loads(m.value()) for m in
+                    consume_all(setup.bootstrap, topics["output"], security=setup.security)]
+        except KafkaException:  # the worker has not created the output topic yet
+            return []
+
+    def send(producer: Producer, steps_to_send: range) -> None:
+        for step in steps_to_send:
+            for index, host in enumerate(HOSTS):
+                key, payload = point(host, step * 1000, 50.0 + index + step % 5)
+                producer.produce(topics["input"], payload, key)
+        assert producer.flush(30) == 0
+
+    worker = WorkerProcess(detect_yaml, instance, tmp_path)
+    try:
+        worker.wait_ready(180)
+        producer = Producer(producer_config(setup.bootstrap, security=setup.security))
+        send(producer, range(0, 20))
+        wait_for(lambda: len(output()) >= len(HOSTS) * 10, 120, "the first results")
+
+        # The score stage's transactional.id on a second producer fences the worker's.
+        intruder = Producer(producer_config(
+            setup.bootstrap, security=setup.security,
+            **{"transactional.id": f"{group}.{instance}.score"},
+        ))
+        intruder.init_transactions(30)
+        send(producer, range(20, steps))
+
+        wait_for(lambda: worker.metric("anomstream_client_rebuilds_total", stage="score") >= 1,
+                 60, "the score stage to replace its fenced clients")
+        # Every interval but each host's last (still open), each exactly once.
+        expected = len(HOSTS) * (steps - 1)
+        wait_for(lambda: len(output()) >= expected or worker.process.poll() is not None, 180,
+                 "the results after the rebuild")
+        assert worker.process.poll() is None, worker.log()
+        got = output()
+        assert len(got) == expected, worker.log()
+        by_series(got)  # asserts one result per series and period
+        assert worker.get("/healthz")[0] == 200
+    finally:
+        assert worker.stop() == 0, worker.log()
