@@ -37,6 +37,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
+from stream.kafka_security import PLAINTEXT, KafkaSecurity, security_flags
 from stream.records import format_time
 
 if TYPE_CHECKING:
@@ -105,6 +106,8 @@ class DemoOptions:
     workers: int = 2
     partitions: int = 2
     dashboard_port: int = 8501
+    # How to reach a ``bootstrap`` broker; the demo's own broker is PLAINTEXT.
+    security: KafkaSecurity = PLAINTEXT
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +129,18 @@ class Topics:
         )
 
 
-def detect_config(bootstrap: str, topics: Topics, group: str, partitions: int) -> dict[str, Any]:
+def _security_section(security: KafkaSecurity) -> dict[str, Any]:
+    """The YAML form of ``security``: secrets stay references (variable names, file paths)."""
+    return security.model_dump(mode="json", exclude_none=True)
+
+
+def detect_config(
+    bootstrap: str,
+    topics: Topics,
+    group: str,
+    partitions: int,
+    security: KafkaSecurity = PLAINTEXT,
+) -> dict[str, Any]:
     """The detection workers' configuration: one detector per measure of each feed."""
     detectors = []
     for topic, table in ((topics.market, MARKET_DETECTORS), (topics.ops, OPS_DETECTORS)):
@@ -145,7 +159,11 @@ def detect_config(bootstrap: str, topics: Topics, group: str, partitions: int) -
                 spec["params"] = dict(DETECTOR_PARAMS[name])
             detectors.append(spec)
     return {
-        "kafka": {"bootstrap": bootstrap, "group_id": group},
+        "kafka": {
+            "bootstrap": bootstrap,
+            "group_id": group,
+            **({"security": _security_section(security)} if security != PLAINTEXT else {}),
+        },
         "topics": {
             "output": topics.results,
             "dead_letter": topics.dead_letter,
@@ -159,10 +177,17 @@ def detect_config(bootstrap: str, topics: Topics, group: str, partitions: int) -
 
 
 def alert_config(
-    bootstrap: str, topics: Topics, group: str, webhook_url: str, state_dir: Path, dashboard: str
+    bootstrap: str,
+    topics: Topics,
+    group: str,
+    webhook_url: str,
+    state_dir: Path,
+    dashboard: str,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> dict[str, Any]:
     return {
         "bootstrap_servers": bootstrap,
+        **({"kafka_security": _security_section(security)} if security != PLAINTEXT else {}),
         "result_topic": topics.results,
         "group_id": group,
         "instance_id": f"{group}-0",
@@ -410,6 +435,12 @@ class Demo:
 
     def _broker(self, workdir: Path) -> str:
         if self.options.bootstrap:
+            from stream.kafka_io import KafkaUnavailable, check_connection
+
+            try:
+                check_connection(self.options.bootstrap, self.options.security)
+            except KafkaUnavailable as error:
+                raise DemoError(str(error)) from None
             self.say(f"kafka: using the configured broker {self.options.bootstrap}")
             return self.options.bootstrap
         from stream.kafka_local import KafkaError, LocalKafka, free_port
@@ -418,7 +449,8 @@ class Demo:
         controller_port = free_port()
         while controller_port == broker_port:
             controller_port = free_port()
-        kafka = LocalKafka(workdir / "kafka", port=broker_port, controller_port=controller_port)
+        kafka = LocalKafka(workdir / "kafka", port=broker_port, controller_port=controller_port,
+                           progress=lambda line: self.say(f"kafka: {line}"))
         self.kafka = kafka
         with self.console.status("starting the local Kafka broker (jars fetched once with mvn)"):
             try:
@@ -438,6 +470,7 @@ class Demo:
                 bootstrap,
                 [topics.market, topics.ops, topics.results],
                 partitions=self.options.partitions,
+                security=self.options.security,
                 timeout_s=30.0,
             )
         except (KafkaException, TimeoutError) as error:
@@ -454,7 +487,8 @@ class Demo:
         detect_yaml = workdir / "detect.yaml"
         detect_yaml.write_text(
             yaml.safe_dump(
-                detect_config(bootstrap, topics, f"demo-detect{suffix}", options.partitions),
+                detect_config(bootstrap, topics, f"demo-detect{suffix}", options.partitions,
+                              options.security),
                 sort_keys=False,
             )
         )
@@ -468,6 +502,7 @@ class Demo:
                     self.webhook.url,
                     workdir / "alert-state",
                     dashboard_url,
+                    options.security,
                 ),
                 sort_keys=False,
             )
@@ -509,6 +544,7 @@ class Demo:
                     "6h",
                     "--idle-flush",
                     "2",
+                    *security_flags(options.security),
                 ],
                 logs / "sink.log",
             )
@@ -565,6 +601,7 @@ class Demo:
                         str(options.speed),
                         "--no-progress",
                         *sizing,
+                        *security_flags(options.security),
                     ],
                     logs / f"generate-{feed}.log",
                     finishes=True,
