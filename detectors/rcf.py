@@ -69,6 +69,7 @@ class RcfDetector:
         self._seasonal: list[SeasonalReference] | None = None
         self._steps: list[float] = []
         self._step = 0.0  # the sampling step once learned (median of the first steps)
+        self._gap_after = -math.inf  # a step longer than this leaves daily slots empty
         self._last_timestamp: float | None = None
         self._last_values: list[float] | None = None
         self._mean_values: list[float] | None = None
@@ -112,13 +113,21 @@ class RcfDetector:
 
     def update(self, timestamp: float, value: float | Sequence[float] | None) -> Result:
         observed = _finite_values(value, self.dimensions)
-        self._advance(timestamp)
+        last = self._last_timestamp
+        if last is not None and timestamp - last <= self._gap_after:  # the usual next step
+            self._last_timestamp = timestamp
+        else:
+            self._advance(timestamp)
         if observed is None:
             return self._missing(timestamp)
         values = [_to_log(v) for v in observed] if self._log else observed
         residuals, expected = self._compare(values)
         point = values + (residuals or self._deviations(values))
-        raw = self._score_and_learn(point)
+        if self._scales is None or len(self._scales) > 1:
+            raw = self._score_and_learn(point)
+        else:  # a univariate series: the forest takes the point as it is (hot path)
+            raw = self._forest.score(point)
+            self._forest.update(point)
         c = self.config
         seen = self._seen = self._seen + 1
         self._observed_share += c.time_decay * (1.0 - self._observed_share)
@@ -157,11 +166,11 @@ class RcfDetector:
         )
 
     def _score_and_learn(self, point: list[float]) -> float:
+        """The forest's score of a multivariate point, its variables on their own scales."""
         scales = self._scales
         if scales is None:
             return self._wait_for_scales(point)
-        if len(scales) > 1:
-            point = [x / scale for x, scale in zip(point, scales + scales, strict=True)]
+        point = [x / scale for x, scale in zip(point, scales + scales, strict=True)]
         raw = self._forest.score(point)
         self._forest.update(point)
         return raw
@@ -211,6 +220,7 @@ class RcfDetector:
             self._steps.append(timestamp - last)
             if len(self._steps) == _PERIOD_SAMPLE:
                 self._step = statistics.median(self._steps)
+                self._gap_after = 1.5 * self._step
                 period = points_per_day(self._step)
                 if period:
                     days = self.config.seasonal_days
@@ -219,7 +229,7 @@ class RcfDetector:
                     ]
             return
         seasonal = self._seasonal
-        if seasonal is not None and timestamp - last > 1.5 * self._step:
+        if seasonal is not None and timestamp - last > self._gap_after:
             skipped = round((timestamp - last) / self._step) - 1
             for reference in seasonal:
                 reference.skip(skipped)
@@ -366,6 +376,7 @@ class RcfDetector:
             detector._seasonal = [SeasonalReference.from_state(s) for s in state["seasonal"]]
         detector._steps = state["steps"]
         detector._step = state["step"]
+        detector._gap_after = 1.5 * detector._step if detector._step else -math.inf
         detector._last_timestamp = state["last_timestamp"]
         detector._last_values = state["last_values"]
         detector._mean_values = state["mean_values"]
