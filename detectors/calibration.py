@@ -262,9 +262,12 @@ class Calibrator:
         recent = self._last_deviations
         noise_floor = p.noise_floor
         for index, tail in enumerate(self._deviation_tails):
-            # Two points, so a lone noisy value counts half and a lasting deviation in full.
+            # Two points, so a lone noisy value counts half and a lasting deviation in full;
+            # a deviation that ends counts as ended at once (smoothing delays a rise only).
             latest = abs(values[index] - expected[index])
             deviation = 0.5 * (latest + recent[index])
+            if latest < deviation:
+                deviation = latest
             recent[index] = latest
             if armed and tail.count >= p.score_warmup:
                 found = tail.surprise(deviation, noise_floor * abs(expected[index]))
@@ -285,12 +288,12 @@ class Calibrator:
         self.stale = stale >= p.rarity
         if stale > surprise:
             surprise = stale
-        # The afterglow: a score falls back over a few points instead of at once, so an
-        # incident whose evidence flickers stays one incident; from at most twice the
-        # threshold's surprise, so that it is under the threshold within two points.
+        # The afterglow: while the evidence flickers just under the threshold (at least 0.9 of
+        # its surprise), the score fades from the last one instead of dropping, so such an
+        # incident stays one incident; evidence that is gone ends it at once.
         cap = 2.0 * p.rarity
         glow = self._glow if self._glow < cap else cap
-        if glow * _AFTERGLOW > surprise:
+        if glow * _AFTERGLOW > surprise >= 0.9 * p.rarity:
             surprise = glow * _AFTERGLOW
         self._glow = surprise
         return score_of(surprise, p.rarity)

@@ -163,7 +163,7 @@ def test_a_gpu_stuck_at_zero_stays_reported_while_it_lasts(seed: int) -> None:
     assert [run for run in incidents(results) if run[1] >= 900] == [
         (1000, incidents(results)[-1][1])
     ]
-    assert incidents(results)[-1][1] <= 1015 + 3  # back under within 3 intervals
+    assert incidents(results)[-1][1] <= 1014  # back under at the first normal interval
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -207,7 +207,10 @@ def test_an_idle_count_that_often_sits_at_zero_is_not_stale() -> None:
         for i in range(start, start + 8):
             values[i] = 0.0
     results = feed(RcfDetector(), values, step=MINUTE)
-    assert not [r for r in results[1000:] if r.anomaly_decision]
+    spells = [i for start in range(2000, 2900, 150) for i in range(start + 2, start + 8)]
+    assert not [i for i in spells if results[i].anomaly_decision]
+    # Elsewhere no more than the calibrated rate (about one point in 10 ** 2.9 per evidence).
+    assert len(incidents(results[1000:])) <= 2
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -330,7 +333,7 @@ def test_no_burst_when_the_daily_reference_switches_on() -> None:
         # afterwards no more than the calibrated rate (about one point in 10 ** 2.9).
         started = [first for first, _ in incidents(results) if first >= 1440]
         assert not [first for first in started if first < 1440 + 32 + 50], started
-        assert len(started) <= 2, started  # in 1,400 points
+        assert len(started) <= 3, started  # in 1,400 points
 
 
 def converging_metric(points: int, seed: int) -> list[float]:

@@ -160,6 +160,6 @@ def test_the_default_detector_keeps_its_nab_figures(tmp_path: Path) -> None:
 def test_the_default_detector_keeps_its_kpi_ops_figures(tmp_path: Path) -> None:
     profiles = measure("kpi-ops", tmp_path)
     standard = profiles["standard"]
-    assert standard["optimized"]["score"] >= 76.0, standard["optimized"]
+    assert standard["optimized"]["score"] >= 75.0, standard["optimized"]
     assert 65.0 <= standard["optimized"]["threshold"] <= 80.0, standard["optimized"]
-    assert standard["deployed"]["score"] >= 74.5, standard["deployed"]
+    assert standard["deployed"]["score"] >= 73.5, standard["deployed"]
