@@ -303,6 +303,36 @@ class RouteStage(_Stage):
         self.assignment: list[TopicPartition] = []
         self._in = {topic: metrics.records_in.labels(self.name, topic) for topic in self.topics}
         self._forwarded = metrics.records_out.labels("repartition")
+        repartition = config.topics.repartition
+        metadata = self.producer.list_topics(repartition, timeout=30).topics[repartition]
+        self.repartition_partitions = sorted(metadata.partitions)
+        # Ticks of an input partition's stream time go out at most once per the shortest
+        # interval of the detectors reading its topic (see ``_tick``).
+        self.tick_ms = {
+            topic: min(spec.interval_ms for spec in config.detectors if spec.input == topic)
+            for topic in self.topics
+        }
+        self.ticked: dict[tuple[str, int], int] = {}  # input partition -> last tick's bucket
+
+    def _tick(self, topic: str, partition: int, event_ms: int, source: Headers) -> None:
+        """Tell every score partition how far this input partition's event time has come.
+
+        A score partition sees only the records of its own series; a series that went silent
+        alone in its partition would otherwise never have its windows closed. A tick is a record
+        without key or value whose headers hold an empty detector name, the event time and the
+        source. It is derived from the input alone (sent when the input partition's event time
+        enters a new tick interval), so the score stage stays deterministic on replay; a
+        restarted route stage sends one more tick, which changes nothing.
+        """
+        key = (topic, partition)
+        bucket = event_ms // self.tick_ms[topic]
+        if bucket <= self.ticked.get(key, -1):
+            return
+        self.ticked[key] = bucket
+        headers: Headers = [("detector", b""), ("event", _EVENT.pack(event_ms)), *source]
+        repartition = self.config.topics.repartition
+        for number in self.repartition_partitions:
+            self.produce(repartition, None, None, headers, partition=number)
 
     def process(self, messages: list[Any]) -> None:
         repartition = self.config.topics.repartition
@@ -334,6 +364,8 @@ class RouteStage(_Stage):
                     [("detector", detectors[point.detector].name), ("event", event), *source],
                 )
             forwarded += len(points)
+            if points:
+                self._tick(topic, partition, max(point.event_ms for point in points), source)
             if rejections:
                 first = rejections[0]
                 headers: Headers = [
@@ -489,7 +521,8 @@ class ScoreStage(_Stage):
             event = headers[_H_EVENT][1]
             event_ms: int = _EVENT.unpack_from(event)[0]
             source = (headers[_H_SOURCE_TOPIC][1] + b"/" + headers[_H_SOURCE_PARTITION][1]).decode()
-            self._apply(part, message, headers, event, event_ms, source, live_output)
+            if headers[_H_DETECTOR][1]:  # else a tick of the input's time (RouteStage._tick)
+                self._apply(part, message, headers, event, event_ms, source, live_output)
             # Every record moves its input's stream time, also one skipped or late: the clock is
             # a function of the partition's records, so a replay closes the same windows.
             self._advance_clock(part, source, event_ms, message, headers, live_output)

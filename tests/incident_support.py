@@ -39,13 +39,16 @@ OUTAGES = (Outage(LEAD, LEAD + OUTAGE - 1),
 POINTS = OUTAGES[-1].last + 1 + 36  # three hours of normal operation after the second outage
 
 
-def gpu_util(i: int, seed: int = 7) -> float:
-    """Utilisation (%) at point ``i``: 60 ± 25 over the day, noise of 3, 0 inside an outage."""
-    if any(o.first <= i <= o.last for o in OUTAGES):
-        return 0.0
+def daily_util(i: int, seed: int) -> float:
+    """Utilisation (%) at point ``i``: 60 ± 25 over the day, noise of 3."""
     rng = random.Random(seed * 1_000_003 + i)
     phase = ((START_S + i * STEP_S) % 86_400) / 86_400
     return 60.0 + 25.0 * math.sin(2 * math.pi * phase) + rng.gauss(0.0, 3.0)
+
+
+def gpu_util(i: int) -> float:
+    """The GPU with the outages: 0 inside one, its daily cycle otherwise."""
+    return 0.0 if any(o.first <= i <= o.last for o in OUTAGES) else daily_util(i, 7)
 
 
 def record(detector: str, measure: str, dimensions: dict[str, str], start_s: float,
