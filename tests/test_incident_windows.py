@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from stream.config import Aggregation, DetectorSpec, EmptyIntervals
+from stream.config import Aggregation, DetectorSpec, EmptyIntervals, load_config
 from stream.windowing import LateRecord, PartitionClock, SeriesWindows
 
 
@@ -118,3 +120,9 @@ def test_detector_spec_defaults_to_missing_and_reads_no_data_after() -> None:
     plain = DetectorSpec.model_validate({"name": "cpu", "input": "m", "measure": "util",
                                          "interval": "60s"})
     assert plain.no_data_after is None
+
+
+def test_example_detectors_config_flags_silent_hosts() -> None:
+    config = load_config(Path(__file__).resolve().parents[1] / "examples" / "detectors.yaml")
+    cpu = next(spec for spec in config.detectors if spec.name == "cpu")
+    assert (cpu.empty, cpu.no_data_after) == (EmptyIntervals.MISSING, 600_000)
