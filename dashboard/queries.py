@@ -184,25 +184,31 @@ def kpis(con: duckdb.DuckDBPyConnection, filters: Filters) -> Kpis:
     """
     where, params = filters.series_sql(set(dimension_columns(con)))
     when, when_params = filters.time_sql()
-    series, incidents, alerting, silent, anomalies = _one(
+    series, alerting, silent, anomalies = _one(
         con,
-        f"""SELECT count(*), coalesce(sum(incidents), 0), coalesce(sum(alerting), 0),
-                   coalesce(sum(silent), 0), coalesce(sum(anomalies), 0)
+        f"""SELECT count(*), coalesce(sum(alerting), 0), coalesce(sum(silent), 0),
+                   coalesce(sum(anomalies), 0)
         FROM (
-            SELECT count(*) FILTER (WHERE starts) AS incidents,
-                   arg_max(anomalyDecision, detectionPeriodStartTime) AS alerting,
-                   arg_max(noData, detectionPeriodStartTime) AS silent,
+            SELECT arg_max(anomalyDecision, detectionPeriodStartTime) AS alerting,
+                   arg_max({_no_data_sql(con)}, detectionPeriodStartTime) AS silent,
                    sum(anomalyDecision) AS anomalies
-            FROM (
-                SELECT timeseriesId, detectionPeriodStartTime, anomalyDecision,
-                       {_no_data_sql(con)} AS noData,
-                       anomalyDecision = 1 AND coalesce(lag(anomalyDecision) OVER (
-                           PARTITION BY timeseriesId ORDER BY detectionPeriodStartTime), 0) = 0
-                           AS starts
-                FROM scores WHERE {where} AND {when}
-            )
-            GROUP BY timeseriesId
+            FROM scores WHERE {where} AND {when} GROUP BY timeseriesId
         )""",
+        params + when_params,
+    )
+    # Incident starts: flagged intervals that no flagged interval of the series ends at. Only
+    # flagged rows are read, once; a window over every row (lag) cost ten times the KPI row and
+    # a correlated NOT EXISTS four times.
+    (incidents,) = _one(
+        con,
+        f"""WITH flagged AS MATERIALIZED (
+            SELECT timeseriesId, detectionPeriodStartTime AS start_time,
+                   detectionPeriodEndTime AS end_time
+            FROM anomalies WHERE {where} AND {when}
+        )
+        SELECT count(*) FROM flagged ANTI JOIN flagged AS before
+            ON before.timeseriesId = flagged.timeseriesId
+            AND before.end_time = flagged.start_time""",
         params + when_params,
     )
     return Kpis(
