@@ -58,8 +58,12 @@ def reference_raw(corpus_file: CorpusFile, scores: np.ndarray, profile: Profile,
     probation = min(math.floor(0.15 * rows), 750)
     raw = 0.0
     best: dict[int, float] = {}
-    for i in range(probation, rows):
-        if not scores[i] >= t:
+    previous = -math.inf  # the last non-NaN score before row i
+    for i in range(rows):
+        crossed = scores[i] >= t and not previous >= t  # a detection is an upward crossing
+        if not math.isnan(scores[i]):
+            previous = scores[i]
+        if i < probation or not crossed:
             continue
         containing = [k for k, (start, end) in enumerate(windows) if start <= i <= end]
         if containing:
@@ -85,6 +89,26 @@ def reference_corpus_raw(corpus, scores_by_file, profile, t) -> float:
 
 
 # --- hand-built cases --------------------------------------------------------------------------
+
+
+def test_a_score_held_above_the_threshold_is_one_detection():
+    corpus_file = make_file(1000, [(500, 549)])
+    held = np.zeros(1000)
+    held[200:230] = 90.0  # one false incident, held for 30 rows: one false positive
+    held[505:700] = 90.0  # detected at 505 and held past the window's end: no false positive
+    flapping = held.copy()
+    flapping[210:230:2] = 10.0  # the same false incident, crossing the threshold 10 times
+    scores = {corpus_file.key: held}
+    result = score_corpus(scores, [corpus_file], "standard", threshold=70.0)
+    assert (result.tp, result.fp, result.fn) == (1, 1, 0)
+    flapped = score_corpus({corpus_file.key: flapping}, [corpus_file], "standard", threshold=70.0)
+    assert (flapped.tp, flapped.fp, flapped.fn) == (1, 11, 0)
+    assert flapped.raw < result.raw
+    # A crossing before the window, held into it, is a false positive and the window is missed.
+    early = np.zeros(1000)
+    early[480:560] = 90.0
+    late = score_corpus({corpus_file.key: early}, [corpus_file], "standard", threshold=70.0)
+    assert (late.tp, late.fp, late.fn) == (0, 1, 1)
 
 
 @pytest.mark.parametrize("profile", PROFILES)

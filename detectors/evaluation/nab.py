@@ -174,62 +174,78 @@ def _profile(profile: Profile | str) -> Profile:
         raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}") from None
 
 
+def crossing_floors(scores: np.ndarray) -> np.ndarray:
+    """For each row, the score it must rise above to cross a threshold upward.
+
+    A row fires at threshold ``t`` when ``scores[i] >= t > floor[i]``: it reaches ``t`` and the
+    last scored row before it did not (a missing score, NaN, neither fires nor breaks a run:
+    the floor is carried over it). The first row has floor ``-inf``.
+
+    >>> crossing_floors(np.array([10.0, 80.0, np.nan, 90.0, 20.0])).tolist()
+    [-inf, 10.0, 80.0, 80.0, 90.0]
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    # The last non-NaN score at or before each row (-inf before the first one).
+    last_known = np.where(np.isnan(scores), -1, np.arange(len(scores)))
+    np.maximum.accumulate(last_known, out=last_known)
+    carried = np.where(last_known >= 0, scores[np.maximum(last_known, 0)], -np.inf)
+    floors = np.full(scores.shape, -np.inf)
+    floors[1:] = carried[:-1]
+    return floors
+
+
 class ThresholdSweep:
     """The corpus raw score at every candidate threshold, for any profile.
 
-    Candidates are the distinct scores of scored rows, highest first, preceded by one threshold
-    just above all of them (nothing fires). The raw score at a candidate ``t`` is exactly the
-    one ``score_corpus(..., threshold=t)`` computes; building the sweep costs one sort of the
-    event values, and each profile afterwards is a weighted sum of three curves.
+    A row fires at threshold ``t`` at an upward crossing (``crossing_floors``): a score held
+    above the threshold is one detection, not one per row. Candidates are the distinct scores of
+    scored rows, highest first, preceded by one threshold just above all of them (nothing
+    fires). The raw score at a candidate ``t`` is exactly the one
+    ``score_corpus(..., threshold=t)`` computes.
+
+    Every contribution holds on a range of thresholds ``(low, high]``: a false-positive row
+    costs on ``(floor, score]``, and a window earns the credit of its earliest row crossing
+    ``t``, piecewise over ``t``. Each range becomes two events (``+w`` at ``high``, ``-w`` at
+    ``low``) and the raw score at ``t`` is the sum over events with value ``>= t``: one sort.
     """
 
     def __init__(self, scores_by_file: Mapping[str, np.ndarray], corpus: Sequence[CorpusFile]):
         values: list[np.ndarray] = [np.zeros(0)]
-        fp_parts: list[np.ndarray] = [np.zeros(0)]  # false-positive cost per unit of fpWeight
-        tp_parts: list[np.ndarray] = [np.zeros(0)]  # telescoped true-positive credit per tpWeight
-        hit_parts: list[np.ndarray] = [np.zeros(0)]  # 1 where a window becomes detected
+        parts: list[np.ndarray] = [np.zeros((0, 3))]  # fp cost, tp credit, windows detected
+        candidates: list[np.ndarray] = [np.zeros(0)]
         self.windows = 0
         for corpus_file in corpus:
             layout = _layout(corpus_file)
             scores = _scores_for(corpus_file, scores_by_file)
+            floors = crossing_floors(scores)
             self.windows += len(layout.spans)
-            outside = scores[layout.outside]
-            fires = ~np.isnan(outside)
-            values.append(outside[fires])
-            fp_parts.append(layout.fp_unit[fires])
-            tp_parts.append(np.zeros(int(fires.sum())))
-            hit_parts.append(np.zeros(int(fires.sum())))
+            scored = scores[layout.probation :]
+            candidates.append(scored[~np.isnan(scored)])
+            outside, floor = scores[layout.outside], floors[layout.outside]
+            fires = outside > floor  # NaN compares False: never fires
+            for edge, sign in ((outside, 1.0), (floor, -1.0)):
+                values.append(edge[fires])
+                weights = np.zeros((int(fires.sum()), 3))
+                weights[:, 0] = sign * layout.fp_unit[fires]
+                parts.append(weights)
             for (first, end), credit in zip(layout.spans, layout.tp_unit, strict=True):
-                span = scores[first : end + 1]
-                running = np.fmax.accumulate(span)  # fmax: NaN rows never fire
-                # The earliest firing row at threshold t is the first where the running max
-                # reaches t, so only rows that raise the running max matter ("records").
-                raised = np.ones(len(span), dtype=bool)
-                raised[1:] = running[1:] > running[:-1]
-                raised &= ~np.isnan(running)
-                record_values, record_credit = running[raised], credit[raised]
-                if not len(record_values):
-                    continue
-                # At t in (v[j-1], v[j]] the window earns credit[j]; as a sum over records with
-                # value >= t that is credit[j] - credit[j+1] + ... + credit[last].
-                values.append(record_values)
-                fp_parts.append(np.zeros(len(record_values)))
-                tp_parts.append(record_credit - np.append(record_credit[1:], 0.0))
-                hit = np.zeros(len(record_values))
-                hit[-1] = 1.0
-                hit_parts.append(hit)
+                crossings = _earliest_crossings(scores[first : end + 1], floors[first : end + 1])
+                for low, high, row in crossings:
+                    values.append(np.array([high, low]))
+                    parts.append(np.array([[0.0, credit[row], 1.0], [0.0, -credit[row], -1.0]]))
         all_values = np.concatenate(values)
+        weights = np.concatenate(parts)
+        keep = np.isfinite(all_values)  # a -inf edge never has t <= it: it adds nothing
+        all_values, weights = all_values[keep], weights[keep]
         order = np.argsort(-all_values, kind="stable")
-        ranked = all_values[order]
-        weights = np.column_stack(
-            [np.concatenate(part)[order] for part in (fp_parts, tp_parts, hit_parts)]
-        )
-        running_sums = np.cumsum(weights, axis=0)
-        # The last event of each group of equal values carries the sum over all values >= it.
-        group_ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))[: len(ranked)]
-        above_all = np.nextafter(ranked[0], np.inf) if len(ranked) else 100.0
-        self.thresholds = np.concatenate([[above_all], ranked[group_ends]])
-        curves = np.vstack([np.zeros((1, 3)), running_sums[group_ends]])
+        ranked, running = all_values[order], np.cumsum(weights[order], axis=0)
+        thresholds = np.unique(np.concatenate(candidates))[::-1]
+        # Sum over events with value >= t: the running sum up to the last such event.
+        count = np.searchsorted(-ranked, -thresholds, side="right")
+        curves = np.vstack([np.zeros((1, 3)), running])[count]
+        above_all = np.nextafter(thresholds[0], np.inf) if len(thresholds) else 100.0
+        self.thresholds = np.concatenate([[above_all], thresholds])
+        curves = np.vstack([np.zeros((1, 3)), curves])
         self._fp_cost, self._tp_credit, self._detected = curves.T
 
     def raw(self, profile: Profile | str) -> np.ndarray:
@@ -249,6 +265,42 @@ class ThresholdSweep:
         return float(self.thresholds[index]), float(raw[index])
 
 
+def _earliest_crossings(span: np.ndarray, floors: np.ndarray) -> list[tuple[float, float, int]]:
+    """``(low, high, row)``: on thresholds in ``(low, high]`` the earliest row of ``span`` to
+    cross upward is ``row``. Each row claims the part of its range ``(floor, score]`` that no
+    earlier row claimed."""
+    claimed: list[tuple[float, float]] = []  # disjoint, sorted ranges (low, high]
+    pieces: list[tuple[float, float, int]] = []
+    for row, (low, high) in enumerate(zip(floors.tolist(), span.tolist(), strict=True)):
+        if not high > low:  # also NaN
+            continue
+        cursor = low
+        for claimed_low, claimed_high in claimed:
+            if claimed_high <= cursor:
+                continue
+            if claimed_low >= high:
+                break
+            if claimed_low > cursor:
+                pieces.append((cursor, claimed_low, row))
+            cursor = max(cursor, claimed_high)
+            if cursor >= high:
+                break
+        if cursor < high:
+            pieces.append((cursor, high, row))
+        claimed = _merge([*claimed, (low, high)])
+    return pieces
+
+
+def _merge(ranges: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
 def optimize_threshold(
     scores_by_file: Mapping[str, np.ndarray], corpus: Sequence[CorpusFile], profile: Profile | str
 ) -> tuple[float, float]:
@@ -259,13 +311,19 @@ def optimize_threshold(
 @dataclass(frozen=True, slots=True)
 class Tally:
     """Raw score and counts: windows detected (tp), firing rows outside windows (fp), missed
-    windows (fn)."""
+    windows (fn), and the scored rows outside windows (where a firing row is a false report)."""
 
     raw: float = 0.0
     windows: int = 0
     tp: int = 0
     fp: int = 0
     fn: int = 0
+    outside_rows: int = 0
+
+    @property
+    def false_per_1000(self) -> float:
+        """False reports per 1,000 scored rows outside the windows."""
+        return 1000.0 * self.fp / self.outside_rows if self.outside_rows else 0.0
 
     def __add__(self, other: Tally) -> Tally:
         return Tally(
@@ -274,6 +332,7 @@ class Tally:
             self.tp + other.tp,
             self.fp + other.fp,
             self.fn + other.fn,
+            self.outside_rows + other.outside_rows,
         )
 
     def as_dict(self, profile: Profile) -> dict[str, Any]:
@@ -284,6 +343,7 @@ class Tally:
             "tp": self.tp,
             "fp": self.fp,
             "fn": self.fn,
+            "false_per_1000": self.false_per_1000,
         }
 
 
@@ -349,23 +409,25 @@ class CorpusScore:
 def score_file(
     corpus_file: CorpusFile, scores: np.ndarray, profile: Profile | str, threshold: float
 ) -> Tally:
-    """One file's raw score and counts at a threshold (rows fire when ``score >= threshold``)."""
+    """One file's raw score and counts at a threshold: a row fires where the score crosses
+    ``threshold`` upward (``crossing_floors``); the rows after it, held above, do not."""
     p = _profile(profile)
     layout = _layout(corpus_file)
     scores = _scores_for(corpus_file, {corpus_file.key: scores})
     with np.errstate(invalid="ignore"):
-        fp_fires = scores[layout.outside] >= threshold
+        fires = (scores >= threshold) & (crossing_floors(scores) < threshold)
+    fp_fires = fires[layout.outside]
     raw = p.fp_weight * float(layout.fp_unit[fp_fires].sum())
     tp = 0
     for (first, end), credit in zip(layout.spans, layout.tp_unit, strict=True):
-        hits = np.flatnonzero(scores[first : end + 1] >= threshold)
+        hits = np.flatnonzero(fires[first : end + 1])
         if hits.size:
             tp += 1
             raw += p.tp_weight * float(credit[hits[0]])
         else:
             raw -= p.fn_weight
     windows = len(layout.spans)
-    return Tally(raw, windows, tp, int(fp_fires.sum()), windows - tp)
+    return Tally(raw, windows, tp, int(fp_fires.sum()), windows - tp, len(layout.outside))
 
 
 def score_corpus(
