@@ -198,7 +198,9 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     newest = query(workdir / "lake", "SELECT epoch(max(detectionPeriodStartTime)) AS t FROM scores")
     tallies, quiet_pages = incident_report(documents, messages, newest.to_pylist()[0]["t"])
     per_kind = ", ".join(f"{k} {t.paged}/{t.labelled}" for k, t in sorted(tallies.items()))
-    assert f"pages per kind of anomaly (paged/labelled in the run): {per_kind};" in output
+    # Rich wraps the console line; compare with the whitespace joined again.
+    printed = " ".join(output.split())
+    assert f"pages per kind of anomaly (paged/labelled in the run): {per_kind};" in printed
     assert quiet_pages == 0
     assert sum(t.paged for t in tallies.values()) >= len(on_label) > 0
     early = {kind: t.resolved_early for kind, t in tallies.items() if t.resolved_early}
