@@ -24,15 +24,12 @@ from datetime import UTC, datetime
 import duckdb
 import pandas as pd
 
+from sinks.lake import quote_identifier
+
 DIMENSION_PREFIX = "dim_"
-
-def quote_name(name: str) -> str:
-    """A column name as an SQL identifier: dimension names come from the records, so anything.
-
-    >>> print(quote_name('dim_a"b'))
-    "dim_a""b"
-    """
-    return '"' + name.replace('"', '""') + '"'
+# A column name as an SQL identifier: dimension names come from the records, so anything. One
+# helper quotes every identifier the lake's views and the dashboard build.
+quote_name = quote_identifier
 
 
 def quote_text(text: str) -> str:

@@ -1,25 +1,25 @@
-"""Turning a raw forest score into a calibrated 0–1 anomaly grade, one point at a time.
+"""Turn a point's evidence into a calibrated 0–100 score that means the same on every series.
 
-A raw Random Cut Forest score is a good ranking signal within one series but means different
-things on different series. Three kinds of evidence are combined, each calibrated on the series'
-own history so that one threshold fits a CPU metric, a price and a count alike:
+Each kind of evidence is a number that grows with how unusual the point is; each is judged
+against its own history on this series by a ``Tail``, which says how rare a value at least
+this large has been: its *surprise*, ``-log10`` of the tail probability. Three kinds:
 
-1. *Rarity of the forest score*: the mean of the last few raw scores, judged against the
-   exponentially weighted mean and deviation of such means; its Gaussian tail probability ``q``
-   is mapped to ``log(q) / log(q_min)`` so a grade of 0.7 means "as rare as q_min ** 0.7".
-2. *New extremes*: a value outside everything the series has shown so far (by a margin of the
-   range), or a daily-seasonal residual outside every residual seen so far. These catch level
-   shifts, spikes and broken daily patterns that a tail estimate reacts to late. Both need weak
-   agreement from the forest (``extreme_gate``), which filters trend-driven new highs.
-3. *Report once*: a run of points above the threshold is reported at its first point; within
-   ``repeat_window`` points of a report, another needs clearly stronger forest evidence
-   (``repeat_escalation``). This keeps one incident from paging many times.
+1. the forest's raw score, smoothed over the last ``score_window`` points;
+2. each variable's distance from its expected value (the frozen pre-incident expectation while
+   an incident lasts, so a stuck sensor keeps its distance);
+3. each variable's run of unchanged values, judged against how often this series repeats a
+   value (a frozen price, a stuck counter).
+
+The score is ``100 * s / (s + k)`` for the largest surprise ``s``, with ``k`` set so that 70
+means "as rare as one point in 10 ** ``rarity``". It is monotone in the evidence and reaches 100
+only in the limit, so the strongest incident ranks first. There is no report-once rule: the
+score holds while the evidence lasts, and paging once per incident is the alerter's job.
 
 >>> calibrator = Calibrator(DetectorConfig())
->>> grades = [calibrator.grade(0.8 + 0.01 * (i % 3), (10.0 + i % 3,), None) for i in range(400)]
->>> max(grades[200:]) < 0.7
+>>> quiet = [calibrator.grade(0.8 + 0.01 * (i % 3), [i + i % 3], [i + 1]) for i in range(400)]
+>>> max(quiet[200:]) < 70
 True
->>> calibrator.grade(3.0, (50.0,), None) >= 0.7  # far outside the range, forest agrees
+>>> calibrator.grade(3.0, [425.0], [400.0]) >= 70  # far from expected, the forest agrees
 True
 """
 
@@ -31,113 +31,205 @@ from typing import Any
 
 from detectors.config import DetectorConfig
 
-_SQRT2 = math.sqrt(2.0)
-_JITTER_DECAY = 0.05  # about the last 20 steps
+_LN10 = math.log(10.0)
+_MAX_SHAPE = 0.25  # heavier tails than this are not told apart by a moment estimate
+_REFIT = 8
+_AFTERGLOW = 0.7  # the surprise fades by this factor a point once its evidence is gone
 
 
-class _Range:
-    """Running min and max of one quantity, and the typical step between its values."""
+class Tail:
+    """Streaming tail of one statistic: how rare is a value at least ``x``?
 
-    __slots__ = ("high", "last", "low", "step")
+    Exceedances over the running mean are modelled as a generalized Pareto distribution fitted
+    by moments (peaks over threshold, as SPOT does): a heavy-tailed statistic (bursty counts)
+    gets a heavy tail and a light one an exponential tail, instead of a Gaussian tail that
+    understates every heavy one. Values are learned clipped at the point where they would score
+    ``clip`` surprise, so one incident does not blind the series for long.
+
+    >>> tail = Tail()
+    >>> for i in range(500):
+    ...     tail.learn(float(i % 10), 0.001, clip=6.0)
+    >>> tail.surprise(5.0, 0.0) < 0.5 < tail.surprise(20.0, 0.0) < tail.surprise(40.0, 0.0)
+    True
+    """
+
+    __slots__ = ("base", "count", "limit", "mean", "over", "shape", "shape_moment", "size")
 
     def __init__(self) -> None:
-        self.low = math.inf
-        self.high = -math.inf
-        self.last: float | None = None
-        self.step = 0.0  # EW mean of |x_t - x_(t-1)|
+        self.count = 0
+        self.mean = 0.0
+        self.over = 0.5  # share of values above the mean
+        self.size = 0.0  # mean excess over the mean, given an excess
+        self.shape_moment = 0.0  # mean squared excess, given an excess
+        # The fit, refreshed every _REFIT values learned (the moments move slowly): the shape,
+        # -log10(over), and the excess at which a learned value is clipped.
+        self.shape = 0.0
+        self.base = -math.log10(self.over)
+        self.limit = math.inf
 
-    def check_and_add(
-        self, value: float, margin: float, noise_floor: float, jitter: float, check: bool
-    ) -> bool:
-        """Whether ``value`` leaves the range (asked only when ``check``); then learn it.
+    def surprise(self, x: float, floor: float, given_excess: bool = False) -> float:
+        """``-log10 P(X >= x)``; 0 at or below the mean. ``floor`` bounds the excess scale from
+        below, so that a near-constant statistic does not turn its smallest change into an
+        alarm. ``given_excess``: the probability given that ``X`` exceeds its mean at all (how
+        long a run lasts once it started, not how rare runs are)."""
+        excess = x - self.mean
+        if excess <= 0.0:
+            return 0.0
+        size = self.size if self.size > floor else floor
+        if size <= 0.0:
+            return math.inf
+        shape = self.shape
+        base = 0.0 if given_excess else self.base
+        if shape > 1e-6:
+            return base + math.log10(1.0 + shape * excess / (size * (1.0 - shape))) / shape
+        return base + excess / (size * _LN10)
 
-        The slack beyond the range is ``margin`` of its span, ``noise_floor`` of its magnitude
-        and ``jitter`` typical steps: a drifting series makes new highs (lows) by less than its
-        usual step, which is not news. One call per variable on the per-point path.
-        """
-        low, high = self.low, self.high
-        outside = False
-        if check and low <= high:
-            span = high - low
-            slack = margin * span + noise_floor * max(abs(low), abs(high), span)
-            slack += jitter * self.step
-            outside = value > high + slack or value < low - slack
-        if value < low:
-            self.low = value
-        if value > high:
-            self.high = value
-        if jitter:  # the typical step is only learned where it is used
-            last = self.last
-            if last is not None:
-                self.step += _JITTER_DECAY * (abs(value - last) - self.step)
-            self.last = value
-        return outside
+    def learn(self, x: float, decay: float, clip: float) -> None:
+        """Learn ``x``, clipped where its surprise would reach ``clip`` (once fitted)."""
+        count = self.count = self.count + 1
+        rate = decay if decay * count > 1.0 else 1.0 / count
+        excess = x - self.mean
+        if excess > self.limit:
+            excess = self.limit
+        if excess > 0.0:
+            self.over += rate * (1.0 - self.over)
+            self.size += rate / self.over * (excess - self.size)
+            self.shape_moment += rate / self.over * (excess * excess - self.shape_moment)
+        else:
+            self.over -= rate * self.over
+        self.mean += rate * excess
+        if not count % _REFIT:
+            self._refit(decay, clip)
 
-    def to_state(self) -> list[float | None]:
-        return [self.low, self.high, self.last, self.step]
+    def _refit(self, decay: float, clip: float) -> None:
+        size = self.size
+        variance = self.shape_moment - size * size
+        shape = 0.5 * (1.0 - size * size / variance) if variance > 0.0 else 0.0
+        self.shape = shape = 0.0 if shape < 0.0 else _MAX_SHAPE if shape > _MAX_SHAPE else shape
+        self.base = base = -math.log10(self.over) if self.over > 0.0 else 0.0
+        if self.count < 0.1 / decay or size <= 0.0:  # too young to tell a wild value
+            self.limit = math.inf
+            return
+        scale, target = size * (1.0 - shape), max(clip - base, 0.0)
+        if shape > 1e-6:
+            self.limit = scale * (10.0 ** (shape * target) - 1.0) / shape
+        else:
+            self.limit = scale * _LN10 * target
+
+    def to_state(self) -> list[float]:
+        return [
+            self.count,
+            self.mean,
+            self.over,
+            self.size,
+            self.shape_moment,
+            self.shape,
+            self.base,
+            self.limit,
+        ]
 
     @classmethod
-    def from_state(cls, state: list[Any]) -> _Range:
-        value_range = cls()
-        value_range.low, value_range.high, value_range.last, value_range.step = state
-        return value_range
+    def from_state(cls, state: Sequence[float]) -> Tail:
+        tail = cls()
+        count, tail.mean, tail.over, tail.size, tail.shape_moment, *fit = state
+        tail.count = int(count)
+        if fit:
+            tail.shape, tail.base, tail.limit = fit
+        return tail
+
+
+class _Repeats:
+    """One variable's run of unchanged values, judged against the runs this series makes.
+
+    A run's length is a statistic like any other: its ``Tail`` learns how long this series'
+    runs get once started (a price that changes every interval has none, a count that idles
+    at 0 has long ones; each run is learned when it ends), with a floor of one repeat, so a
+    frozen feed is reported after a few intervals and an idle one never.
+    """
+
+    __slots__ = ("last", "run", "tail")
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.run = 0
+        self.tail = Tail()
+
+    def surprise(self, value: float, armed: bool, decay: float, clip: float) -> float:
+        """The surprise of the run ``value`` extends (0 for a changed value, which ends the run
+        and teaches its length)."""
+        if value == self.last:
+            self.run += 1
+            return self.tail.surprise(self.run, 1.0, given_excess=True) if armed else 0.0
+        if self.run:
+            self.tail.learn(self.run, decay, clip)
+            self.run = 0
+        self.last = value
+        return 0.0
+
+    def to_state(self) -> list[Any]:
+        return [self.last, self.run, self.tail.to_state()]
+
+    @classmethod
+    def from_state(cls, state: Sequence[Any]) -> _Repeats:
+        repeats = cls()
+        repeats.last, repeats.run, tail = state
+        repeats.tail = Tail.from_state(tail)
+        return repeats
+
+
+def score_of(surprise: float, rarity: float) -> float:
+    """The 0–100 score of a surprise: 70 at ``rarity``, monotone, 100 only in the limit.
+
+    >>> round(score_of(4.0, 4.0), 1), round(score_of(0.0, 4.0), 1), score_of(1e9, 4.0) < 100
+    (70.0, 0.0, True)
+    """
+    return 100.0 * surprise / (surprise + rarity * 3.0 / 7.0)
 
 
 class Calibrator:
-    """Streaming grade in [0, 1] for one series of ``dimensions`` variables; deterministic and
+    """The streaming 0–100 score of one series of ``dimensions`` variables; deterministic and
     serializable."""
 
     __slots__ = (
-        "_last_report",
-        "_report_level",
-        "_residual_ranges",
-        "_seen",
-        "_stat_count",
-        "_stat_mean",
-        "_stat_var",
-        "_streak",
-        "_value_ranges",
+        "_deviation_tails",
+        "_forest_tail",
+        "_glow",
+        "_last_deviations",
+        "_look_elsewhere",
+        "_repeats",
         "_window",
         "config",
-        "threshold",
+        "stale",
     )
 
     def __init__(self, config: DetectorConfig, dimensions: int = 1) -> None:
         self.config = config
-        self.threshold = config.threshold / 100.0
         self._window: list[float] = []
-        self._stat_mean = 0.0
-        self._stat_var = 0.0
-        self._stat_count = 0
-        self._value_ranges = [_Range() for _ in range(dimensions)]
-        self._residual_ranges = [_Range() for _ in range(dimensions)]
-        self._streak = False
-        self._last_report = -(10**9)
-        self._report_level = 0.0
-        self._seen = 0
-
-    def observe(self, values: Sequence[float]) -> None:
-        """Learn the range from a point that is not graded (the forest is still warming up)."""
-        jitter = self.config.extreme_jitter
-        for value_range, value in zip(self._value_ranges, values, strict=True):
-            value_range.check_and_add(value, 0.0, 0.0, jitter, False)
+        self._glow = 0.0  # the last point's surprise
+        self._last_deviations = [0.0] * dimensions
+        self._forest_tail = Tail()
+        self._deviation_tails = [Tail() for _ in range(dimensions)]
+        self._repeats = [_Repeats() for _ in range(dimensions)]
+        self.stale = False  # the last point's run of repeats alone reports it
+        # The rarest of d variables' deviations is d times less rare than one of them.
+        self._look_elsewhere = math.log10(dimensions) if dimensions > 1 else 0.0
 
     def grade(
         self,
         raw_score: float,
         values: Sequence[float],
-        residuals: Sequence[float] | None,
-        values_armed: bool = True,
-        residuals_armed: bool = True,
+        expected: Sequence[float],
         settling: bool = False,
+        learn: bool = True,
     ) -> float:
-        """Grade one point.
+        """Score one point (0–100) and learn from it.
 
-        ``values_armed`` and ``residuals_armed`` say whether the series has shown enough values
-        (residuals) — a full daily cycle and a minimum count — for "outside everything seen so
-        far" to mean something. ``settling`` says the forest's input just changed (the daily
-        comparison took over): its raw scores run high until its sample adapts, so their
-        rarity alone cannot report; new extremes still can.
+        ``values`` and ``expected`` are the variables' values and expected values (a deviation
+        under ``noise_floor`` of the expected value's magnitude never counts). ``settling`` says
+        the forest's input and the expected value just changed meaning (the daily comparison
+        took over): until the forest's sample adapts neither the forest nor the deviations can
+        report. ``learn`` is False while an incident lasts: the deviation tails then keep the
+        pre-incident picture.
         """
         p = self.config
         # The smoothed score, summed afresh each time (the window is tiny) so that a restored
@@ -147,73 +239,77 @@ class Calibrator:
         if len(window) > p.score_window:
             del window[0]
         level = sum(window) / len(window)
-        grade = 0.0
-        count = self._stat_count
-        if count >= p.score_warmup:
-            deviation = max(math.sqrt(self._stat_var), 1e-4)
-            tail = 0.5 * math.erfc((level - self._stat_mean) / deviation / _SQRT2)
-            grade = min(1.0, math.log10(max(tail, 1e-300)) / -p.log10_tail) if tail < 1.0 else 0.0
-            if settling:
-                grade = min(grade, 0.5 * self.threshold)
-        # Learn the level: exponentially weighted mean and variance (exact while young).
-        count += 1
-        self._stat_count = count
-        alpha = max(p.score_decay, 1.0 / count)
-        delta = level - self._stat_mean
-        self._stat_mean += alpha * delta
-        self._stat_var = (1.0 - alpha) * (self._stat_var + alpha * delta * delta)
+        forest_tail = self._forest_tail
+        armed = forest_tail.count >= p.score_warmup
+        surprise = forest_tail.surprise(level, 0.0) if armed else 0.0
+        decay = p.score_decay
+        # What a point teaches is clipped at twice the surprise that scores 70: a wild value
+        # does not blind the series for long, and a series can still learn that its moves
+        # are bigger than its first quiet stretch suggested.
+        clip = 2.0 * p.rarity
+        forest_tail.learn(level, decay, clip)
+        recent = self._last_deviations
+        noise_floor = p.noise_floor
+        for index, tail in enumerate(self._deviation_tails):
+            # Two points, so a lone noisy value counts half and a lasting deviation in full.
+            latest = abs(values[index] - expected[index])
+            deviation = 0.5 * (latest + recent[index])
+            recent[index] = latest
+            if armed and tail.count >= p.score_warmup:
+                found = tail.surprise(deviation, noise_floor * abs(expected[index]))
+                found -= self._look_elsewhere
+                if found > surprise:
+                    surprise = found
+            if learn:
+                tail.learn(deviation, decay, clip)
+        # Both the forest's input and the expected value just changed meaning: until the
+        # forest's sample adapts, neither can report (a repeat still can).
+        if settling and surprise > 0.5 * p.rarity:
+            surprise = 0.5 * p.rarity
+        stale = 0.0
+        for repeats, value in zip(self._repeats, values, strict=True):
+            found = repeats.surprise(value, armed, decay, clip) - self._look_elsewhere
+            if found > stale:
+                stale = found
+        self.stale = stale >= p.rarity
+        if stale > surprise:
+            surprise = stale
+        # The afterglow: a score falls back over a few points instead of at once, so an
+        # incident whose evidence flickers stays one incident; from at most twice the
+        # threshold's surprise, so that it is under the threshold within two points.
+        cap = 2.0 * p.rarity
+        glow = self._glow if self._glow < cap else cap
+        if glow * _AFTERGLOW > surprise:
+            surprise = glow * _AFTERGLOW
+        self._glow = surprise
+        return score_of(surprise, p.rarity)
 
-        if residuals is not None:
-            check = residuals_armed and grade >= p.extreme_gate
-            for residual_range, residual in zip(self._residual_ranges, residuals, strict=True):
-                if residual_range.check_and_add(
-                    residual, p.residual_margin, p.noise_floor, 0.0, check
-                ):
-                    grade = 1.0
-        check = values_armed and grade >= p.extreme_gate
-        for value_range, value in zip(self._value_ranges, values, strict=True):
-            if value_range.check_and_add(
-                value, p.extreme_margin, p.noise_floor, p.extreme_jitter, check
-            ):
-                grade = 1.0
-        return self._report_once(grade, level)
-
-    def _report_once(self, grade: float, level: float) -> float:
-        """Cap the points after a report so one incident reports once (see module docstring)."""
-        self._seen += 1
-        if grade < self.threshold:
-            self._streak = False
-            return grade
-        if self._streak:
-            return min(grade, 0.5 * self.threshold)
-        self._streak = True
-        p = self.config
-        recent = self._seen - self._last_report < p.repeat_window
-        if recent and level <= self._report_level * p.repeat_escalation:
-            return min(grade, 0.5 * self.threshold)
-        self._last_report = self._seen
-        self._report_level = level
-        return grade
+    def observe(self, values: Sequence[float]) -> None:
+        """Learn repeats from a point that is not graded (the forest is still warming up)."""
+        decay, clip = self.config.score_decay, 2.0 * self.config.rarity
+        for repeats, value in zip(self._repeats, values, strict=True):
+            repeats.surprise(value, False, decay, clip)
 
     def to_state(self) -> dict[str, Any]:
         return {
             "window": self._window,
-            "stat": [self._stat_mean, self._stat_var, self._stat_count],
-            "value_ranges": [r.to_state() for r in self._value_ranges],
-            "residual_ranges": [r.to_state() for r in self._residual_ranges],
-            "report": [self._streak, self._last_report, self._report_level, self._seen],
+            "glow": self._glow,
+            "recent": self._last_deviations,
+            "forest": self._forest_tail.to_state(),
+            "deviations": [t.to_state() for t in self._deviation_tails],
+            "repeats": [r.to_state() for r in self._repeats],
         }
 
     @classmethod
     def from_state(cls, config: DetectorConfig, state: dict[str, Any]) -> Calibrator:
         calibrator = cls(config, dimensions=0)
         calibrator._window = list(state["window"])
-        calibrator._stat_mean, calibrator._stat_var, calibrator._stat_count = state["stat"]
-        calibrator._value_ranges = [_Range.from_state(r) for r in state["value_ranges"]]
-        calibrator._residual_ranges = [_Range.from_state(r) for r in state["residual_ranges"]]
-        streak, last_report, level, seen = state["report"]
-        calibrator._streak = streak
-        calibrator._last_report = last_report
-        calibrator._report_level = level
-        calibrator._seen = seen
+        calibrator._glow = state["glow"]
+        calibrator._last_deviations = list(state["recent"])
+        calibrator._forest_tail = Tail.from_state(state["forest"])
+        calibrator._deviation_tails = [Tail.from_state(t) for t in state["deviations"]]
+        calibrator._repeats = [_Repeats.from_state(r) for r in state["repeats"]]
+        dimensions = len(calibrator._repeats)
+        calibrator._look_elsewhere = math.log10(dimensions) if dimensions > 1 else 0.0
+
         return calibrator

@@ -24,21 +24,14 @@ class DetectorConfig:
     seed: int = 0
     # Daily-seasonal residual: compare with the same time of day over this many past days.
     seasonal_days: int = 8
-    # Calibration of the raw score (see detectors/calibration.py).
-    score_window: int = 2
+    # Calibration (see detectors/calibration.py): a score of 70 means the point's evidence is
+    # as rare, on this series' own history, as one point in 10 ** rarity.
+    rarity: float = 2.9
+    score_window: int = 3
     score_decay: float = 0.001
     score_warmup: int = 150
-    log10_tail: float = 10.0
-    extreme_margin: float = 0.02
-    extreme_jitter: float = 0.35
-    residual_margin: float = 0.02
-    extreme_gate: float = 0.1
-    extreme_warmup: int = 300
-    residual_warmup: int = 100
     settle: int = 50
     noise_floor: float = 1e-3
-    repeat_window: int = 100
-    repeat_escalation: float = 1.4
     # Input: "log" models log(1 + |x|) (with x's sign) for series whose noise grows with their
     # level (volumes, prices, latencies, spreads); values, expected values and margins stay in
     # input units.
@@ -63,18 +56,10 @@ class DetectorConfig:
             "score_window": self.score_window >= 1,
             "score_decay": 0.0 < self.score_decay < 1.0,
             "score_warmup": self.score_warmup >= 1,
-            "log10_tail": self.log10_tail > 0.0,
-            "extreme_margin": self.extreme_margin >= 0.0,
-            "extreme_jitter": self.extreme_jitter >= 0.0,
-            "residual_margin": self.residual_margin >= 0.0,
-            "extreme_gate": 0.0 <= self.extreme_gate <= 1.0,
-            "residual_warmup": self.residual_warmup >= 0,
+            "rarity": self.rarity > 0.0,
             "settle": self.settle >= 0,
             "transform": self.transform in ("none", "log"),
-            "extreme_warmup": self.extreme_warmup >= 0,
             "noise_floor": self.noise_floor >= 0.0,
-            "repeat_window": self.repeat_window >= 0,
-            "repeat_escalation": self.repeat_escalation >= 1.0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -91,6 +76,13 @@ class DetectorConfig:
                 f"known: {', '.join(sorted(known))}"
             )
         return cls(**values)
+
+    @classmethod
+    def upgraded(cls, values: dict[str, Any]) -> DetectorConfig:
+        """A configuration saved by an earlier release: parameters it no longer has are
+        dropped (their jobs are done by the calibration now), the rest kept."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

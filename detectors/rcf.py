@@ -1,9 +1,11 @@
 """Per-series streaming detector on krcf's Random Cut Forest.
 
 For each variable the forest sees two coordinates: the value and its daily-seasonal residual
-(the value minus the closest same-time-of-day value of the last days; 0 while no daily period
-applies). The raw forest score is calibrated into a 0–100 ``anomalyScore`` by
-``detectors.calibration``; see docs/detector.md for the design and its evaluation.
+(the value minus the closest same-time-of-day value of the last days; the deviation from the
+running mean while no daily reference applies). The forest's raw score, each variable's distance
+from its expected value and each variable's run of repeated values are calibrated into a 0–100
+``anomalyScore`` by ``detectors.calibration``; see docs/detector.md and
+docs/decisions/0008-calibrated-score.md for the design and its evaluation.
 """
 
 from __future__ import annotations
@@ -20,12 +22,18 @@ import krcf
 
 from detectors.calibration import Calibrator
 from detectors.config import DetectorConfig
+from detectors.migration import upgrade_state
 from detectors.result import ModelStage, Result
 from detectors.seasonal import SeasonalReference, points_per_day
 
-_SNAPSHOT_MAGIC = b"ASD3"
+SNAPSHOT_VERSION = 4
+_SNAPSHOT_MAGIC = b"ASD"
 _PERIOD_SAMPLE = 32  # sampling steps looked at before the daily period is fixed
 _EXPECTED_DECAY = 0.2  # fast mean for the expected value of series without a daily cycle
+
+# An incident holds the expectation of before it for this many points; one that lasts longer
+# is a new normal (a lasting level shift), learned from then on.
+_ACCEPT_AFTER = 60
 _FIT_DECAY = 0.002  # the expected value follows whichever predictor fit the last ~500 points
 _FIT_CLIP = 4.0
 _FLOAT32_SAFE = 1e30  # krcf stores float32: larger magnitudes overflow to inf and corrupt it
@@ -60,6 +68,7 @@ class RcfDetector:
         self._calibrator = Calibrator(self.config, dimensions)
         self._seasonal: list[SeasonalReference] | None = None
         self._steps: list[float] = []
+        self._step = 0.0  # the sampling step once learned (median of the first steps)
         self._last_timestamp: float | None = None
         self._last_values: list[float] | None = None
         self._mean_values: list[float] | None = None
@@ -68,6 +77,12 @@ class RcfDetector:
         # Per variable: recent mean absolute error of the daily and of the running-mean predictor.
         self._fits = [[0.0, 0.0] for _ in range(dimensions)]
         self._observed_share = 1.0
+        self._incident = 0  # points of the current incident so far
+        # A multivariate forest sees each variable divided by its own typical spread, so that a
+        # small-scale variable counts as much as a large one. The spread is measured on the
+        # first ``warmup`` points, which wait in ``_pending`` until then.
+        self._scales: list[float] | None = [1.0] if dimensions == 1 else None
+        self._pending: list[list[float]] = []
         self._has_margins = self.config.absolute_margin > 0.0 or self.config.ratio_margin > 0.0
         self._log = self.config.transform == "log"
 
@@ -97,41 +112,36 @@ class RcfDetector:
 
     def update(self, timestamp: float, value: float | Sequence[float] | None) -> Result:
         observed = _finite_values(value, self.dimensions)
-        if len(self._steps) < _PERIOD_SAMPLE:  # the period is learned from the first steps only
-            self._learn_period(timestamp)
+        self._advance(timestamp)
         if observed is None:
             return self._missing(timestamp)
         values = [_to_log(v) for v in observed] if self._log else observed
         residuals, expected = self._compare(values)
-        if self._log:
-            expected = [_from_log(e) for e in expected]
         point = values + (residuals or self._deviations(values))
-        raw = self._forest.score(point)
-        self._forest.update(point)
+        raw = self._score_and_learn(point)
         c = self.config
         seen = self._seen = self._seen + 1
         self._observed_share += c.time_decay * (1.0 - self._observed_share)
 
-        grade = 0.0
+        score = 0.0
         if raw > 0.0:
-            period = self._seasonal[0].period if self._seasonal is not None else 0
             age = self._residual_age
-            grade = self._calibrator.grade(
+            score = self._calibrator.grade(
                 raw,
                 values,
-                residuals,
-                seen > max(c.extreme_warmup, period),  # values armed
-                age > max(c.residual_warmup, period),  # residuals armed
+                expected,
                 0 < age <= c.settle,  # settling
+                not 0 < self._incident <= _ACCEPT_AFTER,  # learn unless holding
             )
         else:
             self._calibrator.observe(values)
-        if self._has_margins:
-            grade = self._apply_margins(grade, observed, expected)
-        self._remember(values)
-
-        score = 100.0 * grade
+        if self._log:
+            expected = [_from_log(e) for e in expected]
+        # A frozen value sits right on its expected value: margins do not excuse it.
+        if self._has_margins and not self._calibrator.stale:
+            score = self._apply_margins(score, observed, expected)
         decision = int(raw > 0.0 and score >= c.threshold)
+        self._remember(values, decision == 1)
         return Result(
             timestamp=timestamp,
             values=tuple(observed),
@@ -146,13 +156,35 @@ class RcfDetector:
             attribution=self._attribution(point) if decision else None,
         )
 
+    def _score_and_learn(self, point: list[float]) -> float:
+        scales = self._scales
+        if scales is None:
+            return self._wait_for_scales(point)
+        if len(scales) > 1:
+            point = [x / scale for x, scale in zip(point, scales + scales, strict=True)]
+        raw = self._forest.score(point)
+        self._forest.update(point)
+        return raw
+
+    def _wait_for_scales(self, point: list[float]) -> float:
+        """Hold a multivariate series' first points until each variable's spread is known."""
+        pending = self._pending
+        pending.append(point)
+        if len(pending) >= self.config.warmup:
+            d = self.dimensions
+            self._scales = [_spread([p[i] for p in pending]) for i in range(d)]
+            self._pending = []
+            for held in pending:
+                self._score_and_learn(held)
+        return 0.0
+
     def _missing(self, timestamp: float) -> Result:
         """A missing point teaches nothing and reports nothing; confidence drops a little."""
         self._observed_share -= self.config.time_decay * self._observed_share
         imputed = self._expected(self._last_values or [0.0] * self.dimensions)
         if self._seasonal is not None:
-            for reference, value in zip(self._seasonal, imputed, strict=True):
-                reference.push(value)
+            for reference in self._seasonal:
+                reference.push(math.nan)
         if self._log:
             imputed = [_from_log(v) for v in imputed]
         return Result(
@@ -169,17 +201,28 @@ class RcfDetector:
             missing=True,
         )
 
-    def _learn_period(self, timestamp: float) -> None:
-        if self._last_timestamp is not None and timestamp > self._last_timestamp:
-            self._steps.append(timestamp - self._last_timestamp)
+    def _advance(self, timestamp: float) -> None:
+        """Learn the sampling step from the first steps; leave the daily slots of a gap empty."""
+        last = self._last_timestamp
+        self._last_timestamp = timestamp
+        if last is None or not timestamp > last:
+            return
+        if len(self._steps) < _PERIOD_SAMPLE:  # the period is learned from the first steps only
+            self._steps.append(timestamp - last)
             if len(self._steps) == _PERIOD_SAMPLE:
-                period = points_per_day(statistics.median(self._steps))
+                self._step = statistics.median(self._steps)
+                period = points_per_day(self._step)
                 if period:
                     days = self.config.seasonal_days
                     self._seasonal = [
                         SeasonalReference(period, days) for _ in range(self.dimensions)
                     ]
-        self._last_timestamp = timestamp
+            return
+        seasonal = self._seasonal
+        if seasonal is not None and timestamp - last > 1.5 * self._step:
+            skipped = round((timestamp - last) / self._step) - 1
+            for reference in seasonal:
+                reference.skip(skipped)
 
     def _deviations(self, values: list[float]) -> list[float]:
         """The forest's second coordinate until a daily reference exists.
@@ -194,68 +237,90 @@ class RcfDetector:
         return [v - m for v, m in zip(values, self._mean_values, strict=True)]
 
     def _compare(self, values: list[float]) -> tuple[list[float] | None, list[float]]:
-        """Daily residuals (None before a full day) and the expected values of this point."""
+        """Daily residuals (None before a full day, or where a gap left no reference) and the
+        expected values of this point."""
         seasonal = self._seasonal
         if seasonal is None or not seasonal[0].ready:
             return None, self._expected(values)
-        self._residual_age += 1
         means = self._mean_values or values
         residuals, expected = [], []
+        learn = not self._holding
         for ref, value, mean, fit in zip(seasonal, values, means, self._fits, strict=True):
-            residual, daily = ref.compare(value)
+            compared = ref.compare(value)
+            if compared is None:
+                return None, self._expected(values)
+            residual, daily = compared
             residuals.append(residual)
             expected.append(_better(daily, mean, fit))
-            daily_error, mean_error = fit
-            # Errors clipped: an outage (a sensor stuck at 0) must not teach "follow the level".
-            cap = _FIT_CLIP * (daily_error if daily_error > mean_error else mean_error) or math.inf
-            error = abs(value - daily)
-            fit[0] = daily_error + _FIT_DECAY * ((error if error < cap else cap) - daily_error)
-            error = abs(value - mean)
-            fit[1] = mean_error + _FIT_DECAY * ((error if error < cap else cap) - mean_error)
+            if learn:  # an incident must not teach "follow the level"
+                daily_error, mean_error = fit
+                # Errors clipped: an outage (a sensor stuck at 0) must not either.
+                larger = daily_error if daily_error > mean_error else mean_error
+                cap = _FIT_CLIP * larger or math.inf
+                error = abs(value - daily)
+                fit[0] = daily_error + _FIT_DECAY * ((error if error < cap else cap) - daily_error)
+                error = abs(value - mean)
+                fit[1] = mean_error + _FIT_DECAY * ((error if error < cap else cap) - mean_error)
+        self._residual_age += 1
         return residuals, expected
 
     def _expected(self, values: Sequence[float]) -> list[float]:
-        """Expected values without a new value to compare: before a full day, or imputed."""
+        """Expected values without a daily comparison: before a full day, or imputed."""
         seasonal = self._seasonal
         means = self._mean_values
         if means is None:
             return list(values)
         if seasonal is None or not seasonal[0].ready:
             return list(means)
-        return [
-            _better(ref.expected(), mean, fit)
-            for ref, mean, fit in zip(seasonal, means, self._fits, strict=True)
-        ]
+        expected = []
+        for ref, mean, fit in zip(seasonal, means, self._fits, strict=True):
+            daily = ref.expected()
+            expected.append(mean if daily is None else _better(daily, mean, fit))
+        return expected
 
-    def _apply_margins(self, grade: float, values: list[float], expected: list[float]) -> float:
+    def _apply_margins(self, score: float, values: list[float], expected: list[float]) -> float:
         """Not an anomaly when every value is within the configured margins of its expected."""
         c = self.config
-        if grade * 100.0 < c.threshold:
-            return grade
+        if score < c.threshold:
+            return score
         close = all(
             abs(v - e) <= max(c.absolute_margin, c.ratio_margin * abs(e))
             for v, e in zip(values, expected, strict=True)
         )
-        return min(grade, 0.5 * c.threshold / 100.0) if close else grade
+        return min(score, 0.5 * c.threshold) if close else score
 
-    def _remember(self, values: list[float]) -> None:
+    @property
+    def _holding(self) -> bool:
+        """Whether the expectation of before the incident is held (see ``_remember``)."""
+        return 0 < self._incident <= _ACCEPT_AFTER
+
+    def _remember(self, values: list[float], anomalous: bool) -> None:
+        """Learn the point. While an incident lasts the expectation stays what it was before,
+        so that a stuck GPU stays far from it and a return to normal ends the incident at
+        once; an incident that lasts beyond ``_ACCEPT_AFTER`` points is a new normal."""
+        self._incident = self._incident + 1 if anomalous else 0
         if self._seasonal is not None:
             for reference, value in zip(self._seasonal, values, strict=True):
                 reference.push(value)
         if self._mean_values is None:
             self._mean_values = list(values)
-        else:
+        elif not self._holding:
             pairs = zip(self._mean_values, values, strict=True)
             self._mean_values = [m + _EXPECTED_DECAY * (v - m) for m, v in pairs]
         self._last_values = values
 
     def _confidence(self) -> float:
-        return 100.0 * self._observed_share * confidence(
-            self.config.time_decay, self._seen, self.config.warmup
+        return (
+            100.0
+            * self._observed_share
+            * confidence(self.config.time_decay, self._seen, self.config.warmup)
         )
 
     def _attribution(self, point: list[float]) -> tuple[float, ...]:
         """Share of the score per variable (value and residual coordinates together)."""
+        scales = self._scales or [1.0] * self.dimensions
+        if len(scales) > 1:
+            point = [x / scale for x, scale in zip(point, scales + scales, strict=True)]
         divector = self._forest.attribution(point)
         parts = [h + lo for h, lo in zip(divector["high"], divector["low"], strict=True)]
         d = self.dimensions
@@ -271,6 +336,7 @@ class RcfDetector:
             "calibrator": self._calibrator.to_state(),
             "seasonal": [r.to_state() for r in self._seasonal] if self._seasonal else None,
             "steps": self._steps,
+            "step": self._step,
             "last_timestamp": self._last_timestamp,
             "last_values": self._last_values,
             "mean_values": self._mean_values,
@@ -278,24 +344,28 @@ class RcfDetector:
             "residual_age": self._residual_age,
             "fits": self._fits,
             "observed_share": self._observed_share,
+            "incident": self._incident,
+            "scales": self._scales,
+            "pending": self._pending,
         }
         header = json.dumps(state, separators=(",", ":")).encode()
         body = struct.pack(">I", len(header)) + header + self._forest.to_msgpack()
-        return _SNAPSHOT_MAGIC + zlib.compress(body, 6)
+        return _SNAPSHOT_MAGIC + bytes([SNAPSHOT_VERSION]) + zlib.compress(body, 6)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RcfDetector:
-        if not data.startswith(_SNAPSHOT_MAGIC):
-            raise ValueError("not an anomstream detector snapshot (or an older format)")
-        body = zlib.decompress(data[len(_SNAPSHOT_MAGIC) :])
+        """Restore a snapshot of this release or of an earlier one (``detectors.migration``)."""
+        version = _snapshot_version(data)
+        body = zlib.decompress(data[len(_SNAPSHOT_MAGIC) + 1 :])
         (length,) = struct.unpack(">I", body[:4])
-        state = json.loads(body[4 : 4 + length])
-        detector = cls(DetectorConfig.from_dict(state["config"]), state["dimensions"])
+        state = upgrade_state(json.loads(body[4 : 4 + length]), version)
+        detector = cls(DetectorConfig.upgraded(state["config"]), state["dimensions"])
         detector._forest = krcf.RandomCutForest.from_msgpack(body[4 + length :])
         detector._calibrator = Calibrator.from_state(detector.config, state["calibrator"])
         if state["seasonal"] is not None:
             detector._seasonal = [SeasonalReference.from_state(s) for s in state["seasonal"]]
         detector._steps = state["steps"]
+        detector._step = state["step"]
         detector._last_timestamp = state["last_timestamp"]
         detector._last_values = state["last_values"]
         detector._mean_values = state["mean_values"]
@@ -303,7 +373,31 @@ class RcfDetector:
         detector._residual_age = state["residual_age"]
         detector._fits = state["fits"]
         detector._observed_share = state["observed_share"]
+        detector._incident = state["incident"]
+        detector._scales = state["scales"]
+        detector._pending = state["pending"]
         return detector
+
+
+def _snapshot_version(data: bytes) -> int:
+    """The format version of a snapshot: ``ASD`` and one digit (3, the first release's) or
+    one byte (4 onwards)."""
+    if not data.startswith(_SNAPSHOT_MAGIC) or len(data) < 4:
+        raise ValueError("not an anomstream detector snapshot")
+    version = data[3] - ord("0") if data[3:4] == b"3" else data[3]
+    if not 3 <= version <= SNAPSHOT_VERSION:
+        raise ValueError(
+            f"detector snapshot format {version} is newer than this release reads "
+            f"(up to {SNAPSHOT_VERSION}): upgrade anomstream"
+        )
+    return version
+
+
+def _spread(values: list[float]) -> float:
+    """A variable's typical spread: mean absolute deviation from its mean, never 0."""
+    mean = sum(values) / len(values)
+    spread = sum(abs(v - mean) for v in values) / len(values)
+    return spread or abs(mean) or 1.0
 
 
 def confidence(time_decay: float, seen: int, warmup: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from array import array
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -30,6 +31,11 @@ def points_per_day(median_step_seconds: float) -> int:
 class SeasonalReference:
     """Same-time-of-day values of the last ``days`` days, one variable.
 
+    Slots follow time, not point count: the detector calls ``skip(n)`` for the ``n`` sampling
+    steps that a gap in the input left empty (and a missing point is pushed as NaN), so after a
+    gap today's values still meet the same time of day on the previous days. Empty slots are
+    left out of the references.
+
     ``compare(x)`` gives ``x`` minus the closest of those values: a single odd day in the history
     cannot echo into today (the other days still match), while a change against every recent
     day shows. ``expected()`` is their median, the value a user would call "usual".
@@ -39,9 +45,12 @@ class SeasonalReference:
     ...     ref.push(float(x))
     >>> ref.compare(2.0)  # (residual, expected): the next phase is the 9's, it does not echo
     (0.0, 2.0)
+    >>> ref.skip(2)  # two empty steps: the next slot is the 4's phase, not the 3's
+    >>> ref.compare(4.0)
+    (0.0, 4.0)
     """
 
-    __slots__ = ("_buffer", "_count", "days", "period")
+    __slots__ = ("_buffer", "_count", "_empty", "days", "period")
 
     def __init__(self, period: int, days: int = 3) -> None:
         self.period = period
@@ -50,24 +59,28 @@ class SeasonalReference:
         # Laid out phase by phase, so one phase's days are one slice (the hot path reads them).
         self._buffer = array("f", bytes(4 * period * days))
         self._count = 0
+        self._empty = 0  # empty (NaN) slots in the buffer: none, the hot path skips the filter
 
-    def _references(self) -> array[float]:
-        """The next value's same-phase values of the last days (oldest slot first)."""
+    def _references(self) -> Sequence[float]:
+        """The next slot's same-phase values of the last days, empty slots left out."""
         count = self._count
         start = (count % self.period) * self.days
-        return self._buffer[start : start + min(count // self.period, self.days)]
+        references = self._buffer[start : start + min(count // self.period, self.days)]
+        return [v for v in references if v == v] if self._empty else references
 
     @property
     def ready(self) -> bool:
         return self._count >= self.period
 
-    def compare(self, value: float) -> tuple[float, float]:
+    def compare(self, value: float) -> tuple[float, float] | None:
         """``(residual, expected)`` for ``value``; both read the references once (hot path).
 
         The residual is ``value`` minus the closest same-phase value of the last days, the
-        expected value their median. Call only when ``ready``.
+        expected value their median; ``None`` when every one of them is empty.
         """
         ordered = sorted(self._references())
+        if not ordered:
+            return None
         above = bisect_left(ordered, value)  # the first reference >= value
         if above == 0:
             residual = value - ordered[0]
@@ -78,14 +91,29 @@ class SeasonalReference:
             residual = over if -over < under else under
         return residual, _sorted_median(ordered)
 
-    def expected(self) -> float:
-        """The median of the references. Call only when ``ready``."""
-        return _sorted_median(sorted(self._references()))
+    def expected(self) -> float | None:
+        """The median of the references, ``None`` when they are all empty."""
+        ordered = sorted(self._references())
+        return _sorted_median(ordered) if ordered else None
 
     def push(self, value: float) -> None:
+        """Fill the next slot (NaN: the point is missing)."""
         count = self._count
-        self._buffer[(count % self.period) * self.days + (count // self.period) % self.days] = value
+        slot = (count % self.period) * self.days + (count // self.period) % self.days
+        buffer = self._buffer
+        if buffer[slot] != buffer[slot]:
+            self._empty -= 1
+        if value != value:
+            self._empty += 1
+        buffer[slot] = value
         self._count = count + 1
+
+    def skip(self, steps: int) -> None:
+        """Leave ``steps`` slots empty: the input had a gap."""
+        for _ in range(min(steps, self.period * self.days)):
+            self.push(math.nan)
+        if steps > self.period * self.days:  # only the phase of the rest matters
+            self._count += steps - self.period * self.days
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -100,6 +128,7 @@ class SeasonalReference:
         reference = cls(state["period"], state["days"])
         reference._buffer = array("f", bytes.fromhex(state["buffer"]))
         reference._count = state["count"]
+        reference._empty = sum(1 for v in reference._buffer if v != v)
         return reference
 
 

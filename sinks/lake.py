@@ -45,13 +45,13 @@ reads a complete snapshot; ``query`` takes a new snapshot and retries if a file 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
 from sinks.lake_files import list_files, visible_files
+from stream.retry import Backoff, retry
 
 DEFAULT_LAKE = "lake"
 
@@ -76,7 +76,9 @@ BASE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("kafkaOffset", "BIGINT"),
     ("dt", "DATE"),
 )
-_RETRIES = 5
+# A file compacted away between the listing and the read is gone for good; listing again
+# (a new snapshot) cures it within a moment.
+_VANISHED_FILE = Backoff(first_s=0.1, max_s=0.5, give_up_s=3.0)
 
 
 def visible_paths(lake_dir: str | Path) -> list[Path]:
@@ -99,16 +101,14 @@ def connect(lake_dir: str | Path) -> duckdb.DuckDBPyConnection:
 
 def refresh(connection: duckdb.DuckDBPyConnection, lake_dir: str | Path) -> None:
     """(Re-)create the views over a new snapshot of the lake."""
-    for attempt in range(_RETRIES):
-        try:
-            _create_views(connection, visible_paths(lake_dir))
-            return
-        except duckdb.IOException:
-            # Creating the views reads the files' schemas; one was compacted away and deleted
-            # between the listing and the read: list again.
-            if attempt == _RETRIES - 1:
-                raise
-            time.sleep(0.1 * (attempt + 1))
+    # Creating the views reads the files' schemas; one may have been compacted away and deleted
+    # between the listing and the read: list again.
+    retry(lambda: _create_views(connection, visible_paths(lake_dir)),
+          f"reading the lake {lake_dir}", transient=_vanished, backoff=_VANISHED_FILE)
+
+
+def _vanished(error: BaseException) -> bool:
+    return isinstance(error, duckdb.IOException)
 
 
 def _create_views(connection: duckdb.DuckDBPyConnection, paths: list[Path]) -> None:
@@ -134,7 +134,8 @@ def _create_views(connection: duckdb.DuckDBPyConnection, paths: list[Path]) -> N
         "modelStage",
         "anomalyConfidenceScore",
     ]
-    picks = ", ".join(f'l."{c}"' for c in latest)
+    # Dimension names come from the records: any text, quotes and SQL included.
+    picks = ", ".join(f"l.{quote_identifier(c)}" for c in latest)
     # The latest row of each series joined to the per-series aggregates: several times faster
     # than arg_max over the nested dimensionList (bench/sink.py). Ties on the latest period
     # (a re-emitted result) are broken by the newest Kafka position.
@@ -165,22 +166,31 @@ FROM per_series AS p JOIN latest AS l ON l.timeseriesId = p.timeseriesId"""
 
 def query(lake_dir: str | Path, sql: str) -> pa.Table:
     """Run ``sql`` against the views over a fresh snapshot of the lake."""
-    for attempt in range(_RETRIES):
+
+    def attempt() -> pa.Table:
         connection = duckdb.connect()
         try:
             connection.execute("SET TimeZone = 'UTC'")
             refresh(connection, lake_dir)
             relation = connection.sql(sql)
             return relation.to_arrow_table() if relation is not None else pa.table({})
-        except duckdb.IOException:
-            # A file of the snapshot was compacted away and deleted meanwhile: take a new one.
-            if attempt == _RETRIES - 1:
-                raise
-            time.sleep(0.1 * (attempt + 1))
         finally:
             connection.close()
-    raise AssertionError("unreachable")
+
+    # A file of the snapshot compacted away and deleted meanwhile: take a new snapshot.
+    return retry(attempt, f"querying the lake {lake_dir}", transient=_vanished,
+                 backoff=_VANISHED_FILE)
 
 
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def quote_identifier(name: str) -> str:
+    """``name`` as a DuckDB identifier, whatever it contains.
+
+    >>> print(quote_identifier('dim_a" FROM x; --'))
+    "dim_a"" FROM x; --"
+    """
+    return '"' + name.replace('"', '""') + '"'
+

@@ -44,6 +44,8 @@ import pyarrow as pa
 
 from sinks.lake_files import lake_end, publish_sink_file, remove_temp_files
 from sinks.result_table import MS_PER_DAY, concat, day_name, epoch_millis, parse_results
+from stream.logs import DeadLetterLog, ThrottledLog
+from stream.retry import Backoff, RebuildBudget, is_fatal, is_transient, retry
 
 log = logging.getLogger("anomstream.sink.parquet")
 
@@ -172,6 +174,9 @@ class SinkConfig:
     # Static group membership: a restarted sink takes its partitions back at once instead of
     # waiting for the killed one's session to expire, and a second live copy is fenced off.
     instance_id: str | None = None
+    # How long transient Kafka errors (broker down, coordinator moving) are retried before the
+    # sink gives up and exits non-zero (docs/decisions/0006).
+    retry_timeout_s: float = 600.0
 
     @property
     def dead_letters(self) -> str:
@@ -212,6 +217,8 @@ class ParquetSink:
         self._assigned_at: float | None = None
         self._at_end: set[int] = set()
         self._undelivered: list[str] = []
+        self._rebuilds = RebuildBudget("parquet-sink")
+        self._dead_letter_log = DeadLetterLog(log, "parquet-sink")
 
     def stop(self) -> None:
         """Ask the run loop to flush its buffers and return (signal-safe)."""
@@ -223,27 +230,35 @@ class ParquetSink:
         from stream.kafka_io import consumer_config, create_topics, producer_config
 
         config = self.config
-        consumer = Consumer(
-            consumer_config(
-                config.bootstrap,
-                group_id=config.group,
-                **{
-                    "client.id": "anomstream-parquet-sink",
-                    "enable.auto.offset.store": False,
-                    "group.instance.id": config.instance_id
-                    or f"{config.group}-{socket.gethostname()}",
-                    "session.timeout.ms": 10_000,
-                    # Larger fetches per partition: the sink reads in bulk, not record by record.
-                    "max.partition.fetch.bytes": 8 * 1024 * 1024,
-                    # End-of-partition events tell --stop-after-idle that the sink caught up.
-                    "enable.partition.eof": True,
-                },
+
+        def connect() -> Any:
+            return Consumer(
+                consumer_config(
+                    config.bootstrap,
+                    group_id=config.group,
+                    **{
+                        "client.id": "anomstream-parquet-sink",
+                        "enable.auto.offset.store": False,
+                        "group.instance.id": config.instance_id
+                        or f"{config.group}-{socket.gethostname()}",
+                        "session.timeout.ms": 10_000,
+                        # Larger fetches per partition: the sink reads in bulk, not record by
+                        # record.
+                        "max.partition.fetch.bytes": 8 * 1024 * 1024,
+                        # End-of-partition events tell --stop-after-idle that the sink caught up.
+                        "enable.partition.eof": True,
+                    },
+                )
             )
-        )
+
+        consumer = connect()
         producer: Any = None
+        backoff = Backoff(give_up_s=config.retry_timeout_s)
+        consumer_errors = ThrottledLog(log, "parquet-sink consumer")
 
         def on_assign(client: Any, partitions: list[Any]) -> None:
-            committed = client.committed(partitions, timeout=30)
+            committed = retry(lambda: client.committed(partitions, timeout=30),
+                              "parquet-sink reading committed offsets", backoff=backoff)
             for tp in committed:
                 remove_temp_files(config.lake, f"{config.topic}+{tp.partition}+")
                 start = max(tp.offset, 0)
@@ -277,9 +292,23 @@ class ParquetSink:
                 return
             if producer is not None:
                 self._flush_dead_letters(producer)
-            consumer.commit(
-                offsets=[TopicPartition(config.topic, partition, offset)], asynchronous=False
-            )
+            try:
+                retry(
+                    lambda: consumer.commit(
+                        offsets=[TopicPartition(config.topic, partition, offset)],
+                        asynchronous=False,
+                    ),
+                    f"parquet-sink committing {config.topic}[{partition}]@{offset}",
+                    backoff=backoff,
+                )
+            except KafkaException as error:
+                if is_fatal(error) or is_transient(error):
+                    raise  # a new consumer (fatal) or a supervisor (gave up) takes over
+                # Not a member any more (rebalance, expired session): the rows are in the lake
+                # and whoever gets the partition resumes after the lake's last offset.
+                log.warning("parquet-sink commit of %s[%d]@%d refused: %s", config.topic,
+                            partition, offset, error)
+                return
             self._committed[partition] = offset
 
         def publish(partition: int, table: pa.Table) -> None:
@@ -297,63 +326,93 @@ class ParquetSink:
             )
             commit(partition, int(table.column("kafkaOffset")[-1].as_py()) + 1)
 
-        consumer.subscribe(
-            [config.topic], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_revoke
-        )
+        def subscribe() -> None:
+            consumer.subscribe(
+                [config.topic], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_revoke
+            )
+
+        def replace_consumer(error: KafkaException) -> None:
+            """A fatal error (fenced, ``_FATAL``): a new consumer rejoins; buffered rows are
+            dropped as on a revoke and read again from the lake's end on the next assignment."""
+            nonlocal consumer
+            self._rebuilds.spend(error)
+            log.warning("parquet-sink consumer failed (%s); replacing it and rejoining", error)
+            on_revoke(consumer, [TopicPartition(config.topic, p) for p in list(self._buffers)])
+            try:
+                consumer.close()
+            except Exception as close_error:  # the failed client may refuse; dropped anyway
+                log.info("parquet-sink closing the failed consumer: %s", close_error)
+            consumer = connect()
+            subscribe()
+
+        subscribe()
         last_record = time.monotonic()
         last_metrics = last_record
         flushed_since_idle = True
+
+        def step() -> bool:
+            """One consume and what follows; True when ``--stop-after-idle`` is satisfied."""
+            nonlocal producer, last_record, last_metrics, flushed_since_idle
+            messages = consumer.consume(config.batch_size, timeout=0.2)
+            now = time.monotonic()
+            by_partition: dict[int, list[Any]] = defaultdict(list)
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        self._at_end.add(int(message.partition() or 0))
+                        continue
+                    if error.fatal() or error.code() == KafkaError._FATAL:
+                        raise KafkaException(error)
+                    consumer_errors.warn(str(error))
+                    continue
+                by_partition[int(message.partition() or 0)].append(message)
+                self._at_end.discard(int(message.partition() or 0))
+            for partition, batch in by_partition.items():
+                buffer = self._buffers.get(partition)
+                if buffer is None:
+                    continue  # revoked meanwhile
+                parsed = parse_results(
+                    [m.value() for m in batch], partition, [m.offset() for m in batch]
+                )
+                if parsed.rejected:
+                    if producer is None:
+                        create_topics(config.bootstrap, [config.dead_letters])
+                        producer = Producer(producer_config(config.bootstrap))
+                    self._dead_letter(producer, batch, parsed.rejected)
+                for closed in buffer.add(parsed.table, batch[-1].offset() + 1):
+                    publish(partition, closed)
+                if not buffer.pieces:
+                    commit(partition, buffer.next_offset)
+            if by_partition:
+                last_record = now
+                if self.stats.first_record_at is None:
+                    self.stats.first_record_at = now
+                flushed_since_idle = False
+            elif not flushed_since_idle and now - last_record >= config.idle_flush_s:
+                self._flush_all(publish)
+                flushed_since_idle = True
+            if now - last_metrics >= config.metrics_every_s:
+                log.info("%s", self.stats.line())
+                last_metrics = now
+            self._dead_letter_log.report()
+            return config.stop_after_idle_s is not None and self._caught_up(
+                now, last_record, config.stop_after_idle_s
+            )
+
         try:
             while not self._stopping:
-                messages = consumer.consume(config.batch_size, timeout=0.2)
-                now = time.monotonic()
-                by_partition: dict[int, list[Any]] = defaultdict(list)
-                for message in messages:
-                    error = message.error()
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            self._at_end.add(int(message.partition() or 0))
-                            continue
-                        if error.fatal():
-                            raise KafkaException(error)
-                        log.warning("parquet-sink consumer: %s", error)
-                        continue
-                    by_partition[int(message.partition() or 0)].append(message)
-                    self._at_end.discard(int(message.partition() or 0))
-                for partition, batch in by_partition.items():
-                    buffer = self._buffers.get(partition)
-                    if buffer is None:
-                        continue  # revoked meanwhile
-                    parsed = parse_results(
-                        [m.value() for m in batch], partition, [m.offset() for m in batch]
-                    )
-                    if parsed.rejected:
-                        if producer is None:
-                            create_topics(config.bootstrap, [config.dead_letters])
-                            producer = Producer(producer_config(config.bootstrap))
-                        self._dead_letter(producer, batch, parsed.rejected)
-                    for closed in buffer.add(parsed.table, batch[-1].offset() + 1):
-                        publish(partition, closed)
-                    if not buffer.pieces:
-                        commit(partition, buffer.next_offset)
-                if by_partition:
-                    last_record = now
-                    if self.stats.first_record_at is None:
-                        self.stats.first_record_at = now
-                    flushed_since_idle = False
-                elif not flushed_since_idle and now - last_record >= config.idle_flush_s:
-                    self._flush_all(publish)
-                    flushed_since_idle = True
-                if now - last_metrics >= config.metrics_every_s:
-                    log.info("%s", self.stats.line())
-                    last_metrics = now
-                if config.stop_after_idle_s is not None and self._caught_up(
-                    now, last_record, config.stop_after_idle_s
-                ):
-                    break
+                try:
+                    if step():
+                        break
+                except KafkaException as error:
+                    if not is_fatal(error):
+                        raise
+                    replace_consumer(error)
             self._flush_all(publish)
         finally:
             log.info("%s", self.stats.line())
+            self._dead_letter_log.report(force=True)
             consumer.close()
         return self.stats
 
@@ -407,13 +466,8 @@ class ParquetSink:
                 ],
                 on_delivery=self._on_delivery,
             )
-            log.warning(
-                "parquet-sink dead-lettered %s[%d]@%d: %s",
-                message.topic(),
-                message.partition(),
-                message.offset(),
-                reason,
-            )
+            # The reason up to its first detail: one count per kind of problem.
+            self._dead_letter_log.count(reason.split(":")[0])
         self.stats.rejected += len(rejected)
         producer.poll(0)
 

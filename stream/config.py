@@ -98,6 +98,12 @@ class WorkerSettings(_Strict):
     # that it gets no results until it sends again, so a series silent for a year (or gone for
     # good) does not score millions of empty intervals.
     max_fill_intervals: int = Field(default=10_000, ge=0)
+    # /healthz fails when a stage has lag and has consumed or committed nothing for this long
+    # (or its loop has not turned for this long): a stuck worker, for a supervisor to restart.
+    stall_timeout: DurationMs = Field(default=60_000, ge=1000)
+    # How long a transient Kafka error (broker down, coordinator moving, time-outs) is retried
+    # with back-off before the worker gives up and exits non-zero (docs/decisions/0006).
+    retry_timeout: DurationMs = Field(default=600_000, ge=1000)
 
     @property
     def snapshot_interval_ms(self) -> int:

@@ -248,6 +248,28 @@ class WebhookReceiver:
         self._server.server_close()
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a service that exited is started again: after ``first_delay_s``, doubling up to
+    ``max_delay_s``, at most ``max_restarts`` times (a service that keeps failing is a fault to
+    show, not to hide behind restarts).
+
+    >>> policy = RestartPolicy(max_restarts=3, first_delay_s=1.0, max_delay_s=3.0)
+    >>> [policy.delay(n) for n in range(4)]
+    [1.0, 2.0, 3.0, None]
+    """
+
+    max_restarts: int = 5
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+
+    def delay(self, restarts: int) -> float | None:
+        """Seconds to wait before restart number ``restarts + 1``; None: give up."""
+        if restarts >= self.max_restarts:
+            return None
+        return min(self.first_delay_s * 2**restarts, self.max_delay_s)
+
+
 @dataclass
 class Child:
     """One service of the demo: an ``anomstream`` sub-command in its own process."""
@@ -257,9 +279,15 @@ class Child:
     log_path: Path
     finishes: bool = False  # a generator ends by itself; a service must not
     process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    restart_at: float | None = None  # when an exited service is due to start again
+    env: dict[str, str] = field(default_factory=dict, repr=False)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def start(self, env: dict[str, str]) -> None:
+        if self._log is not None:
+            self._log.close()
+        self.env = env
         self._log = self.log_path.open("ab")
         command = [
             sys.executable,
@@ -347,9 +375,11 @@ def dashboard_ready(port: int) -> bool:
 
 
 class Demo:
-    def __init__(self, options: DemoOptions, console: Any) -> None:
+    def __init__(self, options: DemoOptions, console: Any,
+                 restarts: RestartPolicy = RestartPolicy()) -> None:
         self.options = options
         self.console = console
+        self.restarts = restarts
         self.stop = threading.Event()
         self.children: list[Child] = []
         self.kafka: LocalKafka | None = None
@@ -587,14 +617,18 @@ class Demo:
                 code = child.exit_code()
                 if code is None or child.name in finished:
                     continue
-                finished.add(child.name)
-                if child.finishes and code == 0:
-                    self.say(f"{child.name}: done (replayed {self.options.points} points)")
-                    continue
-                raise DemoError(
-                    f"{child.name} exited with code {code}; its log ({child.log_path}) ends:\n"
-                    f"{child.log_tail()}"
-                )
+                if child.finishes:
+                    finished.add(child.name)
+                    if code == 0:
+                        self.say(f"{child.name}: done (replayed {self.options.points} points)")
+                        continue
+                    # Not restarted: a generator started again would replay its feed from the
+                    # beginning, duplicating the records it sent.
+                    raise DemoError(
+                        f"{child.name} exited with code {code}; its log ({child.log_path}) "
+                        f"ends:\n{child.log_tail()}"
+                    )
+                self._restart(child, code, now)
             if not dashboard_up and dashboard_ready(self.options.dashboard_port):
                 dashboard_up = True
                 self.say(f"dashboard: serving on http://127.0.0.1:{self.options.dashboard_port}/")
@@ -605,6 +639,29 @@ class Demo:
                 self.say(f"demo: {self.options.duration:g} s are up, stopping")
                 break
         return 0
+
+    def _restart(self, child: Child, code: int, now: float) -> None:
+        """A service exited: schedule its restart, start it when due, or give up."""
+        from rich.markup import escape
+
+        if child.restart_at is None:
+            delay = self.restarts.delay(child.restarts)
+            if delay is None:
+                raise DemoError(
+                    f"{child.name} exited with code {code} after {child.restarts} restart(s); "
+                    f"its log ({child.log_path}) ends:\n{child.log_tail()}"
+                )
+            child.restart_at = now + delay
+            self.say(
+                f"[yellow]{child.name} exited with code {code}; restarting it in {delay:g} s "
+                f"(restart {child.restarts + 1} of {self.restarts.max_restarts}); its log "
+                f"({child.log_path}) ends:[/yellow]\n{escape(child.log_tail(5))}"
+            )
+        elif now >= child.restart_at:
+            child.restarts += 1
+            child.restart_at = None
+            child.start(child.env)
+            self.say(f"{child.name}: restarted")
 
     def _status_line(self, workdir: Path, elapsed: float) -> str:
         assert self.webhook is not None

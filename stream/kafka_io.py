@@ -16,11 +16,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+
+from stream.retry import Backoff, is_transient, retry
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -124,28 +127,11 @@ def _wait_until_ready(admin: AdminClient, names: list[str], timeout_s: float) ->
             if not failures:
                 return
             for failure in failures:
-                if not isinstance(failure, KafkaException) or not _is_transient(failure):
+                if not is_transient(failure):
                     raise failure
             last_problem = str(failures[0])
         time.sleep(0.05)
     raise TimeoutError(f"topics {names} not ready after {timeout_s:.0f} s: {last_problem}")
-
-
-def _is_transient(error: KafkaException) -> bool:
-    """Errors a just-created topic or a moving leader gives for a moment; worth retrying."""
-    kafka_error = error.args[0]
-    return bool(kafka_error.retriable()) or kafka_error.code() in _TRANSIENT_CODES
-
-
-_TRANSIENT_CODES = frozenset({
-    KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.LEADER_NOT_AVAILABLE,
-    KafkaError.UNKNOWN_LEADER_EPOCH,
-    KafkaError.FENCED_LEADER_EPOCH,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError._UNKNOWN_PARTITION,
-    KafkaError._UNKNOWN_TOPIC,
-})
 
 
 def _end_offsets(
@@ -154,17 +140,13 @@ def _end_offsets(
     """Partition -> end offset (LSO under read_committed) for non-empty partitions."""
     ends: dict[int, int] = {}
     for partition in partitions:
-        while True:
-            try:
-                low, high = consumer.get_watermark_offsets(
-                    KafkaTopicPartition(topic, partition),
-                    timeout=max(0.1, deadline - time.monotonic()), cached=False,
-                )
-                break
-            except KafkaException as error:
-                if not _is_transient(error) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        remaining = max(0.0, deadline - time.monotonic())
+        low, high = retry(
+            partial(consumer.get_watermark_offsets, KafkaTopicPartition(topic, partition),
+                    timeout=max(0.1, remaining), cached=False),
+            f"reading the end offset of {topic}[{partition}]",
+            backoff=Backoff(first_s=0.05, max_s=1.0, give_up_s=remaining),
+        )
         if high > low:
             ends[partition] = high
     return ends

@@ -50,6 +50,10 @@ class WorkerMetrics:
             "anomstream_windows_closed", "Detection intervals closed and scored", ["detector"],
             registry=r,
         )
+        self.anomalies = Counter(
+            "anomstream_anomalies", "Results produced with anomalyDecision = 1", ["detector"],
+            registry=r,
+        )
         self.scoring_seconds = Histogram(
             "anomstream_scoring_seconds", "Detector time per closed window",
             buckets=SCORING_BUCKETS, registry=r,
@@ -83,6 +87,12 @@ class WorkerMetrics:
             "anomstream_restore_seconds", "Time to restore assigned partitions from snapshots",
             registry=r,
         )
+        self.client_rebuilds = Counter(
+            "anomstream_client_rebuilds",
+            "Kafka clients replaced after a fatal error (fenced, _FATAL)", ["stage"], registry=r,
+        )
+        # Total lag per stage, for /healthz (a stuck stage is one with lag and no progress).
+        self.stage_lag: dict[str, int] = {}
         self.replayed = Counter(
             "anomstream_replayed_records",
             "Repartition records replayed with output suppressed after a restore", registry=r,
@@ -91,15 +101,17 @@ class WorkerMetrics:
     def observe_stats(self, stage: str, stats_json: str) -> None:
         """librdkafka statistics -> per-partition lag (last stable offset - next to consume)."""
         stats: dict[str, Any] = json.loads(stats_json)
+        total = 0
         for topic, topic_stats in stats.get("topics", {}).items():
             for partition, p in topic_stats.get("partitions", {}).items():
                 if partition == "-1" or p.get("app_offset", -1) < 0:
                     continue
                 end = p["ls_offset"] if p.get("ls_offset", -1) >= 0 else p.get("hi_offset", -1)
                 if end >= 0:
-                    self.consumer_lag.labels(stage, topic, partition).set(
-                        max(0, end - p["app_offset"])
-                    )
+                    lag = max(0, end - p["app_offset"])
+                    self.consumer_lag.labels(stage, topic, partition).set(lag)
+                    total += lag
+        self.stage_lag[stage] = total
 
 
 class HealthServer:

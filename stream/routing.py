@@ -76,8 +76,12 @@ def parse_event_ms(value: Any) -> int:
         return value
     if isinstance(value, bool):
         raise InvalidRecord(BAD_TIMESTAMP, "timestamp is a boolean")
-    if isinstance(value, int | float):
-        number = float(value)
+    if isinstance(value, int):  # beyond the epoch range (and maybe beyond the float range)
+        digits = str(value)
+        text = digits if len(digits) <= 30 else f"{digits[:20]}... ({len(digits)} digits)"
+        raise InvalidRecord(BAD_TIMESTAMP, f"timestamp {text} is not epoch milliseconds")
+    if isinstance(value, float):
+        number = value
     elif isinstance(value, str):
         text = value.strip()
         try:
@@ -100,6 +104,13 @@ def parse_event_ms(value: Any) -> int:
 
 
 def _measure(record: dict[str, Any], name: str) -> float:
+    """The value of measure ``name`` as a finite float.
+
+    >>> _measure({"v": 10**400}, "v")
+    Traceback (most recent call last):
+    ...
+    stream.routing.InvalidRecord: measure 'v' is an integer of 401 digits, beyond the float range
+    """
     value = record.get(name)
     if type(value) is float and math.isfinite(value):  # the common case, first
         return value
@@ -107,7 +118,13 @@ def _measure(record: dict[str, Any], name: str) -> float:
         raise InvalidRecord(MISSING_FIELD, f"missing measure field {name!r}")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRecord(BAD_TYPE, f"measure {name!r} is {type(value).__name__}, not a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range (JSON allows any length)
+        raise InvalidRecord(
+            NON_FINITE, f"measure {name!r} is an integer of {len(str(abs(value)))} digits, "
+            "beyond the float range"
+        ) from None
     if not math.isfinite(number):
         raise InvalidRecord(NON_FINITE, f"measure {name!r} is {value}")
     return number

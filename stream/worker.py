@@ -15,6 +15,7 @@ docs/decisions/0002-exactly-once.md and in ``ScoreStage._restore``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -22,8 +23,9 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -36,8 +38,10 @@ from confluent_kafka import (
 
 from stream.config import DetectConfig
 from stream.kafka_io import consumer_config, create_topics, producer_config
+from stream.logs import DeadLetterLog, ThrottledLog
 from stream.metrics import Heartbeat, WorkerMetrics
 from stream.records import dimension_list, encode, format_time
+from stream.retry import Backoff, RebuildBudget, is_transient, retry
 from stream.routing import (
     LATE,
     NO_DETECTOR,
@@ -67,12 +71,19 @@ MAX_RECORD_BYTES = 16 * 1024 * 1024
 _EVENT = struct.Struct(">q")
 # Kafka record headers as confluent-kafka takes and returns them.
 Headers = list[tuple[str, Any]]
+T = TypeVar("T")
+# How long past its own time-out a transactional call may take before it counts as hung.
+CALL_GRACE_S = 5.0
 # Header positions of a repartition record, written by RouteStage, read by ScoreStage.
 _H_DETECTOR, _H_EVENT, _H_SOURCE_TOPIC, _H_SOURCE_PARTITION, _H_SOURCE_OFFSET = range(5)
 
 
 class WorkerError(Exception):
     """The worker cannot go on (fenced by a newer instance, broker unreachable, bad topics)."""
+
+
+class TransactionLost(Exception):
+    """A transaction outlived transaction.timeout.ms uncommitted (the broker aborts it)."""
 
 
 def default_instance_id() -> str:
@@ -111,7 +122,16 @@ def ensure_topics(config: DetectConfig) -> None:
 
 
 class _Stage:
-    """A consume-process-produce loop committing through one transactional producer."""
+    """A consume-process-produce loop committing through one transactional producer.
+
+    Transient Kafka errors are retried with back-off (``stream.retry``) for up to
+    ``worker.retry_timeout``. A client that fails for good (fenced, ``_FATAL``) is replaced: the
+    stage drops what it holds as on a lost assignment, makes new clients (whose
+    ``init_transactions`` aborts the old producer's open transaction) and rejoins, restoring its
+    partitions as on any assignment. More such failures than ``RebuildBudget`` allows (a second
+    live worker with the same instance id) end the worker non-zero instead. See
+    docs/decisions/0006-retries-and-fatal-errors.md.
+    """
 
     name = "stage"
 
@@ -127,17 +147,34 @@ class _Stage:
         self.config = config
         self.metrics = metrics
         self.stop = stop
-        self.heartbeat = Heartbeat()
+        self.instance_id = instance_id
+        self.group_id = group_id
+        self.stall_s = config.worker.stall_timeout / 1000
+        self.heartbeat = Heartbeat(self.stall_s)
+        self.last_progress = time.monotonic()
         self.ready = False
         self.topics = topics
-        kafka = config.kafka
+        self.backoff = Backoff(give_up_s=config.worker.retry_timeout / 1000)
+        self.in_transaction = False
+        self.transaction_began = 0.0
+        self.commit_interval_s = config.worker.commit_interval_ms / 1000
+        self.transaction_timeout_s = config.kafka.transaction_timeout / 1000
+        self._rebuilds = RebuildBudget(f"{self.name} (instance {instance_id!r})")
+        self._discarding = False
+        self._errors = ThrottledLog(log, self.name)
+        self.dead_letter_log = DeadLetterLog(log, self.name)
+        self._connect()
+
+    def _connect(self) -> None:
+        kafka = self.config.kafka
+        metrics = self.metrics
         self.producer = Producer(
             producer_config(
                 kafka.bootstrap,
                 **{
                     # Stable per instance and stage: a restarted worker fences its predecessor
                     # and aborts the transaction the predecessor left open, at once.
-                    "transactional.id": f"{kafka.group_id}.{instance_id}.{self.name}",
+                    "transactional.id": f"{kafka.group_id}.{self.instance_id}.{self.name}",
                     "transaction.timeout.ms": kafka.transaction_timeout,
                     "message.max.bytes": MAX_RECORD_BYTES,
                     # Records are small and go to a broker nearby; compressing them costs CPU
@@ -146,7 +183,9 @@ class _Stage:
                 },
             )
         )
-        self.producer.init_transactions(60)
+        producer = self.producer
+        self._call(lambda: self._txn(producer.init_transactions, 60.0, "init_transactions"),
+                   "init_transactions")
         consumer_settings: dict[str, Any] = {
             "partition.assignment.strategy": "range",
             "session.timeout.ms": kafka.session_timeout,
@@ -156,17 +195,50 @@ class _Stage:
             "fetch.max.bytes": MAX_RECORD_BYTES * 2,
         }
         if kafka.static_membership:
-            consumer_settings["group.instance.id"] = f"{instance_id}.{self.name}"
-        self.consumer = Consumer(consumer_config(kafka.bootstrap, group_id, **consumer_settings))
-        self.in_transaction = False
-        self.transaction_began = 0.0
-        self.commit_interval_s = config.worker.commit_interval_ms / 1000
+            consumer_settings["group.instance.id"] = f"{self.instance_id}.{self.name}"
+        self.consumer = Consumer(
+            consumer_config(kafka.bootstrap, self.group_id, **consumer_settings)
+        )
+
+    def _call(self, call: Callable[[], T], what: str) -> T:
+        """``call()`` with transient Kafka errors retried for up to ``worker.retry_timeout``."""
+        return retry(call, f"{self.name}: {what}", backoff=self.backoff)
+
+    def _bounded(self, call: Callable[[], T], timeout_s: float, what: str) -> T:
+        """``call()`` (a transactional API call given ``timeout_s``), which must return in time.
+
+        librdkafka's transactional calls take a time-out, but after a broker restart
+        ``send_offsets_to_transaction`` was seen blocking for minutes past it (2.16, its
+        consumer's session expired meanwhile). The call runs in a helper thread; if it has not
+        returned ``CALL_GRACE_S`` after its own time-out the transaction counts as lost and
+        ``run`` replaces the clients (the stuck thread ends with its old client).
+        """
+        outcome: list[Any] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                outcome.append((True, call()))
+            except BaseException as error:  # handed to the caller's thread
+                outcome.append((False, error))
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"{self.name}-{what}", daemon=True).start()
+        if not done.wait(timeout_s + CALL_GRACE_S):
+            raise TransactionLost(
+                f"{what} did not return within {timeout_s + CALL_GRACE_S:.0f} s"
+            )
+        succeeded, value = outcome[0]
+        if not succeeded:
+            raise value
+        return cast(T, value)
 
     # -- transactions -------------------------------------------------------------------------
 
     def begin(self) -> None:
         if not self.in_transaction:
-            self.producer.begin_transaction()
+            self._call(self.producer.begin_transaction, "begin_transaction")  # local, no I/O
             self.in_transaction = True
             self.transaction_began = time.monotonic()
 
@@ -199,49 +271,75 @@ class _Stage:
         """After an aborted transaction: the in-memory state is ahead of Kafka; rewind it."""
         raise NotImplementedError
 
+    def forget(self) -> None:
+        """Drop everything held for the assignment, as when partitions are lost."""
+        raise NotImplementedError
+
     def commit(self, checkpoint: Iterable[int] = ()) -> None:
         self.prepare_commit(checkpoint)
         if not self.in_transaction:
             return
         offsets = self.offsets_to_commit()
         began = time.perf_counter()
+        # The broker aborts a transaction older than transaction.timeout.ms on its own, so
+        # retrying its calls longer is pointless; a transaction that cannot be committed in
+        # that time is lost, and new clients restore what Kafka holds (``run``).
+        deadline = self.transaction_began + self.transaction_timeout_s
+        in_transaction = Backoff(give_up_s=max(1.0, deadline - time.monotonic()))
+
+        def time_left() -> float:
+            return min(60.0, max(1.0, deadline - time.monotonic()))
+
+        producer = self.producer
+
         try:
             if offsets:
-                self._retry(
-                    lambda: self.producer.send_offsets_to_transaction(
-                        offsets, self.consumer.consumer_group_metadata(), 60
-                    )
+                metadata = self.consumer.consumer_group_metadata()
+                retry(
+                    lambda: self._txn(
+                        lambda timeout: producer.send_offsets_to_transaction(
+                            offsets, metadata, timeout
+                        ),
+                        time_left(), "send_offsets_to_transaction",
+                    ),
+                    f"{self.name}: send_offsets_to_transaction", backoff=in_transaction,
                 )
-            self._retry(lambda: self.producer.commit_transaction(60))
+            # A timed-out commit goes on in the background; calling again waits for its outcome.
+            retry(lambda: self._txn(producer.commit_transaction, time_left(),
+                                    "commit_transaction"),
+                  f"{self.name}: commit_transaction", backoff=in_transaction)
         except KafkaException as error:
             kafka_error = error.args[0]
+            if is_transient(error):
+                raise TransactionLost(
+                    f"the transaction could not be committed within transaction.timeout.ms: "
+                    f"{kafka_error}"
+                ) from error
             if not kafka_error.txn_requires_abort():
-                raise WorkerError(f"{self.name}: transaction failed: {kafka_error}") from error
+                raise  # fatal: ``run`` replaces the clients
             log.warning("%s: aborting transaction: %s", self.name, kafka_error)
-            self.producer.abort_transaction(60)
+            self._abort()
             self.in_transaction = False
             self.metrics.transactions.labels(self.name, "aborted").inc()
             self.aborted()
             return
         self.in_transaction = False
+        self.last_progress = time.monotonic()
         self.metrics.commit_seconds.labels(self.name).observe(time.perf_counter() - began)
         self.metrics.transactions.labels(self.name, "committed").inc()
         self.committed(offsets)
 
-    @staticmethod
-    def _retry(call: Any, attempts: int = 10) -> None:
-        for attempt in range(attempts):
-            try:
-                call()
-                return
-            except KafkaException as error:
-                if not error.args[0].retriable() or attempt == attempts - 1:
-                    raise
-                time.sleep(0.1 * (attempt + 1))
+    def _abort(self) -> None:
+        producer = self.producer
+        self._call(lambda: self._txn(producer.abort_transaction, 60.0, "abort_transaction"),
+                   "abort_transaction")
+
+    def _txn(self, call: Callable[[float], Any], timeout_s: float, what: str) -> Any:
+        return self._bounded(lambda: call(timeout_s), timeout_s, what)
 
     def abort_if_open(self) -> None:
         if self.in_transaction:
-            self.producer.abort_transaction(60)
+            self._abort()
             self.in_transaction = False
             self.metrics.transactions.labels(self.name, "aborted").inc()
 
@@ -249,9 +347,20 @@ class _Stage:
 
     def subscribe(self) -> None:
         self.consumer.subscribe(
-            self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
+            self.topics, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost,
         )
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._on_assign(consumer, partitions)
+        self.last_progress = time.monotonic()
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not self._discarding:  # a replaced client's partitions were forgotten already
+            self._on_revoke(consumer, partitions)
+
+    def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not self._discarding:
+            self._on_lost(consumer, partitions)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         raise NotImplementedError
@@ -266,6 +375,26 @@ class _Stage:
         raise NotImplementedError
 
     def run(self) -> None:
+        while True:
+            try:
+                self._loop()
+                return
+            except (KafkaException, TransactionLost) as error:
+                failure: Exception = error
+            while True:  # new clients, as often as the rebuild budget allows
+                if isinstance(failure, KafkaException) and is_transient(failure):
+                    # Retried for worker.retry_timeout in vain.
+                    raise WorkerError(f"{self.name}: Kafka unavailable: {failure}") from failure
+                if self.stop.is_set():
+                    raise WorkerError(f"{self.name}: stopped with a failed client: {failure}") \
+                        from failure
+                try:
+                    self._rebuild(failure)
+                    break
+                except (KafkaException, TransactionLost) as error:
+                    failure = error
+
+    def _loop(self) -> None:
         self.subscribe()
         batch = self.config.worker.max_batch
         while not self.stop.is_set():
@@ -278,9 +407,47 @@ class _Stage:
             ):
                 self.commit()
             self.tick()
+            self.dead_letter_log.report()
         self.commit()
         self.consumer.close()  # revokes (commits/checkpoints) and leaves the group
         self.abort_if_open()
+        self.dead_letter_log.report(force=True)
+
+    def _rebuild(self, error: Exception) -> None:
+        """New clients after a fatal error; the assignment is restored as after a rebalance."""
+        self._rebuilds.spend(error)
+        log.warning("%s: %s; replacing the Kafka clients and rejoining the group", self.name,
+                    error)
+        self.metrics.client_rebuilds.labels(self.name).inc()
+        self.ready = False
+        self.forget()
+        self.in_transaction = False
+        self._discarding = True
+        try:
+            self.consumer.close()
+        except Exception as close_error:  # the failed client may refuse; it is dropped anyway
+            log.info("%s: closing the failed consumer: %s", self.name, close_error)
+        finally:
+            self._discarding = False
+        with contextlib.suppress(Exception):
+            # Its open transaction is aborted by the new producer's init_transactions.
+            self.producer.purge()
+        self._connect()
+
+    def consumer_error(self, message: Any) -> None:
+        """A consume error: fatal ones replace the clients; others are logged, each text at most
+        once per 10 s (a broker outage repeats the same one for minutes)."""
+        error = message.error()
+        if error.fatal() or error.code() == KafkaError._FATAL:
+            raise KafkaException(error)
+        self._errors.warn(str(error))
+
+    def stalled(self) -> bool:
+        """Lag and no record consumed or transaction committed for ``worker.stall_timeout``."""
+        return (
+            self.metrics.stage_lag.get(self.name, 0) > 0
+            and time.monotonic() - self.last_progress > self.stall_s
+        )
 
     def tick(self) -> None:
         """Housekeeping once per loop turn."""
@@ -341,14 +508,16 @@ class RouteStage(_Stage):
         consumed: dict[str, int] = {}
         for message in messages:
             if message.error() is not None:
-                self._consumer_error(message)
+                self.consumer_error(message)
                 continue
             topic, partition, offset = message.topic(), message.partition(), message.offset()
             value = message.value()
             try:
                 points, rejections = self.router.route(topic, value)
             except Exception as error:  # a record no rule foresaw must not stop the worker
-                log.exception("route: unexpected failure on %s/%d@%d", topic, partition, offset)
+                if not self.dead_letter_log.counts[UNEXPECTED]:  # one traceback per summary
+                    log.exception("route: unexpected failure on %s/%d@%d", topic, partition,
+                                  offset)
                 points, rejections = [], [Rejection(UNEXPECTED, f"{type(error).__name__}: {error}")]
             source: Headers = [
                 ("source_topic", topic),
@@ -377,18 +546,15 @@ class RouteStage(_Stage):
                     headers.append(("detector", first.detector))
                 self.produce(self.config.topics.dead_letter, value, message.key(), headers)
                 self.metrics.dead_letters.labels(first.reason).inc()
+                self.dead_letter_log.count(first.reason)
             self.begin()
             self.offsets[(topic, partition)] = offset + 1
             consumed[topic] = consumed.get(topic, 0) + 1
         self._forwarded.inc(forwarded)
         for topic, count in consumed.items():
             self._in[topic].inc(count)
-
-    def _consumer_error(self, message: Any) -> None:
-        error = message.error()
-        if error.fatal():
-            raise WorkerError(f"{self.name}: consumer failed: {error}")
-        log.warning("%s: %s", self.name, error)
+        if consumed:
+            self.last_progress = time.monotonic()
 
     def offsets_to_commit(self) -> list[TopicPartition]:
         return [TopicPartition(t, p, o) for (t, p), o in self.offsets.items()]
@@ -398,8 +564,11 @@ class RouteStage(_Stage):
 
     def aborted(self) -> None:
         self.offsets.clear()
+        self.ticked.clear()  # the aborted ticks are sent again with the records they came with
         if self.assignment:
-            for tp in self.consumer.committed(self.assignment, 60):
+            committed = self._call(lambda: self.consumer.committed(self.assignment, 60),
+                                   "reading committed offsets")
+            for tp in committed:
                 self.consumer.seek(
                     TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0
                                    else OFFSET_BEGINNING)
@@ -415,7 +584,11 @@ class RouteStage(_Stage):
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.abort_if_open()
+        self.forget()
+
+    def forget(self) -> None:
         self.offsets.clear()
+        self.ticked.clear()
         self.assignment = []
 
 
@@ -488,6 +661,8 @@ class ScoreStage(_Stage):
         self._results = metrics.records_out.labels("result")
         self._windows = {spec.name: metrics.windows_closed.labels(spec.name)
                          for spec in config.detectors}
+        self._anomalies = {spec.name: metrics.anomalies.labels(spec.name)
+                           for spec in config.detectors}
         self._scoring = metrics.scoring_seconds
         # Closed windows not yet scored, by series, and what the batch produces, in order:
         # result records (their windows) and dead letters.
@@ -505,13 +680,12 @@ class ScoreStage(_Stage):
         own windows, so the grouping changes no result; what the batch yields is produced in
         the order it arose, so the output topics are the same as with record-order scoring.
         """
+        consumed = False
         for message in messages:
             if message.error() is not None:
-                error = message.error()
-                if error.fatal():
-                    raise WorkerError(f"{self.name}: consumer failed: {error}")
-                log.warning("%s: %s", self.name, error)
+                self.consumer_error(message)
                 continue
+            consumed = True
             part = self.partitions.get(message.partition())
             if part is None:  # a record fetched just before its partition was revoked
                 continue
@@ -533,6 +707,8 @@ class ScoreStage(_Stage):
         ):
             self.begin()  # offsets advanced (even without output): commit them on schedule
         self._in.inc(len(messages))
+        if consumed:
+            self.last_progress = time.monotonic()
 
     def _apply(
         self, part: _Partition, message: Any, headers: Headers, event: bytes, event_ms: int,
@@ -604,6 +780,7 @@ class ScoreStage(_Stage):
         perf = time.perf_counter
         observe = self._scoring.observe
         scored = 0
+        traced = False
         for series, windows in self._due.items():
             detector = series.detector
             for due in windows:
@@ -612,8 +789,10 @@ class ScoreStage(_Stage):
                 try:
                     due.result = detector.update(window.start_ms / 1000, window.values)
                 except Exception as error:  # deterministic, so a replay fails the same way
-                    log.exception("score: series %s, window %d", series.timeseries_id,
-                                  window.start_ms)
+                    if not traced and not self.dead_letter_log.counts[UNEXPECTED]:
+                        traced = True  # one traceback per summary interval, not per window
+                        log.exception("score: series %s, window %d", series.timeseries_id,
+                                      window.start_ms)
                     due.error = f"{type(error).__name__}: {error}"
                     continue
                 observe(perf() - began)
@@ -630,6 +809,8 @@ class ScoreStage(_Stage):
                 produce(output,
                         _result_record(series, entry.window, entry.result, entry.no_data),
                         series.timeseries_id)
+                if entry.result.anomaly_decision:
+                    self._anomalies[series.spec.name].inc()
             else:
                 produce(*self._dead_letter_args(entry.message.value(), entry.headers,
                                                 UNEXPECTED, entry.error or ""))
@@ -729,6 +910,7 @@ class ScoreStage(_Stage):
         out.extend(headers[_H_SOURCE_TOPIC:])
         out.append(headers[_H_DETECTOR])
         self.metrics.dead_letters.labels(reason).inc()
+        self.dead_letter_log.count(reason)
         return (self.config.topics.dead_letter, value, None, out)
 
     # -- commits and checkpoints --------------------------------------------------------------
@@ -844,6 +1026,11 @@ class ScoreStage(_Stage):
         self.abort_if_open()
         self._drop([tp.partition for tp in partitions])
 
+    def forget(self) -> None:
+        self._drop(list(self.partitions))
+        self._due.clear()
+        self._outbox.clear()
+
     def _drop(self, numbers: Iterable[int]) -> None:
         for number in numbers:
             part = self.partitions.pop(number, None)
@@ -872,15 +1059,20 @@ class ScoreStage(_Stage):
             return
         config = self.config
         latest = read_state(config, numbers, config.kafka.transaction_timeout / 1000 + 60)
-        committed = self.consumer.committed(
-            [TopicPartition(config.topics.repartition, n) for n in numbers], 60
+        committed = self._call(
+            lambda: self.consumer.committed(
+                [TopicPartition(config.topics.repartition, n) for n in numbers], 60
+            ),
+            "reading committed offsets",
         )
         committed_by_partition = {tp.partition: tp.offset for tp in committed}
         for number in numbers:
             entries = latest.get(number, {})
             marker = entries.pop(CHECKPOINT_KEY, None)
-            low, _high = self.consumer.get_watermark_offsets(
-                TopicPartition(config.topics.repartition, number), 30, False
+            low, _high = self._call(
+                partial(self.consumer.get_watermark_offsets,
+                        TopicPartition(config.topics.repartition, number), 30, False),
+                "reading the start offset",
             )
             clock = PartitionClock(self.pause_ms)
             start = low
@@ -936,7 +1128,11 @@ def read_state(
     try:
         pending = set()
         for number in numbers:
-            low, high = reader.get_watermark_offsets(TopicPartition(topic, number), 30, False)
+            low, high = retry(
+                partial(reader.get_watermark_offsets, TopicPartition(topic, number), 30, False),
+                f"restore: reading the offsets of {topic}[{number}]",
+                backoff=Backoff(give_up_s=timeout_s),
+            )
             if high > low:
                 pending.add(number)
         if not pending:
@@ -956,7 +1152,10 @@ def read_state(
                     if error.code() == KafkaError._PARTITION_EOF:
                         pending.discard(message.partition())
                         continue
-                    raise WorkerError(f"restoring from {topic}: {error}")
+                    if error.fatal() or error.code() == KafkaError._FATAL:
+                        raise WorkerError(f"restoring from {topic}: {error}")
+                    # A broker moment (transport, leader moving): the deadline bounds the wait.
+                    log.warning("restoring from %s: %s", topic, error)
                 latest[message.partition()][message.key()] = message.value()
         return latest
     finally:
@@ -1081,7 +1280,10 @@ class Worker:
         self._threads: list[threading.Thread] = []
 
     def healthy(self) -> bool:
-        return not self.errors and all(stage.heartbeat.alive() for stage in self.stages)
+        """No stage failed, every loop turns, and none sits on lag without making progress."""
+        return not self.errors and all(
+            stage.heartbeat.alive() and not stage.stalled() for stage in self.stages
+        )
 
     def ready(self) -> bool:
         return len(self.stages) == len(self.stage_names) and all(

@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 
 from sinks.lake import query
-from stream.demo import Topics, alert_config, detect_config, incident_report
+from stream.demo import (
+    Child,
+    Demo,
+    DemoError,
+    DemoOptions,
+    RestartPolicy,
+    Topics,
+    alert_config,
+    detect_config,
+    incident_report,
+)
 from stream.kafka_local import free_port
 from stream.records import parse_time, timeseries_id
 
@@ -272,3 +282,31 @@ def test_webhook_only_mode_prints_posted_alerts_and_stops_on_sigterm(tmp_path: P
     assert receiver.returncode == 0
     text = output.decode()
     assert "webhook received: [FIRING] demo-rule" in text and "- cpu / util: host=a" in text
+
+
+def test_a_service_that_exits_is_restarted_with_back_off_then_given_up(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    output = io.StringIO()
+    options = DemoOptions(workdir=tmp_path, duration=60, dashboard_port=free_port())
+    demo = Demo(options, Console(file=output, width=200),
+                RestartPolicy(max_restarts=2, first_delay_s=0.2, max_delay_s=0.3))
+    # A service that exits at once (exit 2: its configuration file does not exist).
+    failing = Child("detect-1", ["detect", "--config", str(tmp_path / "missing.yaml")],
+                    tmp_path / "detect-1.log")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    failing.start(env)
+    demo.children.append(failing)
+    began = time.monotonic()
+    with pytest.raises(DemoError, match="detect-1 exited with code 2 after 2 restart"):
+        demo._supervise(tmp_path)
+    assert time.monotonic() - began < 60  # gave up instead of running out the duration
+    printed = output.getvalue()
+    assert printed.count("restarting it in") == 2
+    assert "restart 1 of 2" in printed and "restart 2 of 2" in printed
+    assert printed.count("detect-1: restarted") == 2
+    # Three runs, each leaving its error in the log.
+    assert failing.log_path.read_text().count("missing.yaml") == 3
+    failing.wait(time.monotonic() + 10)

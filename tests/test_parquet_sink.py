@@ -3,6 +3,7 @@ topic, across kill -9s of the sink, a compaction running beside it and readers q
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -318,3 +319,52 @@ def test_a_crash_between_two_files_of_one_batch_never_commits_past_the_lake(
     obstacle.rmdir()
     ParquetSink(config).run()
     assert assert_lake_equals_topic(tmp_path, kafka_bootstrap, topic) == 500
+
+
+def test_dimension_names_with_quotes_and_sql_are_stored_and_queried_as_names(
+    kafka_bootstrap: str, topic_factory: Any, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-CONTENT\n")
+    # Each name closes a quoted identifier or literal and appends SQL that reads a local file.
+    evil = [
+        f'x" , (SELECT content FROM read_text(\'{secret}\')) AS "leak',
+        f"y' || (SELECT content FROM read_text('{secret}')) || '",
+        'z""; DROP VIEW scores; --',
+    ]
+    produced = []
+    for index, name in enumerate(evil):
+        record = result_record(index, 0)
+        record["dimensionList"] = [{"name": name, "value": f"value-{index}"}]
+        record["timeseriesId"] = records.timeseries_id(
+            record["detectorName"], "value", {name: f"value-{index}"}
+        )
+        produced.append(records.encode(record))
+    produced += payloads(3, range(2), DAY0)  # ordinary series beside them
+    topic = topic_factory("results", partitions=1)
+    produce_transactions(kafka_bootstrap, topic, [produced])
+    lake_dir = tmp_path / "lake"
+    ParquetSink(SinkConfig(lake=lake_dir, topic=topic, bootstrap=kafka_bootstrap,
+                           group=f"g-{topic}", idle_flush_s=0.5, stop_after_idle_s=2.0)).run()
+    assert assert_lake_equals_topic(lake_dir, kafka_bootstrap, topic) == len(produced)
+
+    def query(sql: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stream.cli", "query", sql, "--lake", str(lake_dir),
+             "--format", "json"],
+            cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
+        )
+
+    done = query("SELECT * FROM series")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert "TOP-SECRET-CONTENT" not in done.stdout
+    assert len(rows) == len(evil) + 3
+    for index, name in enumerate(evil):
+        assert [row[f"dim_{name}"] for row in rows if row[f"dim_{name}"] is not None] == [
+            f"value-{index}"
+        ]
+    counts = query("SELECT (SELECT count(*) FROM scores) AS scores, "
+                   "(SELECT count(*) FROM series) AS series")
+    assert counts.returncode == 0, counts.stderr
+    assert json.loads(counts.stdout) == [{"scores": len(produced), "series": len(evil) + 3}]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stream.cli import CliError
 
@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="stop once no record arrived and nothing was pending for this long (batch runs)",
     )
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus /metrics on this port (overrides metrics_port)")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address of /metrics (default 127.0.0.1; 0.0.0.0 in a container)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     silence = actions.add_parser(
@@ -47,11 +51,13 @@ def _load(args: argparse.Namespace) -> AlertConfig:
 
     if not args.config:
         raise CliError("--config is required (an alerts YAML, see examples/alerts.yaml)")
-    overrides = {}
+    overrides: dict[str, Any] = {}
     if getattr(args, "bootstrap", None):
         overrides["bootstrap_servers"] = args.bootstrap
     if getattr(args, "topic", None):
         overrides["result_topic"] = args.topic
+    if getattr(args, "metrics_port", None) is not None:
+        overrides["metrics_port"] = args.metrics_port
     try:
         return load_config(args.config, overrides)
     except ConfigError as error:
@@ -125,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if config.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(config.metrics_port, addr="127.0.0.1")
+        start_http_server(config.metrics_port, addr=args.metrics_host)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--bootstrap", help="override kafka.bootstrap")
     parser.add_argument("--metrics-port", type=int, help="override worker.metrics_port")
+    parser.add_argument("--metrics-host",
+                        help="override worker.metrics_host (0.0.0.0 to be scraped in a container)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
 
 
@@ -46,9 +48,11 @@ def run(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"kafka": config.kafka.model_copy(update={"bootstrap": args.bootstrap})}
         )
-    if args.metrics_port is not None:
+    metrics = {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host}
+    metrics = {key: value for key, value in metrics.items() if value is not None}
+    if metrics:
         config = config.model_copy(
-            update={"worker": config.worker.model_copy(update={"metrics_port": args.metrics_port})}
+            update={"worker": config.worker.model_copy(update=metrics)}
         )
     try:
         worker = Worker(config, args.instance_id,

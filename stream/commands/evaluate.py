@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 import types
 import typing
 from fractions import Fraction
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         corpus = load_corpus(args.data, args.labels)
     except (OSError, ValueError) as error:
         raise CliError(str(error)) from None
-    console = Console()
+    # Wide enough for the table when the output is a file or a pipe (80 columns would fold it).
+    console = Console() if sys.stdout.isatty() else Console(width=140)
     if args.results is not None:
         scores = read_results(args.results, corpus)
         source = f"scores from {args.results}"
@@ -101,10 +103,27 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"{len(corpus)} files, {report['corpus']['rows']:,} rows, {sweep.windows} windows; {source}"
     )
+    # Each category on its own: the threshold that suits it best says whether one threshold
+    # means the same everywhere.
+    category_sweeps = {
+        category: (files, ThresholdSweep(scores, files))
+        for category in sorted({f.category for f in corpus})
+        for files in [[f for f in corpus if f.category == category]]
+    }
+    report["categories"] = {}
     for name, profile in PROFILES.items():
         optimized = score_corpus(scores, corpus, profile, sweep=sweep)
         deployed = score_corpus(scores, corpus, profile, threshold=config.threshold)
-        console.print(_table(name, optimized, deployed))
+        own = {
+            category: score_corpus(scores, files, profile, sweep=category_sweep)
+            for category, (files, category_sweep) in category_sweeps.items()
+        }
+        console.print(_table(name, optimized, deployed, own))
+        for category, result in own.items():
+            report["categories"].setdefault(category, {})[name] = {
+                "threshold": result.threshold if math.isfinite(result.threshold) else None,
+                "score": result.score,
+            }
         report["profiles"][name] = {
             "weights": {
                 "tp": profile.tp_weight,
@@ -118,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         _write(args.json, json.dumps(report, indent=2) + "\n")
         console.print(f"report written to {args.json}")
     if args.plot is not None:
-        _plot(args.plot, sweep, config.threshold, report)
+        _plot(args.plot, sweep, config.threshold, report, category_sweeps)
         console.print(f"plot written to {args.plot}")
     return 0
 
@@ -213,7 +232,9 @@ def read_results(results_dir: Path, corpus: list[CorpusFile]) -> dict[str, np.nd
     return scores
 
 
-def _table(name: str, optimized: CorpusScore, deployed: CorpusScore) -> Any:
+def _table(
+    name: str, optimized: CorpusScore, deployed: CorpusScore, own: dict[str, CorpusScore]
+) -> Any:
     from rich import box
     from rich.table import Table
 
@@ -230,6 +251,8 @@ def _table(name: str, optimized: CorpusScore, deployed: CorpusScore) -> Any:
     table.add_column("tp/fp/fn", justify="right")
     table.add_column("deployed", justify="right")
     table.add_column("tp/fp/fn", justify="right")
+    table.add_column("false/1k", justify="right")
+    table.add_column("own best (at)", justify="right")
     lines: list[tuple[str, str | None]] = [
         (category, category) for category in optimized.categories
     ]
@@ -240,11 +263,21 @@ def _table(name: str, optimized: CorpusScore, deployed: CorpusScore) -> Any:
             tally = result.categories[category] if category else result.total
             score = result.category_score(category) if category else result.score
             cells += ["—" if score is None else f"{score:.1f}", f"{tally.tp}/{tally.fp}/{tally.fn}"]
+        tally = deployed.categories[category] if category else deployed.total
+        cells.append(f"{tally.false_per_1000:.2f}")
+        best = own[category] if category else optimized
+        cells.append("—" if best.score is None else f"{best.score:.1f} ({best.threshold:.1f})")
         table.add_row(*cells, style="bold" if category is None else None)
     return table
 
 
-def _plot(path: Path, sweep: ThresholdSweep, deployed: float, report: dict[str, Any]) -> None:
+def _plot(
+    path: Path,
+    sweep: ThresholdSweep,
+    deployed: float,
+    report: dict[str, Any],
+    category_sweeps: dict[str, tuple[list[CorpusFile], ThresholdSweep]],
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,27 +285,47 @@ def _plot(path: Path, sweep: ThresholdSweep, deployed: float, report: dict[str, 
 
     from detectors.evaluation import PROFILES
 
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    windows = max(sweep.windows, 1)
-    for name, profile in PROFILES.items():
-        raw = sweep.raw(profile)
+    figure, (by_profile, by_category) = plt.subplots(1, 2, figsize=(14, 4.8))
+    curves = [
+        (by_profile, name, profile, sweep, report["profiles"][name]["optimized"])
+        for name, profile in PROFILES.items()
+    ]
+    standard = PROFILES["standard"]
+    curves += [
+        (
+            by_category,
+            category,
+            standard,
+            category_sweep,
+            report["categories"][category]["standard"],
+        )
+        for category, (_, category_sweep) in category_sweeps.items()
+        if category_sweep.windows
+    ]
+    for axes, label, profile, curve_sweep, best in curves:
+        windows = max(curve_sweep.windows, 1)
+        raw = curve_sweep.raw(profile)
         null, perfect = -profile.fn_weight * windows, profile.tp_weight * windows
-        best = report["profiles"][name]["optimized"]
         axes.step(
-            sweep.thresholds,
+            curve_sweep.thresholds,
             100.0 * (raw - null) / (perfect - null),
             where="post",
-            label=f"{name}: best {best['score'] or 0:.1f} at {best['threshold'] or 0:.1f}",
+            label=f"{label}: best {best['score'] or 0:.1f} at {best['threshold'] or 0:.1f}",
         )
-    axes.axvline(deployed, color="grey", linestyle="--", label=f"deployed threshold {deployed:g}")
-    axes.set_xlim(0, 100)
-    # Low thresholds fire everywhere and score in the thousands below zero; the useful range is
-    # the one around and above the null detector.
-    axes.set_ylim(-100, 105)
-    axes.set_xlabel("threshold (anomalyScore)")
-    axes.set_ylabel("NAB score")
-    axes.set_title(f"NAB score by threshold: {report['data']}")
-    axes.legend(fontsize="small")
+    for axes, title in (
+        (by_profile, "the corpus, by NAB profile"),
+        (by_category, "each category on its own (standard profile)"),
+    ):
+        axes.axvline(deployed, color="grey", linestyle="--", label=f"deployed {deployed:g}")
+        axes.set_xlim(0, 100)
+        # Low thresholds fire everywhere and score in the thousands below zero; the useful
+        # range is the one around and above the null detector.
+        axes.set_ylim(-100, 105)
+        axes.set_xlabel("threshold (anomalyScore)")
+        axes.set_ylabel("NAB score")
+        axes.set_title(title)
+        axes.legend(fontsize="small")
+    figure.suptitle(f"NAB score by threshold: {report['data']}")
     figure.tight_layout()
     try:
         figure.savefig(path, dpi=120)

@@ -1,0 +1,61 @@
+"""Upgrade a detector snapshot's state from an earlier format, so an upgrade keeps every model.
+
+A worker restores its series from snapshots written by the release before it. Each step here
+turns one format's state into the next; the forest itself (krcf's msgpack) is carried over
+unchanged, so no series goes back to LEARNING. Format 3 (the first release) to 4:
+
+- the calibration's Gaussian statistics of the forest score become a tail with the same mean
+  and spread; the deviation tails start afresh (they report after ``score_warmup`` points);
+- the daily references keep their slots (format 3 counted points; format 4 counts time steps,
+  which agree up to the snapshot);
+- a multivariate forest was fed unscaled values, so its variables keep scale 1;
+- report-once bookkeeping and new-extreme ranges are dropped: the score no longer uses them.
+
+>>> state = upgrade_state({"dimensions": 1, "steps": [60.0, 60.0], "fits": [[2.0, 3.0]],
+...     "last_values": [5.0], "calibrator": {"window": [0.7], "stat": [0.7, 0.01, 500]}}, 3)
+>>> state["step"], state["scales"], state["calibrator"]["forest"][:2]
+(60.0, [1.0], [500, 0.7])
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+_HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)
+
+
+def upgrade_state(state: dict[str, Any], version: int) -> dict[str, Any]:
+    """The state of a format-``version`` snapshot in the current format (4)."""
+    if version == 3:
+        state = _from_3(state)
+    return state
+
+
+def _from_3(state: dict[str, Any]) -> dict[str, Any]:
+    dimensions = state["dimensions"]
+    mean, variance, count = state["calibrator"]["stat"]
+    spread = math.sqrt(max(variance, 0.0))
+    forest = [count, mean, 0.5, spread * _HALF_NORMAL_MEAN, spread * spread]
+    # The deviation tails start empty: format 3 kept nothing to fit them on, and they learn
+    # for ``score_warmup`` points before they report (the forest and repeats report at once).
+    deviations = [[0, 0.0, 0.5, 0.0, 0.0] for _ in range(dimensions)]
+    last_values = state["last_values"] or [None] * dimensions
+    steps = state["steps"]
+    return {
+        **state,
+        "calibrator": {
+            "window": state["calibrator"]["window"],
+            "glow": 0.0,
+            "recent": [0.0] * dimensions,
+            "forest": forest,
+            "deviations": deviations,
+            # How long the series' runs of repeats get is unknown: learned from here on.
+            "repeats": [[value, 0, [0, 0.0, 0.5, 0.0, 0.0]] for value in last_values],
+        },
+        "step": statistics.median(steps) if steps else 0.0,
+        "incident": 0,
+        "scales": [1.0] * dimensions,
+        "pending": [],
+    }
