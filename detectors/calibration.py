@@ -34,6 +34,7 @@ from detectors.config import DetectorConfig
 _LN10 = math.log(10.0)
 _MAX_SHAPE = 0.25  # heavier tails than this are not told apart by a moment estimate
 _REFIT = 8
+_CHANGING = 0.05  # a series whose points repeat more often than this cannot be stale
 _AFTERGLOW = 0.7  # the surprise fades by this factor a point once its evidence is gone
 
 
@@ -141,25 +142,35 @@ class Tail:
 class _Repeats:
     """One variable's run of unchanged values, judged against the runs this series makes.
 
-    A run's length is a statistic like any other: its ``Tail`` learns how long this series'
-    runs get once started (a price that changes every interval has none, a count that idles
-    at 0 has long ones; each run is learned when it ends), with a floor of one repeat, so a
-    frozen feed is reported after a few intervals and an idle one never.
+    Only a series that normally changes at every point (at most one point in
+    ``1 / _CHANGING`` repeats its predecessor) can be stale: a price, a utilisation, a latency;
+    not an error count that often stays at 0 or 1. There a run's length is a statistic like any
+    other: its ``Tail`` learns how long this series' runs get once started (each run is learned
+    when it ends), with a floor of one repeat, so a frozen feed is reported after a few points.
     """
 
-    __slots__ = ("last", "run", "tail")
+    __slots__ = ("last", "run", "seen", "share", "tail")
 
     def __init__(self) -> None:
         self.last: float | None = None
         self.run = 0
         self.tail = Tail()
+        self.share = 0.0  # of points that repeat their predecessor
+        self.seen = 0
 
     def surprise(self, value: float, armed: bool, decay: float, clip: float) -> float:
         """The surprise of the run ``value`` extends (0 for a changed value, which ends the run
         and teaches its length)."""
+        seen = self.seen = self.seen + 1
+        rate = decay if decay * seen > 1.0 else 1.0 / seen
+        share = self.share
         if value == self.last:
             self.run += 1
-            return self.tail.surprise(self.run, 1.0, given_excess=True) if armed else 0.0
+            self.share = share + rate * (1.0 - share)
+            if armed and share < _CHANGING:
+                return self.tail.surprise(self.run, 1.0, given_excess=True)
+            return 0.0
+        self.share = share - rate * share
         if self.run:
             self.tail.learn(self.run, decay, clip)
             self.run = 0
@@ -167,12 +178,12 @@ class _Repeats:
         return 0.0
 
     def to_state(self) -> list[Any]:
-        return [self.last, self.run, self.tail.to_state()]
+        return [self.last, self.run, self.tail.to_state(), self.share, self.seen]
 
     @classmethod
     def from_state(cls, state: Sequence[Any]) -> _Repeats:
         repeats = cls()
-        repeats.last, repeats.run, tail = state
+        repeats.last, repeats.run, tail, repeats.share, repeats.seen = state
         repeats.tail = Tail.from_state(tail)
         return repeats
 

@@ -51,8 +51,9 @@ def _from_3(state: dict[str, Any]) -> dict[str, Any]:
             "recent": [0.0] * dimensions,
             "forest": forest,
             "deviations": deviations,
-            # How long the series' runs of repeats get is unknown: learned from here on.
-            "repeats": [[value, 0, [0, 0.0, 0.5, 0.0, 0.0]] for value in last_values],
+            # How often and how long the series repeats a value is unknown: learned from here
+            # on, starting from "often" (no stale report until it has shown it rarely does).
+            "repeats": [[value, 0, [0, 0.0, 0.5, 0.0, 0.0], 0.5, 100] for value in last_values],
         },
         "step": statistics.median(steps) if steps else 0.0,
         "incident": 0,
