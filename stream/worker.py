@@ -681,6 +681,7 @@ class ScoreStage(_Stage):
         the order it arose, so the output topics are the same as with record-order scoring.
         """
         consumed = False
+        ticks = 0
         for message in messages:
             if message.error() is not None:
                 self.consumer_error(message)
@@ -695,8 +696,10 @@ class ScoreStage(_Stage):
             event = headers[_H_EVENT][1]
             event_ms: int = _EVENT.unpack_from(event)[0]
             source = (headers[_H_SOURCE_TOPIC][1] + b"/" + headers[_H_SOURCE_PARTITION][1]).decode()
-            if headers[_H_DETECTOR][1]:  # else a tick of the input's time (RouteStage._tick)
+            if headers[_H_DETECTOR][1]:
                 self._apply(part, message, headers, event, event_ms, source, live_output)
+            else:  # a tick of the input's time (RouteStage._tick)
+                ticks += 1
             # Every record moves its input's stream time, also one skipped or late: the clock is
             # a function of the partition's records, so a replay closes the same windows.
             self._advance_clock(part, source, event_ms, message, headers, live_output)
@@ -706,7 +709,8 @@ class ScoreStage(_Stage):
             p.next_offset > p.committed for p in self.partitions.values()
         ):
             self.begin()  # offsets advanced (even without output): commit them on schedule
-        self._in.inc(len(messages))
+        # Input records only: ticks are the route stage's bookkeeping, not records consumed.
+        self._in.inc(len(messages) - ticks)
         if consumed:
             self.last_progress = time.monotonic()
 
