@@ -7,8 +7,8 @@ this large has been: its *surprise*, ``-log10`` of the tail probability. Three k
 1. the forest's raw score, smoothed over the last ``score_window`` points;
 2. each variable's distance from its expected value (the frozen pre-incident expectation while
    an incident lasts, so a stuck sensor keeps its distance);
-3. each variable's run of unchanged values, judged against how often this series repeats a
-   value (a frozen price, a stuck counter).
+3. each variable's run of unchanged values, on a series that normally changes at every point,
+   judged against the runs this series has made (a frozen price, a stuck sensor).
 
 The score is ``100 * s / (s + k)`` for the largest surprise ``s``, with ``k`` set so that 70
 means "as rare as one point in 10 ** ``rarity``". It is monotone in the evidence and reaches 100
@@ -33,7 +33,7 @@ from detectors.config import DetectorConfig
 
 _LN10 = math.log(10.0)
 _MAX_SHAPE = 0.25  # heavier tails than this are not told apart by a moment estimate
-_REFIT = 8
+_REFIT = 8  # a tail's fit is refreshed every this many values (its moments move slowly)
 _CHANGING = 0.05  # a series whose points repeat more often than this cannot be stale
 _AFTERGLOW = 0.7  # the surprise fades by this factor a point once its evidence is gone
 

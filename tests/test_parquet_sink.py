@@ -59,6 +59,9 @@ def produce_transactions(
         for payload in batch:
             producer.produce(topic, key=series_key(payload), value=payload)
         if abort_every and number % abort_every == 0:
+            # Delivered first: an abort racing the partitions' registration in the transaction
+            # can fail with INVALID_TXN_STATE (librdkafka issue 4849; seen here under load).
+            producer.flush(30)
             producer.abort_transaction(30)
         else:
             producer.commit_transaction(30)
