@@ -44,6 +44,7 @@ import pyarrow as pa
 
 from sinks.lake_files import lake_end, publish_sink_file, remove_temp_files
 from sinks.result_table import MS_PER_DAY, concat, day_name, epoch_millis, parse_results
+from stream.kafka_security import PLAINTEXT, KafkaSecurity
 from stream.logs import DeadLetterLog, ThrottledLog
 from stream.retry import Backoff, RebuildBudget, is_fatal, is_transient, retry
 
@@ -177,6 +178,7 @@ class SinkConfig:
     # How long transient Kafka errors (broker down, coordinator moving) are retried before the
     # sink gives up and exits non-zero (docs/decisions/0006).
     retry_timeout_s: float = 600.0
+    security: KafkaSecurity = PLAINTEXT
 
     @property
     def dead_letters(self) -> str:
@@ -236,6 +238,7 @@ class ParquetSink:
                 consumer_config(
                     config.bootstrap,
                     group_id=config.group,
+                    security=config.security,
                     **{
                         "client.id": "anomstream-parquet-sink",
                         "enable.auto.offset.store": False,
@@ -377,8 +380,11 @@ class ParquetSink:
                 )
                 if parsed.rejected:
                     if producer is None:
-                        create_topics(config.bootstrap, [config.dead_letters])
-                        producer = Producer(producer_config(config.bootstrap))
+                        create_topics(config.bootstrap, [config.dead_letters],
+                                      security=config.security)
+                        producer = Producer(
+                            producer_config(config.bootstrap, security=config.security)
+                        )
                     self._dead_letter(producer, batch, parsed.rejected)
                 for closed in buffer.add(parsed.table, batch[-1].offset() + 1):
                     publish(partition, closed)

@@ -32,6 +32,7 @@ from pydantic import (
 
 from detectors import DetectorConfig
 from stream.durations import parse_duration_ms
+from stream.kafka_security import PLAINTEXT, KafkaSecurity
 
 # Milliseconds, written in YAML as "60s", "500ms", "5m" or a number of seconds.
 DurationMs = Annotated[int, BeforeValidator(parse_duration_ms)]
@@ -69,6 +70,8 @@ class KafkaSettings(_Strict):
     static_membership: bool = True
     session_timeout: int = Field(default=10_000, description="ms")
     transaction_timeout: int = Field(default=30_000, description="ms")
+    # TLS, mutual TLS or SASL (SCRAM) over TLS; secrets come from the environment or files.
+    security: KafkaSecurity = PLAINTEXT
 
 
 class TopicSettings(_Strict):
@@ -79,7 +82,23 @@ class TopicSettings(_Strict):
     # Partitions of the repartition and state topics (which must match) when the worker creates
     # them; an existing topic keeps its own count.
     partitions: int = Field(default=4, ge=1)
-    replication: int = Field(default=1, ge=1)
+    # Replicas and min.insync.replicas of the topics the worker creates; None: the cluster's
+    # defaults (default.replication.factor, min.insync.replicas).
+    replication: int | None = Field(default=None, ge=1)
+    min_insync_replicas: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _insync_within_replicas(self) -> TopicSettings:
+        if (
+            self.replication is not None
+            and self.min_insync_replicas is not None
+            and self.min_insync_replicas > self.replication
+        ):
+            raise ValueError(
+                f"min_insync_replicas ({self.min_insync_replicas}) cannot exceed replication "
+                f"({self.replication}): no write could ever be acknowledged"
+            )
+        return self
 
 
 class WorkerSettings(_Strict):

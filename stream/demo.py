@@ -38,6 +38,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
+from stream.kafka_security import PLAINTEXT, KafkaSecurity, security_flags
 from stream.records import format_time, parse_time, timeseries_id
 
 if TYPE_CHECKING:
@@ -106,6 +107,8 @@ class DemoOptions:
     workers: int = 2
     partitions: int = 2
     dashboard_port: int = 8501
+    # How to reach a ``bootstrap`` broker; the demo's own broker is PLAINTEXT.
+    security: KafkaSecurity = PLAINTEXT
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +130,18 @@ class Topics:
         )
 
 
-def detect_config(bootstrap: str, topics: Topics, group: str, partitions: int) -> dict[str, Any]:
+def _security_section(security: KafkaSecurity) -> dict[str, Any]:
+    """The YAML form of ``security``: secrets stay references (variable names, file paths)."""
+    return security.model_dump(mode="json", exclude_none=True)
+
+
+def detect_config(
+    bootstrap: str,
+    topics: Topics,
+    group: str,
+    partitions: int,
+    security: KafkaSecurity = PLAINTEXT,
+) -> dict[str, Any]:
     """The detection workers' configuration: one detector per measure of each feed."""
     detectors = []
     for topic, table in ((topics.market, MARKET_DETECTORS), (topics.ops, OPS_DETECTORS)):
@@ -146,7 +160,11 @@ def detect_config(bootstrap: str, topics: Topics, group: str, partitions: int) -
                 spec["params"] = dict(DETECTOR_PARAMS[name])
             detectors.append(spec)
     return {
-        "kafka": {"bootstrap": bootstrap, "group_id": group},
+        "kafka": {
+            "bootstrap": bootstrap,
+            "group_id": group,
+            **({"security": _security_section(security)} if security != PLAINTEXT else {}),
+        },
         "topics": {
             "output": topics.results,
             "dead_letter": topics.dead_letter,
@@ -160,10 +178,17 @@ def detect_config(bootstrap: str, topics: Topics, group: str, partitions: int) -
 
 
 def alert_config(
-    bootstrap: str, topics: Topics, group: str, webhook_url: str, state_dir: Path, dashboard: str
+    bootstrap: str,
+    topics: Topics,
+    group: str,
+    webhook_url: str,
+    state_dir: Path,
+    dashboard: str,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> dict[str, Any]:
     return {
         "bootstrap_servers": bootstrap,
+        **({"kafka_security": _security_section(security)} if security != PLAINTEXT else {}),
         "result_topic": topics.results,
         "group_id": group,
         "instance_id": f"{group}-0",
@@ -411,6 +436,12 @@ class Demo:
 
     def _broker(self, workdir: Path) -> str:
         if self.options.bootstrap:
+            from stream.kafka_io import KafkaUnavailable, check_connection
+
+            try:
+                check_connection(self.options.bootstrap, self.options.security)
+            except KafkaUnavailable as error:
+                raise DemoError(str(error)) from None
             self.say(f"kafka: using the configured broker {self.options.bootstrap}")
             return self.options.bootstrap
         from stream.kafka_local import KafkaError, LocalKafka, free_port
@@ -419,7 +450,8 @@ class Demo:
         controller_port = free_port()
         while controller_port == broker_port:
             controller_port = free_port()
-        kafka = LocalKafka(workdir / "kafka", port=broker_port, controller_port=controller_port)
+        kafka = LocalKafka(workdir / "kafka", port=broker_port, controller_port=controller_port,
+                           progress=lambda line: self.say(f"kafka: {line}"))
         self.kafka = kafka
         with self.console.status("starting the local Kafka broker (jars fetched once with mvn)"):
             try:
@@ -439,6 +471,7 @@ class Demo:
                 bootstrap,
                 [topics.market, topics.ops, topics.results],
                 partitions=self.options.partitions,
+                security=self.options.security,
                 timeout_s=30.0,
             )
         except (KafkaException, TimeoutError) as error:
@@ -455,7 +488,8 @@ class Demo:
         detect_yaml = workdir / "detect.yaml"
         detect_yaml.write_text(
             yaml.safe_dump(
-                detect_config(bootstrap, topics, f"demo-detect{suffix}", options.partitions),
+                detect_config(bootstrap, topics, f"demo-detect{suffix}", options.partitions,
+                              options.security),
                 sort_keys=False,
             )
         )
@@ -469,6 +503,7 @@ class Demo:
                     self.webhook.url,
                     workdir / "alert-state",
                     dashboard_url,
+                    options.security,
                 ),
                 sort_keys=False,
             )
@@ -510,6 +545,7 @@ class Demo:
                     "6h",
                     "--idle-flush",
                     "2",
+                    *security_flags(options.security),
                 ],
                 logs / "sink.log",
             )
@@ -566,6 +602,7 @@ class Demo:
                         str(options.speed),
                         "--no-progress",
                         *sizing,
+                        *security_flags(options.security),
                     ],
                     logs / f"generate-{feed}.log",
                     finishes=True,

@@ -8,6 +8,10 @@ stops it again; the ``anomstream kafka`` command and the pytest session fixture 
 >>> kafka = LocalKafka(tmp_dir, port=free_port(), controller_port=free_port())  # doctest: +SKIP
 >>> with kafka:  # doctest: +SKIP
 ...     create_topics(kafka.bootstrap, ["prices"])
+
+With ``secured=SecuredListeners(...)`` the broker also serves SASL_SSL (SCRAM-SHA-512 users made
+at format time) and mutual TLS on two more ports, for testing secured clients (tests make the
+certificates, see ``tests/tls_support.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -22,7 +27,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -37,7 +42,12 @@ DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 FETCH_TIMEOUT_S = 600.0
 DEFAULT_PORT = 9092
 DEFAULT_CONTROLLER_PORT = 9093
-DEFAULT_START_TIMEOUT_S = 120.0
+# A loaded machine (CI with four test sessions) once needed more than 120 s; an idle one needs
+# about 10. Override with $ANOMSTREAM_KAFKA_START_TIMEOUT (seconds) or --timeout.
+DEFAULT_START_TIMEOUT_S = 300.0
+START_TIMEOUT_ENV = "ANOMSTREAM_KAFKA_START_TIMEOUT"
+# While the broker starts, one progress line this often says what we wait for.
+PROGRESS_EVERY_S = 5.0
 # Generous: the first clean stop also writes the class-data archive (stream/jvm_cds.py).
 DEFAULT_STOP_TIMEOUT_S = 60.0
 HEAP_OPTS = ("-Xms128m", "-Xmx512m")
@@ -89,6 +99,20 @@ logger.state_change.level = WARN
 
 class KafkaError(RuntimeError):
     """The local broker could not be fetched, started or stopped; the message says why."""
+
+
+def configured_start_timeout_s() -> float:
+    """The broker start timeout: ``$ANOMSTREAM_KAFKA_START_TIMEOUT`` seconds, else the default."""
+    text = os.environ.get(START_TIMEOUT_ENV)
+    if not text:
+        return DEFAULT_START_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise KafkaError(f"${START_TIMEOUT_ENV}={text!r}: expected seconds, e.g. 300") from None
+    if value <= 0:
+        raise KafkaError(f"${START_TIMEOUT_ENV}={text!r}: must be positive")
+    return value
 
 
 def cache_root() -> Path:
@@ -188,25 +212,81 @@ def random_cluster_id() -> str:
 
 
 @dataclass(frozen=True)
+class SecuredListeners:
+    """Two more client listeners: ``SCRAM`` (SASL_SSL, SCRAM-SHA-512) and ``MTLS`` (SSL that
+    requires a client certificate signed by a CA in ``truststore``).
+
+    The PLAINTEXT listener stays: the broker's own traffic and the readiness check use it. The
+    SCRAM users are created when the storage is formatted, so they exist from the first second
+    (a data dir formatted without them keeps having none). Names and passwords may not contain
+    ``,``, ``=``, ``[`` or ``]`` (the format tool's syntax). The keystore password is written
+    to ``server.properties``, which is fine for a local test broker only.
+    """
+
+    scram_port: int
+    mtls_port: int
+    keystore: Path  # PKCS#12: the broker's private key and certificate chain
+    keystore_password: str
+    truststore: Path  # PEM: the CA certificate(s) client certificates must be signed by
+    scram_users: tuple[tuple[str, str], ...] = ()  # (name, password)
+
+    def properties(self) -> dict[str, str]:
+        return {
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(self.keystore),
+            "ssl.keystore.password": self.keystore_password,
+            "ssl.key.password": self.keystore_password,
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.truststore),
+            "listener.name.mtls.ssl.client.auth": "required",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "listener.name.scram.scram-sha-512.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        }
+
+    def format_arguments(self) -> list[str]:
+        arguments = []
+        for name, password in self.scram_users:
+            if any(c in password + name for c in ",]=["):
+                raise KafkaError(f"SCRAM user {name!r}: names and passwords cannot contain "
+                                 "',', '=', '[' or ']'")
+            arguments += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]
+        return arguments
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """What ``server.properties`` says; also read back by ``status``."""
 
     port: int
     controller_port: int
     log_dir: Path
+    secured: SecuredListeners | None = None
+
+    @property
+    def ports(self) -> list[int]:
+        """Every port the broker listens on."""
+        ports = [self.port, self.controller_port]
+        if self.secured is not None:
+            ports += [self.secured.scram_port, self.secured.mtls_port]
+        return ports
 
     def render(self) -> str:
+        listeners = {"PLAINTEXT": ("PLAINTEXT", self.port)}
+        if self.secured is not None:
+            listeners["SCRAM"] = ("SASL_SSL", self.secured.scram_port)
+            listeners["MTLS"] = ("SSL", self.secured.mtls_port)
+        client = ",".join(f"{name}://127.0.0.1:{port}" for name, (_, port) in listeners.items())
+        protocols = ",".join(f"{name}:{protocol}" for name, (protocol, _) in listeners.items())
         lines = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            "listeners": (
-                f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
-            ),
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": f"{client},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": client,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": f"{protocols},CONTROLLER:PLAINTEXT",
             "log.dirs": str(self.log_dir),
             "num.partitions": "1",
             # One node: every internal topic must live with a single replica.
@@ -222,6 +302,7 @@ class BrokerConfig:
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "true",
             "delete.topic.enable": "true",
+            **(self.secured.properties() if self.secured is not None else {}),
         }
         return "".join(f"{key}={value}\n" for key, value in lines.items())
 
@@ -232,7 +313,9 @@ class BrokerConfig:
             if "=" in line and not line.lstrip().startswith("#"):
                 key, _, value = line.partition("=")
                 values[key.strip()] = value.strip()
-        port = int(values["advertised.listeners"].rsplit(":", 1)[1])
+        plaintext = next(listener for listener in values["advertised.listeners"].split(",")
+                         if listener.startswith("PLAINTEXT://"))
+        port = int(plaintext.rsplit(":", 1)[1])
         controller_port = int(values["controller.quorum.voters"].rsplit(":", 1)[1])
         return cls(port=port, controller_port=controller_port, log_dir=Path(values["log.dirs"]))
 
@@ -253,6 +336,11 @@ class LocalKafka:
 
     ``class_data_sharing`` maps (or, the first time, dumps) a class-data archive; see
     ``stream/jvm_cds.py``. Turning it off is for comparing start costs.
+
+    ``progress`` receives a line when the start moves on (fetching jars, formatting, starting
+    the JVM) and every ``PROGRESS_EVERY_S`` while waiting for the broker to answer; by default
+    the lines go to the ``anomstream.kafka.local`` logger. ``start_timeout_s`` defaults to
+    ``$ANOMSTREAM_KAFKA_START_TIMEOUT`` or ``DEFAULT_START_TIMEOUT_S``.
     """
 
     def __init__(
@@ -262,16 +350,23 @@ class LocalKafka:
         controller_port: int = DEFAULT_CONTROLLER_PORT,
         *,
         version: str = KAFKA_VERSION,
-        start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        start_timeout_s: float | None = None,
         detach: bool = False,
         class_data_sharing: bool = True,
+        secured: SecuredListeners | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
-        if port == controller_port:
-            raise KafkaError(f"broker and controller need different ports (both are {port})")
         self.data_dir = Path(data_dir).expanduser().resolve()
-        self.config = BrokerConfig(port, controller_port, self.data_dir / "kraft")
+        self.config = BrokerConfig(port, controller_port, self.data_dir / "kraft", secured)
+        if len(set(self.config.ports)) != len(self.config.ports):
+            raise KafkaError(
+                f"the broker's listeners need different ports (have {self.config.ports})"
+            )
         self.version = version
-        self.start_timeout_s = start_timeout_s
+        self.start_timeout_s = (
+            configured_start_timeout_s() if start_timeout_s is None else start_timeout_s
+        )
+        self.progress = progress or logging.getLogger("anomstream.kafka.local").info
         self.detach = detach
         self.class_data_sharing = class_data_sharing
         self._process: subprocess.Popen[bytes] | None = None
@@ -289,6 +384,20 @@ class LocalKafka:
     def bootstrap(self) -> str:
         """``host:port`` for Kafka clients' ``bootstrap.servers``."""
         return f"127.0.0.1:{self.config.port}"
+
+    @property
+    def scram_bootstrap(self) -> str:
+        """The SASL_SSL (SCRAM-SHA-512) listener; only with ``secured``."""
+        if self.config.secured is None:
+            raise KafkaError("this broker has no secured listeners")
+        return f"127.0.0.1:{self.config.secured.scram_port}"
+
+    @property
+    def mtls_bootstrap(self) -> str:
+        """The SSL listener that requires a client certificate; only with ``secured``."""
+        if self.config.secured is None:
+            raise KafkaError("this broker has no secured listeners")
+        return f"127.0.0.1:{self.config.secured.mtls_port}"
 
     @property
     def properties_path(self) -> Path:
@@ -313,11 +422,13 @@ class LocalKafka:
         running = self.running_pid()
         if running is not None:
             raise KafkaError(f"a broker already runs from {self.data_dir} (pid {running})")
-        for port in (self.config.port, self.config.controller_port):
+        for port in self.config.ports:
             if not _port_is_free(port):
                 raise KafkaError(
                     f"port {port} on 127.0.0.1 is in use; pick others with --port/--controller-port"
                 )
+        if not (libs_dir(self.version) / _FETCHED_MARKER).exists():
+            self.progress(f"fetching Kafka {self.version}'s jars with mvn (once; cached)")
         libs = ensure_jars(self.version)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.properties_path.write_text(self.config.render())
@@ -325,6 +436,7 @@ class LocalKafka:
         log4j.write_text(_LOG4J2_PROPERTIES)
         archive = ClassDataArchive(_java(), libs) if self.class_data_sharing else None
         if not (self.config.log_dir / "meta.properties").exists():
+            self.progress(f"formatting the broker's storage in {self.config.log_dir}")
             self._format(libs, log4j, archive)
         command = [
             _java(), *HEAP_OPTS, "-XX:+UseG1GC", "-Djava.awt.headless=true",
@@ -340,6 +452,8 @@ class LocalKafka:
                 preexec_fn=None if self.detach else _die_with_parent,
             )
         self.pid_path.write_text(f"{self._process.pid}\n")
+        self.progress(f"started the broker's JVM (pid {self._process.pid}); waiting for it to "
+                      f"serve on {self.bootstrap} (up to {self.start_timeout_s:.0f} s)")
         try:
             self._wait_until_serving()
         except BaseException:
@@ -417,13 +531,15 @@ class LocalKafka:
             "-cp", str(libs / "*"), STORAGE_TOOL_CLASS, "format",
             "--cluster-id", random_cluster_id(), "--config", str(self.properties_path),
             "--ignore-formatted",
+            *(self.config.secured.format_arguments() if self.config.secured else []),
         ]
         try:
             result = subprocess.run(command, capture_output=True, text=True, check=False,
                                     timeout=self.start_timeout_s)
         except subprocess.TimeoutExpired as error:
             raise KafkaError(f"formatting KRaft storage in {self.config.log_dir} took over "
-                             f"{self.start_timeout_s:.0f} s") from error
+                             f"{self.start_timeout_s:.0f} s (a loaded machine? raise it with "
+                             f"${START_TIMEOUT_ENV})") from error
         if result.returncode != 0:
             raise KafkaError(
                 f"formatting KRaft storage in {self.config.log_dir} failed "
@@ -434,9 +550,18 @@ class LocalKafka:
         from confluent_kafka.admin import AdminClient
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
-        deadline = time.monotonic() + self.start_timeout_s
+        began = time.monotonic()
+        deadline = began + self.start_timeout_s
+        next_report = began + PROGRESS_EVERY_S
         last_error = "no answer yet"
         while time.monotonic() < deadline:
+            if time.monotonic() >= next_report:
+                next_report += PROGRESS_EVERY_S
+                self.progress(
+                    f"still waiting for the broker to serve on {self.bootstrap} "
+                    f"({time.monotonic() - began:.0f} s of {self.start_timeout_s:.0f} s; "
+                    f"{_last_log_line(self.log_path) or 'nothing logged yet'})"
+                )
             assert self._process is not None
             code = self._process.poll()
             if code is not None:
@@ -445,15 +570,21 @@ class LocalKafka:
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             try:
-                admin.list_topics(timeout=2.0)
+                # Short tries, so that progress lines and the deadline are kept to.
+                remaining = deadline - time.monotonic()
+                admin.list_topics(timeout=max(0.1, min(2.0, PROGRESS_EVERY_S, remaining)))
                 return
             except Exception as error:  # KafkaException until the listener is up
-                last_error = str(error)
+                last_error = str(error) or type(error).__name__
                 time.sleep(0.2)
+        logged = self.log_tail() if self.log_path.exists() and self.log_path.stat().st_size else ""
+        pid = self._process.pid if self._process is not None else "?"
         raise KafkaError(
-            f"the Kafka broker did not serve on {self.bootstrap} "
-            f"within {self.start_timeout_s:.0f} s (last error: {last_error}); "
-            f"log {self.log_path}:\n{self.log_tail()}"
+            f"the Kafka broker (pid {pid}, still running) did not serve on "
+            f"{self.bootstrap} within {self.start_timeout_s:.0f} s (last client error: "
+            f"{last_error}); on a loaded machine allow longer with ${START_TIMEOUT_ENV} or "
+            f"--timeout; log {self.log_path}:\n"
+            + (logged or "(empty: the JVM logged nothing, so it was still loading classes)")
         )
 
     def _wait_for_exit(self, pid: int, timeout_s: float) -> bool:
@@ -466,6 +597,18 @@ class LocalKafka:
                 return True
             time.sleep(0.1)
         return False
+
+
+def _last_log_line(path: Path) -> str:
+    """The broker log's last line, shortened (what it is doing while we wait)."""
+    try:
+        with path.open("rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 4096))
+            lines = log.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    last = lines[-1].strip() if lines else ""
+    return f"log: {last[:160]}" if last else ""
 
 
 def _java() -> str:

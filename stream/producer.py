@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stream.kafka_security import PLAINTEXT, KafkaSecurity
+
 TIMESTAMP_FIELD = "timestamp"
 # Spellings of "no value" in CSV files; sent as JSON null.
 # One encoder for all rows: json.dumps would rebuild it per call.
@@ -277,6 +279,7 @@ def send_records(
     *,
     on_sent: Callable[[int], None] = lambda _n: None,
     flush_timeout_s: float = 60.0,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> DeliveryReport:
     """Produce ``records`` in order (idempotent producer, acks=all) and wait for every ack.
 
@@ -287,7 +290,7 @@ def send_records(
     from stream.kafka_io import producer_config
 
     report = DeliveryReport()
-    producer = Producer(producer_config(bootstrap))
+    producer = Producer(producer_config(bootstrap, security=security))
     unreported, reported_at = 0, time.monotonic()
     try:
         for record in records:

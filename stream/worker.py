@@ -93,11 +93,16 @@ def default_instance_id() -> str:
 def ensure_topics(config: DetectConfig) -> None:
     """Create the worker's own topics; the repartition and state topics must match partitions."""
     topics = config.topics
-    bootstrap = config.kafka.bootstrap
+    bootstrap, security = config.kafka.bootstrap, config.kafka.security
+    replication: dict[str, Any] = {
+        "replication_factor": topics.replication,
+        "min_insync_replicas": topics.min_insync_replicas,
+        "security": security,
+    }
     create_topics(bootstrap, [topics.repartition, topics.output, topics.dead_letter],
-                  partitions=topics.partitions)
+                  partitions=topics.partitions, **replication)
     create_topics(
-        bootstrap, [topics.state], partitions=topics.partitions, compacted=True,
+        bootstrap, [topics.state], partitions=topics.partitions, compacted=True, **replication,
         config={
             "max.message.bytes": str(MAX_RECORD_BYTES),
             # Compact eagerly: a restore reads the whole partition, superseded snapshots included.
@@ -105,7 +110,7 @@ def ensure_topics(config: DetectConfig) -> None:
             "min.cleanable.dirty.ratio": "0.1",
         },
     )
-    admin_consumer = Consumer(consumer_config(bootstrap))
+    admin_consumer = Consumer(consumer_config(bootstrap, security=security))
     try:
         metadata = admin_consumer.list_topics(timeout=30)
         counts = {
@@ -171,6 +176,7 @@ class _Stage:
         self.producer = Producer(
             producer_config(
                 kafka.bootstrap,
+                security=kafka.security,
                 **{
                     # Stable per instance and stage: a restarted worker fences its predecessor
                     # and aborts the transaction the predecessor left open, at once.
@@ -197,7 +203,9 @@ class _Stage:
         if kafka.static_membership:
             consumer_settings["group.instance.id"] = f"{self.instance_id}.{self.name}"
         self.consumer = Consumer(
-            consumer_config(kafka.bootstrap, self.group_id, **consumer_settings)
+            consumer_config(
+                kafka.bootstrap, self.group_id, security=kafka.security, **consumer_settings
+            )
         )
 
     def _call(self, call: Callable[[], T], what: str) -> T:
@@ -1125,6 +1133,7 @@ def read_state(
         consumer_config(
             config.kafka.bootstrap,
             None,
+            security=config.kafka.security,
             **{"enable.partition.eof": True, "fetch.max.bytes": MAX_RECORD_BYTES * 4},
         )
     )

@@ -26,6 +26,7 @@ from confluent_kafka import (
 
 from stream.kafka_io import consumer_config
 from stream.kafka_local import free_port
+from stream.retry import Backoff, retry
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = {"num_trees": 10, "sample_size": 64, "warmup": 16}
@@ -174,7 +175,14 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 60) -> list[Any]:
             raise KafkaException(metadata.error)
         ends = {}
         for partition in metadata.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 30, False)
+            # Just after a broker restart its partitions answer NOT_LEADER for a moment.
+            low, high = retry(
+                lambda p=partition: consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), 30, False
+                ),
+                f"reading the end offset of {topic}[{partition}]",
+                backoff=Backoff(first_s=0.1, max_s=1.0, give_up_s=30.0),
+            )
             if high > low:
                 ends[partition] = high
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])

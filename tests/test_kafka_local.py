@@ -202,3 +202,64 @@ def test_broker_stops_when_the_process_that_started_it_is_killed(tmp_path: Path)
     else:
         kafka.stop()
         pytest.fail("the orphaned broker kept running after its starter was killed")
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_start_reports_progress_and_a_timeout_says_why_with_the_log_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ports = (free_port(), free_port())
+    lines: list[str] = []
+    first = LocalKafka(tmp_path / "data", *ports, progress=lines.append)
+    with first:
+        pass
+    assert any(line.startswith("formatting the broker's storage") for line in lines), lines
+    assert any(line.startswith("started the broker's JVM") for line in lines), lines
+
+    # Formatted already, so the whole second a slow machine gets goes to the wait for the JVM,
+    # which needs longer than that; a progress line every 0.2 s says what it waits for.
+    monkeypatch.setattr(kafka_local, "PROGRESS_EVERY_S", 0.2)
+    lines.clear()
+    second = LocalKafka(tmp_path / "data", *ports, start_timeout_s=1.0, progress=lines.append)
+    with pytest.raises(KafkaError) as raised:
+        second.start()
+
+    message = str(raised.value)
+    assert f"did not serve on {second.bootstrap} within 1 s" in message
+    assert "ANOMSTREAM_KAFKA_START_TIMEOUT" in message
+    assert str(second.log_path) in message
+    # The log's tail follows (or a note that the JVM had logged nothing yet): never empty.
+    assert message.split(f"log {second.log_path}:\n", 1)[1].strip()
+    assert any(line.startswith(f"still waiting for the broker to serve on {second.bootstrap}")
+               for line in lines), lines
+    assert second.running_pid() is None
+
+
+def test_the_start_timeout_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kafka_local.START_TIMEOUT_ENV, "900")
+    assert LocalKafka("/tmp/unused", free_port(), free_port()).start_timeout_s == 900.0
+    monkeypatch.setenv(kafka_local.START_TIMEOUT_ENV, "soon")
+    with pytest.raises(KafkaError, match="ANOMSTREAM_KAFKA_START_TIMEOUT='soon': expected seconds"):
+        LocalKafka("/tmp/unused", free_port(), free_port())
+    monkeypatch.delenv(kafka_local.START_TIMEOUT_ENV)
+    assert kafka_local.configured_start_timeout_s() == kafka_local.DEFAULT_START_TIMEOUT_S
+
+
+def test_a_secured_broker_config_keeps_its_plaintext_port_readable(tmp_path: Path) -> None:
+    secured = kafka_local.SecuredListeners(
+        scram_port=9101, mtls_port=9102, keystore=tmp_path / "b.p12", keystore_password="pw",
+        truststore=tmp_path / "ca.pem", scram_users=(("alice", "pw1"),),
+    )
+    config = kafka_local.BrokerConfig(9100, 9103, tmp_path / "kraft", secured)
+    path = tmp_path / "server.properties"
+    path.write_text(config.render())
+    text = path.read_text()
+
+    assert "advertised.listeners=PLAINTEXT://127.0.0.1:9100,SCRAM://127.0.0.1:9101," \
+           "MTLS://127.0.0.1:9102" in text
+    assert "listener.name.mtls.ssl.client.auth=required" in text
+    assert kafka_local.BrokerConfig.read(path).port == 9100
+    assert secured.format_arguments() == ["--add-scram", "SCRAM-SHA-512=[name=alice,password=pw1]"]
+    with pytest.raises(KafkaError, match="cannot contain"):
+        kafka_local.SecuredListeners(1, 2, path, "pw", path, (("bob", "a,b"),)).format_arguments()

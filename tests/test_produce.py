@@ -158,7 +158,7 @@ def test_an_unreachable_broker_is_a_cli_error(
     address = f"127.0.0.1:{free_port()}"
 
     assert main(["produce", str(source), "--topic", "t", "--bootstrap", address]) == 2
-    assert f"cannot reach Kafka at {address}" in capsys.readouterr().err
+    assert f"cannot connect to Kafka at {address}" in capsys.readouterr().err
 
 
 def test_pacing_spreads_event_time_gaps_by_the_speed_factor() -> None:

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from stream.durations import parse_duration
+from stream.kafka_security import PLAINTEXT, KafkaSecurity
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -160,6 +161,8 @@ class Delivery(_Strict):
 
 class AlertConfig(_Strict):
     bootstrap_servers: str = "127.0.0.1:9092"
+    # TLS, mutual TLS or SASL (SCRAM) over TLS, as ``kafka.security`` of the detect config.
+    kafka_security: KafkaSecurity = PLAINTEXT
     result_topic: str = "anomstream-results"
     group_id: str = "anomstream-alerter"
     # Static group membership: a restarted alerter (even after kill -9) takes its partitions back

@@ -31,8 +31,8 @@ def redacted_url(url: str) -> str:
 
     >>> redacted_url("json://user:s3cret@127.0.0.1:8080/hook?token=abc")
     'json://127.0.0.1:8080/***'
-    >>> redacted_url("slack://T000/B000/XXXX")
-    'slack://T000/***'
+    >>> redacted_url("slack://T000/B000/XXXX")  # a host name is shown lower-case
+    'slack://t000/***'
     """
     try:
         parts = urlsplit(url)

@@ -155,6 +155,7 @@ class Alerter:
             consumer_config(
                 config.bootstrap_servers,
                 group_id=config.group_id,
+                security=config.kafka_security,
                 **{
                     "auto.offset.reset": config.auto_offset_reset,
                     "group.instance.id": config.instance_id,

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from stream.cli import CliError
+from stream.kafka_security import add_security_arguments
 
 if TYPE_CHECKING:
     from sinks.alerting.config import AlertConfig
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-host", default="127.0.0.1",
                         help="address of /metrics (default 127.0.0.1; 0.0.0.0 in a container)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_security_arguments(parser)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     silence = actions.add_parser(
         "silence",
@@ -58,10 +60,14 @@ def _load(args: argparse.Namespace) -> AlertConfig:
         overrides["result_topic"] = args.topic
     if getattr(args, "metrics_port", None) is not None:
         overrides["metrics_port"] = args.metrics_port
+    from stream.kafka_security import security_from_args
+
     try:
-        return load_config(args.config, overrides)
-    except ConfigError as error:
+        config = load_config(args.config, overrides)
+        security = security_from_args(args, config.kafka_security)
+    except (ConfigError, ValueError) as error:
         raise CliError(str(error)) from None
+    return config.model_copy(update={"kafka_security": security})
 
 
 def _silence(args: argparse.Namespace) -> int:
@@ -127,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     install_logging(redactor, logging.DEBUG if args.verbose else logging.INFO)
 
     from sinks.alerting.service import Alerter
+    from stream.kafka_io import KafkaUnavailable, check_connection
 
     if config.metrics_port:
         from prometheus_client import start_http_server
@@ -138,6 +145,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         alerter = Alerter(config, redactor)
     except ValueError as error:
+        raise CliError(redactor(str(error))) from None
+    try:
+        # After the receivers are checked, before the consumer, which would retry an unusable
+        # cluster for ever.
+        check_connection(config.bootstrap_servers, config.kafka_security)
+    except KafkaUnavailable as error:
         raise CliError(redactor(str(error))) from None
     alerter.run(stop, until_idle=args.until_idle)
     return 0

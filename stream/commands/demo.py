@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from stream.kafka_security import add_security_arguments
+
 HELP = "Run the whole pipeline locally (Kafka, generators, detectors, lake, alerts, dashboard)."
 
 
@@ -41,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dashboard-port", type=int, default=8501, help="dashboard port (default: 8501)"
     )
+    add_security_arguments(parser)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     webhook = actions.add_parser(
         "webhook",
@@ -73,6 +76,15 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--speed must be positive")
     if args.duration is not None and args.duration <= 0:
         raise CliError("--duration must be positive")
+    from stream.kafka_security import PLAINTEXT, security_from_args
+
+    try:
+        security = security_from_args(args)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    if security != PLAINTEXT and not args.bootstrap:
+        raise CliError("the security flags go with --bootstrap: the demo's own broker is "
+                       "PLAINTEXT")
     options = DemoOptions(
         workdir=args.workdir,
         bootstrap=args.bootstrap,
@@ -84,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         hosts=args.hosts,
         workers=args.workers,
         dashboard_port=args.dashboard_port,
+        security=security,
     )
     console = Console()
     demo = Demo(options, console)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from stream.kafka_security import add_security_arguments
+
 HELP = "run a streaming detection worker (Kafka in, per-series detectors, results out)"
 
 
@@ -24,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-host",
                         help="override worker.metrics_host (0.0.0.0 to be scraped in a container)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    add_security_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     from stream.cli import CliError
     from stream.config import ConfigError, load_config
+    from stream.kafka_io import KafkaUnavailable, check_connection
+    from stream.kafka_security import security_from_args
     from stream.metrics import HealthServer
     from stream.worker import Worker, WorkerError
 
@@ -44,16 +49,25 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as error:
         raise CliError(str(error)) from None
-    if args.bootstrap:
-        config = config.model_copy(
-            update={"kafka": config.kafka.model_copy(update={"bootstrap": args.bootstrap})}
-        )
+    try:
+        security = security_from_args(args, config.kafka.security)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    config = config.model_copy(update={"kafka": config.kafka.model_copy(update={
+        "bootstrap": args.bootstrap or config.kafka.bootstrap, "security": security,
+    })})
     metrics = {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host}
     metrics = {key: value for key, value in metrics.items() if value is not None}
     if metrics:
         config = config.model_copy(
             update={"worker": config.worker.model_copy(update=metrics)}
         )
+    try:
+        # One line and exit 2 for a cluster we cannot use, before the worker's clients would
+        # retry it for minutes.
+        check_connection(config.kafka.bootstrap, config.kafka.security)
+    except KafkaUnavailable as error:
+        raise CliError(str(error)) from None
     try:
         worker = Worker(config, args.instance_id,
                         tuple(name.strip() for name in args.stages.split(",") if name.strip()))
@@ -75,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         worker.start()
     except (WorkerError, Exception) as error:
-        raise CliError(f"cannot start: {error}") from None
+        raise CliError(f"cannot start: {str(error) or type(error).__name__}") from None
     logging.getLogger("anomstream.worker").info(
         "worker %s running: %d detector(s) on %s", worker.instance_id, len(config.detectors),
         ", ".join(config.input_topics),

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stream.kafka_security import add_security_arguments
+
 if TYPE_CHECKING:
     from stream.generators import Feed
 
@@ -112,6 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "counts as found, and the gap that splits alert events (default: %(default)s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_security_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -234,13 +237,27 @@ def _produce(feed: Feed, args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from stream.cli import CliError
-    from stream.kafka_io import create_topics, producer_config
+    from stream.kafka_io import (
+        KafkaUnavailable,
+        check_connection,
+        create_topics,
+        producer_config,
+    )
+    from stream.kafka_security import security_from_args
 
     try:
-        create_topics(args.bootstrap, [args.topic], partitions=args.partitions, timeout_s=20.0)
+        security = security_from_args(args)
+        check_connection(args.bootstrap, security)
+    except (ValueError, KafkaUnavailable) as error:
+        raise CliError(str(error)) from None
+    try:
+        create_topics(args.bootstrap, [args.topic], partitions=args.partitions,
+                      security=security, timeout_s=20.0)
     except (KafkaException, TimeoutError) as error:
-        raise CliError(f"cannot create topic {args.topic!r} on {args.bootstrap}: {error}") from None
-    producer = Producer(producer_config(args.bootstrap))
+        reason = str(error) or type(error).__name__
+        raise CliError(f"cannot create topic {args.topic!r} on {args.bootstrap}: {reason}"
+                       ) from None
+    producer = Producer(producer_config(args.bootstrap, security=security))
     failures: list[str] = []
 
     def delivered(error: object, _message: object) -> None:

@@ -31,8 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"client (PLAINTEXT) port on 127.0.0.1 (default {kl.DEFAULT_PORT})")
     parser.add_argument("--controller-port", type=int, default=kl.DEFAULT_CONTROLLER_PORT,
                         help=f"KRaft controller port (default {kl.DEFAULT_CONTROLLER_PORT})")
-    parser.add_argument("--timeout", type=float, default=kl.DEFAULT_START_TIMEOUT_S,
-                        help="seconds to wait for the broker to serve (up) or exit (down)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds to wait for the broker to serve (up; default "
+                        f"${kl.START_TIMEOUT_ENV} or {kl.DEFAULT_START_TIMEOUT_S:.0f}) or to exit "
+                        f"(down; default {kl.DEFAULT_STOP_TIMEOUT_S:.0f})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "status":
             return _status(console, existing, data_dir)
         if args.action == "down":
-            if existing is None or not existing.stop(timeout_s=args.timeout):
+            if existing is None or not existing.stop(
+                timeout_s=args.timeout or kl.DEFAULT_STOP_TIMEOUT_S
+            ):
                 console.print(f"kafka: not running (data dir {data_dir})")
             else:
                 console.print(f"kafka: stopped (data dir {data_dir})")
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
                           f"(pid {existing.running_pid()}, data dir {data_dir})")
             return 0
         kafka = kl.LocalKafka(data_dir, port=args.port, controller_port=args.controller_port,
-                              start_timeout_s=args.timeout, detach=True)
+                              start_timeout_s=args.timeout, detach=True,
+                              progress=lambda line: console.print(f"kafka: {line}"))
         started = time.monotonic()
         with console.status(f"fetching Kafka {kafka.version} jars with mvn (cached after once)"):
             libs = kl.ensure_jars(kafka.version)

@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stream.kafka_security import add_security_arguments
+
+if TYPE_CHECKING:
+    from stream.kafka_security import KafkaSecurity
 
 HELP = "Replay a CSV or Parquet file into a Kafka topic as JSON records (optionally paced)."
 
@@ -36,10 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", default=None,
                         help="Kafka bootstrap servers (default: $ANOMSTREAM_BOOTSTRAP or "
                         "127.0.0.1:9092)")
+    add_security_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from stream.cli import CliError
+    from stream.kafka_security import security_from_args
     from stream.producer import (
         InputError,
         ReplaySpec,
@@ -61,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
                        f"column(s) {list(value_columns)}; give one per --value-column")
     bootstrap = args.bootstrap or os.environ.get("ANOMSTREAM_BOOTSTRAP") or "127.0.0.1:9092"
     try:
+        security = security_from_args(args)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    try:
         spec = ReplaySpec(
             timestamp_column=args.timestamp_column,
             value_columns=value_columns,
@@ -71,11 +83,11 @@ def run(args: argparse.Namespace) -> int:
         )
         spec.check()
         records = build_records(read_table(args.input), spec, str(args.input))
-        _prepare_topic(bootstrap, args.topic, args.partitions)
+        _prepare_topic(bootstrap, security, args.topic, args.partitions)
         label = f"{args.input.name} -> {args.topic}"
         with progress_bar(label, len(records)) as advance:
             report = send_records(bootstrap, args.topic, paced(records, args.speed),
-                                  on_sent=advance)
+                                  on_sent=advance, security=security)
     except InputError as error:
         raise CliError(str(error)) from error
     if report.failed:
@@ -98,23 +110,25 @@ def _constants(pairs: list[str]) -> dict[str, str]:
     return constants
 
 
-def _prepare_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    """Fail in seconds on an unreachable cluster (instead of queueing records into it until the
+def _prepare_topic(bootstrap: str, security: KafkaSecurity, topic: str, partitions: int) -> None:
+    """Fail in seconds on an unusable cluster (instead of queueing records into it until the
     delivery timeout), and create the topic if it is missing rather than rely on auto-creation."""
+    from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
     from stream.cli import CliError
-    from stream.kafka_io import create_topics
+    from stream.kafka_io import KafkaUnavailable, check_connection, client_config, create_topics
 
     try:
-        metadata = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0}).list_topics(
-            timeout=10
-        )
-    except Exception as error:  # any client error here means we cannot produce
-        raise CliError(f"cannot reach Kafka at {bootstrap} ({error}); start one with "
-                       "`anomstream kafka up` or pass --bootstrap") from error
+        check_connection(bootstrap, security)
+        metadata = AdminClient(client_config(bootstrap, security)).list_topics(timeout=10)
+    except (KafkaUnavailable, KafkaException) as error:
+        raise CliError(f"{error}; start one with `anomstream kafka up` or pass --bootstrap"
+                       ) from None
+    # Only a missing topic is created: a user allowed to write a topic may not create one.
     if topic not in metadata.topics:
         try:
-            create_topics(bootstrap, [topic], partitions=partitions, timeout_s=30)
+            create_topics(bootstrap, [topic], partitions=partitions, security=security,
+                          timeout_s=30)
         except Exception as error:  # KafkaException, TimeoutError: both mean "cannot create"
             raise CliError(f"cannot create topic {topic!r} on {bootstrap}: {error}") from error

@@ -9,6 +9,7 @@ import sys
 
 from stream.cli import CliError
 from stream.durations import parse_duration_ms
+from stream.kafka_security import add_security_arguments
 
 HELP = "Write the result topic into a date-partitioned Parquet lake, exactly once; compact it."
 
@@ -60,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="for unparseable records (default: <topic>-parquet-dlq)",
     )
     sink.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_security_arguments(sink)
 
     compact = actions.add_parser(
         "compact",
@@ -104,6 +106,8 @@ def _sink(args: argparse.Namespace) -> int:
         SinkConfig,
         install_signal_handlers,
     )
+    from stream.kafka_io import KafkaUnavailable, check_connection
+    from stream.kafka_security import security_from_args
 
     try:
         span_ms = parse_duration_ms(args.max_span)
@@ -115,6 +119,11 @@ def _sink(args: argparse.Namespace) -> int:
         raise CliError(f"--max-records/--max-span: {error}") from None
     if "+" in args.topic or "/" in args.topic:
         raise CliError(f"--topic {args.topic!r}: '+' and '/' cannot appear in lake file names")
+    try:
+        security = security_from_args(args)
+        check_connection(args.bootstrap, security)
+    except (ValueError, KafkaUnavailable) as error:
+        raise CliError(str(error)) from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out}: exists and is not a directory")
@@ -130,6 +139,7 @@ def _sink(args: argparse.Namespace) -> int:
             stop_after_idle_s=args.stop_after_idle,
             dead_letter_topic=args.dead_letter_topic,
             instance_id=args.instance_id,
+            security=security,
         )
     )
     install_signal_handlers(sink)
