@@ -346,23 +346,28 @@ def kpi_row(lake_now: Snapshot, filters: Filters, lake: LakeExtent) -> None:
     kpis = lake_now.kpis(filters)
     newest = lake.last.strftime("%Y-%m-%d %H:%M UTC") if lake.last else "–"
     st.caption(f"Newest result {newest} · range {describe_range(filters)}")
-    columns = st.columns(4)
+    columns = st.columns(5)
     columns[0].metric(
-        "Series tracked", f"{kpis.series:,}", border=True,
-        help="Series matching the detector and dimension filters.",
+        "Series in range", f"{kpis.series:,}", border=True,
+        help="Series matching the filters with results in the time range.",
     )
     columns[1].metric(
-        "Data points processed", f"{kpis.data_points:,}", border=True,
-        help="Points the detectors have processed for these series (latest count of each).",
+        "Alerting now", f"{kpis.alerting:,}", border=True,
+        help="Series in an open incident: their latest interval in the range is flagged.",
     )
     columns[2].metric(
-        "Anomalies in range", f"{kpis.anomalies:,}", border=True,
-        help="Flagged intervals of these series within the time range.",
+        "Silent now", f"{kpis.silent:,}", border=True,
+        help="Series that stopped reporting: their latest interval in the range has no data "
+        "for longer than their detector's no_data_after.",
     )
-    confidence = "–" if kpis.mean_confidence is None else f"{kpis.mean_confidence:.1f}"
     columns[3].metric(
-        "Mean confidence", confidence, border=True,
-        help="Mean of each series' latest anomaly confidence score (0–100).",
+        "Incidents in range", f"{kpis.incidents:,}", border=True,
+        help="Runs of consecutive flagged intervals (each starts where the score crosses the "
+        "threshold upward) within the time range.",
+    )
+    columns[4].metric(
+        "Flagged intervals", f"{kpis.anomalies:,}", border=True,
+        help="Intervals at or above their detector's threshold within the time range.",
     )
 
 
@@ -397,10 +402,11 @@ def series_panel(
     st.altair_chart(charts.series_chart(points, title), width="stretch", key="series_chart")
     last = points.iloc[-1]
     flagged = int(points["anomaly"].sum())
+    incidents = len(charts.spans(points, "anomaly"))
     st.caption(
-        f"{len(points):,} intervals · {flagged:,} flagged · latest score {last['score']:.1f}"
-        f" · stage {last['stage']} · confidence {last['confidence']:.0f} · "
-        f"link: `?{SERIES_KEY}={chosen}`"
+        f"{len(points):,} intervals · {flagged:,} flagged in {incidents:,} incidents (shaded red;"
+        f" grey: no data) · latest score {last['score']:.1f} · stage {last['stage']} · "
+        f"confidence {last['confidence']:.0f} · link: `?{SERIES_KEY}={chosen}`"
     )
 
 

@@ -11,19 +11,44 @@ import pandas as pd
 
 SCORE_DOMAIN = (0, 100)
 # Legend entries of the series chart and their colours: the measured value is the ink, the
-# expectation is quiet, the score and its threshold are warm and dashed respectively.
+# expectation is quiet; in the score panel the score is warm and its threshold dashed.
 SERIES_LEGEND = ("value", "expected", "anomaly score", "threshold")
 SERIES_COLOURS = ("#1f4e79", "#8c8c8c", "#e8710a", "#c0392b")
 ANOMALY_COLOUR = "#c0392b"
+SILENT_COLOUR = "#7f8c8d"
 HEAT_STOPS = (0, 50, 70, 85, 100)
 HEAT_COLOURS = ("#f4f6f8", "#fde9c8", "#fdae61", "#e34a33", "#8b0000")
 ZOOM_PARAM = "zoom"
 PICK_PARAM = "pick"
 
 
-def series_chart(points: pd.DataFrame, measure: str, *, height: int = 360) -> alt.LayerChart:
-    """Value and expected value on the left axis, anomaly score and threshold on the right
-    axis, flagged intervals as red points on the value line; drag or scroll to zoom in time.
+def spans(points: pd.DataFrame, flag: str) -> pd.DataFrame:
+    """Runs of consecutive intervals where ``flag`` is 1: ``start``, ``end`` (of the run's last
+    interval), ``peak`` (highest score) and ``intervals``. With ``flag="anomaly"`` these are the
+    incidents: each starts at the upward crossing of the threshold.
+
+    >>> frame = pd.DataFrame({"time": [0, 1, 2, 3, 4], "end": [1, 2, 3, 4, 5],
+    ...                       "anomaly": [1, 1, 0, 1, 0], "score": [80, 90, 5, 75, 3]})
+    >>> spans(frame, "anomaly").values.tolist()
+    [[0, 2, 90, 2], [3, 4, 75, 1]]
+    """
+    on = points[flag].fillna(0).astype(int) == 1
+    run = (on != on.shift(fill_value=False)).cumsum()[on]
+    grouped = points[on].groupby(run)
+    return pd.DataFrame(
+        {
+            "start": grouped["time"].min(),
+            "end": grouped["end"].max(),
+            "peak": grouped["score"].max(),
+            "intervals": grouped["time"].count(),
+        }
+    ).reset_index(drop=True)
+
+
+def series_chart(points: pd.DataFrame, measure: str, *, height: int = 360) -> alt.VConcatChart:
+    """Two panels on one time axis: the value and its expected value, incidents shaded red and
+    intervals without data shaded grey, flagged intervals as red points; below, the anomaly
+    score on its own 0-100 axis with the threshold. Drag or scroll the upper panel to zoom.
 
     ``points`` has the columns of ``queries.series_points``.
     """
@@ -33,9 +58,13 @@ def series_chart(points: pd.DataFrame, measure: str, *, height: int = 360) -> al
         scale=alt.Scale(domain=list(SERIES_LEGEND), range=list(SERIES_COLOURS)),
         legend=alt.Legend(orient="top", symbolOpacity=1),
     )
-    x = alt.X(
-        "time:T", title="UTC", scale=alt.Scale(type="utc"), axis=alt.Axis(format="%d %b %H:%M")
-    )
+    zoom = alt.selection_interval(name=ZOOM_PARAM, bind="scales", encodings=["x"])
+
+    def time_x(field: str, below: bool) -> alt.X:
+        return alt.X(f"{field}:T", title="UTC" if below else None, scale=alt.Scale(type="utc"),
+                     axis=alt.Axis(format="%d %b %H:%M"))
+
+    x, x_below = time_x("time", below=False), time_x("time", below=True)
     tooltip = [
         alt.Tooltip("utcyearmonthdatehoursminutes(time):T", title="period start (UTC)"),
         alt.Tooltip("value:Q", format=",.4~f"),
@@ -44,8 +73,26 @@ def series_chart(points: pd.DataFrame, measure: str, *, height: int = 360) -> al
         alt.Tooltip("confidence:Q", format=".0f"),
         alt.Tooltip("stage:N"),
     ]
+    incidents = spans(points, "anomaly")
+    silent = spans(points, "no_data")
+
+    def shade(frame: pd.DataFrame, fill: str, below: bool) -> alt.Chart:
+        return (
+            alt.Chart(frame)
+            .mark_rect(color=fill, opacity=0.16)
+            .encode(
+                x=time_x("start", below),
+                x2=alt.X2("end:T"),
+                tooltip=[
+                    alt.Tooltip("utcyearmonthdatehoursminutes(start):T", title="from (UTC)"),
+                    alt.Tooltip("utcyearmonthdatehoursminutes(end):T", title="to (UTC)"),
+                    alt.Tooltip("intervals:Q"),
+                    alt.Tooltip("peak:Q", title="peak score", format=".1f"),
+                ],
+            )
+        )
+
     base = alt.Chart(points)
-    zoom = alt.selection_interval(name=ZOOM_PARAM, bind="scales", encodings=["x"])
     measured = (
         base.transform_fold(["value", "expected"], as_=["line", "level"])
         .mark_line(strokeWidth=1.6)
@@ -59,35 +106,36 @@ def series_chart(points: pd.DataFrame, measure: str, *, height: int = 360) -> al
                 legend=None,
             ),
         )
-        .add_params(zoom)
     )
     flagged = (
         base.transform_filter(alt.datum.anomaly == 1)
         .mark_point(filled=True, size=70, color=ANOMALY_COLOUR, opacity=0.9)
         .encode(x=x, y=alt.Y("value:Q"), tooltip=tooltip)
     )
+    upper = alt.layer(
+        shade(incidents, ANOMALY_COLOUR, below=False),
+        shade(silent, SILENT_COLOUR, below=False),
+        measured,
+        flagged,
+    ).add_params(zoom).properties(height=height)
     score_axis = alt.Y(
-        "score:Q",
-        title="anomaly score",
-        scale=alt.Scale(domain=list(SCORE_DOMAIN)),
-        axis=alt.Axis(orient="right"),
+        "score:Q", title="anomaly score", scale=alt.Scale(domain=list(SCORE_DOMAIN))
     )
-    # A faint area: the score is noisy by nature, and must not hide the value line.
     score = (
         base.transform_calculate(line="'anomaly score'")
-        .mark_area(opacity=0.28, line={"strokeWidth": 0.6, "opacity": 0.6})
-        .encode(x=x, y=score_axis, color=colour, tooltip=tooltip)
+        .mark_area(opacity=0.35, line={"strokeWidth": 0.8}, clip=True)
+        .encode(x=x_below, y=score_axis, color=colour, tooltip=tooltip)
     )
     threshold = (
         base.transform_calculate(line="'threshold'")
-        .mark_line(strokeWidth=1.2, strokeDash=[6, 4])
-        .encode(x=x, y=alt.Y("threshold:Q"), color=colour)
+        .mark_line(strokeWidth=1.2, strokeDash=[6, 4], clip=True)
+        .encode(x=x_below, y=alt.Y("threshold:Q"), color=colour)
     )
-    return (
-        alt.layer(alt.layer(measured, flagged), alt.layer(score, threshold))
-        .resolve_scale(y="independent")
-        .properties(height=height)
-    )
+    lower = alt.layer(
+        shade(incidents, ANOMALY_COLOUR, below=True), score, threshold
+    ).properties(height=max(100, height // 3))
+    # One time scale for both panels: zooming the upper one zooms the score panel with it.
+    return alt.vconcat(upper, lower, spacing=6).resolve_scale(x="shared", color="shared")
 
 
 def heatmap_chart(cells: pd.DataFrame, *, row_height: int = 20) -> alt.Chart:

@@ -119,6 +119,7 @@ def _schema(dimension_names: list[str]) -> pa.Schema:
         pa.field("processedDataPoints", pa.int64()),
         pa.field("detectionPeriodStartTime", pa.timestamp("ms", tz="UTC")),
         pa.field("detectionPeriodEndTime", pa.timestamp("ms", tz="UTC")),
+        pa.field("noData", pa.int8()),
     ]
     fields += [pa.field(f"dim_{name}", pa.string()) for name in dimension_names]
     fields += [pa.field("kafkaPartition", pa.int32()), pa.field("kafkaOffset", pa.int64())]
@@ -136,13 +137,16 @@ def build_lake(
     anomaly_rate: float = 0.004,
     partitions: int = 4,
     intervals_per_file: int = 60,
+    silent_series: int = 0,
 ) -> LakeSummary:
     """Write ``series`` × ``intervals`` result records and return what was written.
 
     Each series is a daily sine around its detector's level plus noise; the model learns for the
     first few intervals (score 0, stage LEARNING, confidence rising), then spikes injected at
     ``anomaly_rate`` (five times as often on every 17th series, the "hot" ones) score above the
-    threshold of 70 and are flagged.
+    threshold of 70 and are flagged. The last ``silent_series`` series stop reporting for the
+    last sixth of the intervals: no value, score 0, and ``noData`` from their third silent
+    interval on (as a detector with ``no_data_after`` of two intervals would say).
     """
     lake = Path(lake_dir)
     rng = np.random.default_rng(seed)
@@ -168,6 +172,13 @@ def build_lake(
     seen = np.broadcast_to(step + 1, (intervals, series))
     confidence = np.round(100 * (1 - np.exp(-seen / (2 * learning))), 2)
     learning_stage = np.broadcast_to(step < learning, (intervals, series))
+    silent = np.zeros((intervals, series), dtype=bool)
+    if silent_series:
+        silent[intervals - max(3, intervals // 6) :, series - silent_series :] = True
+    no_data = (silent & np.roll(silent, 2, axis=0)).astype(np.int8)
+    value = np.where(silent, np.nan, value)
+    score = np.where(silent, 0.0, score)
+    decision = np.where(silent, 0, decision).astype(np.int8)
 
     dimension_names = sorted({name for s in specs for name in s.dimensions})
     schema = _schema(dimension_names)
@@ -183,6 +194,7 @@ def build_lake(
         confidence=confidence,
         learning=learning_stage,
         seen=seen,
+        no_data=no_data,
     )
     partition_of = np.array([int(s.timeseries_id, 16) % partitions for s in specs])
 
@@ -230,6 +242,7 @@ class _Grid:
     confidence: np.ndarray
     learning: np.ndarray
     seen: np.ndarray
+    no_data: np.ndarray
 
     @functools.cache  # noqa: B019 - one grid per build_lake call, dropped with it
     def per_series(self, schema: pa.Schema) -> dict[str, pa.Array]:
@@ -271,7 +284,8 @@ class _Grid:
             for name in ("detectorName", "measure", "timeseriesId", "dimensionList")
         }
         columns |= {
-            "aggregatedMeasureValue": pa.array(np.round(self.value[at], 4)),
+            # NaN (a silent interval) becomes null, as the worker writes it.
+            "aggregatedMeasureValue": pa.array(np.round(self.value[at], 4), from_pandas=True),
             "anomalyScore": pa.array(self.score[at]),
             "anomalyDecisionThreshold": pa.array(np.full(rows_step.size, THRESHOLD)),
             "anomalyDecision": pa.array(self.decision[at]),
@@ -283,6 +297,7 @@ class _Grid:
             "detectionPeriodEndTime": pa.array(
                 starts + self.step_ms, type=pa.timestamp("ms", tz="UTC")
             ),
+            "noData": pa.array(self.no_data[at]),
         }
         for name in self.dimension_names:
             columns[f"dim_{name}"] = per_series[f"dim_{name}"].take(take)

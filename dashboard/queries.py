@@ -11,8 +11,9 @@ they are quoted into SQL. No Streamlit here, so each query is unit-tested and be
 >>> with tempfile.TemporaryDirectory() as lake:
 ...     _ = build_lake(lake, series=4, intervals=60, seed=3)
 ...     con = connect(lake)
-...     (kpis(con, Filters()).series, kpis(con, Filters()).data_points)
-(4, 240)
+...     numbers = kpis(con, Filters())
+...     (numbers.series, numbers.incidents, numbers.anomalies)
+(4, 2, 2)
 """
 
 from __future__ import annotations
@@ -95,10 +96,13 @@ class Filters:
 
 @dataclass(frozen=True)
 class Kpis:
-    series: int
-    data_points: int
-    anomalies: int
-    mean_confidence: float | None
+    """What a desk acts on, over the series matching the filters, within the time range."""
+
+    series: int  # series with results in the range
+    incidents: int  # runs of flagged intervals in the range
+    alerting: int  # series whose latest interval in the range is flagged: an open incident
+    silent: int  # series whose latest interval in the range says noData
+    anomalies: int  # flagged intervals in the range
 
 
 @dataclass(frozen=True)
@@ -170,32 +174,53 @@ def matching(catalog: pd.DataFrame, filters: Filters) -> pd.DataFrame:
 
 
 def kpis(con: duckdb.DuckDBPyConnection, filters: Filters) -> Kpis:
-    """The KPI row over the series matching the detector and dimension filters.
+    """The KPI row: every number follows the filters and the time range (see ``Kpis``).
 
-    ``series``: series tracked; ``data_points``: points the detectors have processed (the latest
-    ``processedDataPoints`` of each series, summed); ``anomalies``: flagged intervals within the
-    time range; ``mean_confidence``: mean of each series' latest confidence.
+    An incident is a run of consecutive flagged intervals of one series (it starts at the upward
+    crossing); one already under way when the range starts counts as one in the range.
     """
     where, params = filters.series_sql(set(dimension_columns(con)))
     when, when_params = filters.time_sql()
-    series, points, anomalies, confidence = _one(
+    series, alerting, silent, anomalies = _one(
         con,
-        f"""SELECT count(*), coalesce(sum(points), 0), coalesce(sum(anomalies), 0),
-                   avg(confidence)
+        f"""SELECT count(*), coalesce(sum(alerting), 0), coalesce(sum(silent), 0),
+                   coalesce(sum(anomalies), 0)
         FROM (
-            SELECT max(processedDataPoints) AS points,
-                   count(*) FILTER (WHERE anomalyDecision = 1 AND {when}) AS anomalies,
-                   arg_max(anomalyConfidenceScore, detectionPeriodStartTime) AS confidence
-            FROM scores WHERE {where} GROUP BY timeseriesId
+            SELECT arg_max(anomalyDecision, detectionPeriodStartTime) AS alerting,
+                   arg_max({_no_data_sql(con)}, detectionPeriodStartTime) AS silent,
+                   sum(anomalyDecision) AS anomalies
+            FROM scores WHERE {where} AND {when} GROUP BY timeseriesId
         )""",
-        when_params + params,
+        params + when_params,
+    )
+    # Incident starts: flagged intervals that no flagged interval of the series ends at. Only
+    # flagged rows are read, once; a window over every row (lag) cost ten times the KPI row and
+    # a correlated NOT EXISTS four times.
+    (incidents,) = _one(
+        con,
+        f"""WITH flagged AS MATERIALIZED (
+            SELECT timeseriesId, detectionPeriodStartTime AS start_time,
+                   detectionPeriodEndTime AS end_time
+            FROM anomalies WHERE {where} AND {when}
+        )
+        SELECT count(*) FROM flagged ANTI JOIN flagged AS before
+            ON before.timeseriesId = flagged.timeseriesId
+            AND before.end_time = flagged.start_time""",
+        params + when_params,
     )
     return Kpis(
         series=int(series),
-        data_points=int(points),
+        incidents=int(incidents),
+        alerting=int(alerting),
+        silent=int(silent),
         anomalies=int(anomalies),
-        mean_confidence=None if confidence is None else float(confidence),
     )
+
+
+def _no_data_sql(con: duckdb.DuckDBPyConnection) -> str:
+    """``noData`` as 0/1; 0 for a lake written before results carried it."""
+    names = {row[0] for row in con.sql("DESCRIBE scores").fetchall()}
+    return "coalesce(CAST(noData AS INTEGER), 0)" if "noData" in names else "0"
 
 
 ANOMALY_COLUMNS = (
@@ -274,14 +299,17 @@ def heatmap(con: duckdb.DuckDBPyConnection, filters: Filters, top: int) -> pd.Da
 def series_points(
     con: duckdb.DuckDBPyConnection, timeseries_id: str, filters: Filters
 ) -> pd.DataFrame:
-    """Every interval of one series within the time range, oldest first: ``time``, ``value``,
-    ``expected``, ``score``, ``threshold``, ``anomaly`` (0/1), ``confidence``, ``stage``."""
+    """Every interval of one series within the time range, oldest first: ``time``, ``end``,
+    ``value`` (null for an interval without data), ``expected``, ``score``, ``threshold``,
+    ``anomaly`` (0/1), ``no_data`` (0/1), ``confidence``, ``stage``."""
     when, when_params = filters.time_sql()
     return _frame(
         con,
-        f"""SELECT detectionPeriodStartTime AS time, aggregatedMeasureValue AS value,
+        f"""SELECT detectionPeriodStartTime AS time, detectionPeriodEndTime AS "end",
+               aggregatedMeasureValue AS value,
                expectedValue AS expected, anomalyScore AS score,
                anomalyDecisionThreshold AS threshold, anomalyDecision AS anomaly,
+               {_no_data_sql(con)} AS no_data,
                anomalyConfidenceScore AS confidence, CAST(modelStage AS VARCHAR) AS stage
         FROM scores WHERE timeseriesId = ? AND {when}
         ORDER BY time""",

@@ -48,8 +48,10 @@ class Aggregation(StrEnum):
 
 
 class EmptyIntervals(StrEnum):
-    """What an interval with no record feeds the detector: nothing, zeros, or the last value."""
+    """What an interval with no record feeds the detector: a missing point, zeros, the last value,
+    or nothing at all (``skip``: the detector's daily alignment then drifts over gaps)."""
 
+    MISSING = "missing"
     SKIP = "skip"
     ZERO = "zero"
     PREVIOUS = "previous"
@@ -111,8 +113,9 @@ class WorkerSettings(_Strict):
     max_batch: int = Field(default=2000, ge=1)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
-    # Longest run of empty intervals filled with zero/previous in one gap; beyond it the series
-    # resumes without filling, so a series silent for a year does not score millions of zeros.
+    # Most empty intervals filled (missing, zero or previous) after a series' last record; beyond
+    # that it gets no results until it sends again, so a series silent for a year (or gone for
+    # good) does not score millions of empty intervals.
     max_fill_intervals: int = Field(default=10_000, ge=0)
     # /healthz fails when a stage has lag and has consumed or committed nothing for this long
     # (or its loop has not turned for this long): a stuck worker, for a supervisor to restart.
@@ -139,7 +142,9 @@ class DetectorSpec(_Strict):
     aggregation: Aggregation = Aggregation.AVG
     interval: DurationMs = Field(gt=0)
     delay: DurationMs = Field(default=0, ge=0)
-    empty: EmptyIntervals = EmptyIntervals.SKIP
+    empty: EmptyIntervals = EmptyIntervals.MISSING
+    # A series that sent nothing for this long (stream time) is flagged ``noData`` in its results.
+    no_data_after: DurationMs | None = Field(default=None, gt=0)
     threshold: float = Field(default=70.0, ge=0.0, le=100.0)
     # Only records whose fields equal these values feed this detector (several detectors can
     # share a topic); a record that matches no detector is dead-lettered as ``no_detector``.

@@ -13,8 +13,9 @@ demo: at its hourly cadence it would need hours of replay to get past the detect
 ``anomstream generate bookstore --evaluate`` shows it.
 
 The alert rule pages on the detector's own decision (``anomalyDecision``: the record's score
-against the record's threshold), one interval being enough, since the detector reports each
-anomaly once.
+against the record's threshold) at the upward crossing, once per incident: the detector holds
+its score while the anomaly lasts, and the rule resolves after three intervals under 60. The
+summary line counts pages per kind of injected anomaly against the labels (``incident_report``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import IO, TYPE_CHECKING, Any
 import yaml
 
 from stream.kafka_security import PLAINTEXT, KafkaSecurity, security_flags
-from stream.records import format_time
+from stream.records import format_time, parse_time, timeseries_id
 
 if TYPE_CHECKING:
     from stream.kafka_local import LocalKafka
@@ -77,8 +78,8 @@ DETECTOR_PARAMS: dict[str, dict[str, Any]] = {
     "ops-gpu": {"ratio_margin": 0.3},
     "ops-grad-norm": {"ratio_margin": 0.5},
 }
-# The detector reports each anomaly once (a calibrated grade, not a raw score that stays high),
-# so the alert follows its decision: the record's own threshold, one interval is enough.
+# An incident starts where the score crosses the record's own threshold upward, and the score
+# holds while the anomaly lasts: page at the crossing, resolve after 3 intervals under 60.
 ALERT_RULE: dict[str, Any] = {
     "name": "demo-anomalies",
     "detectors": ["*"],
@@ -726,26 +727,130 @@ class Demo:
             self.kafka.stop()
 
 
+@dataclass(slots=True)
+class KindTally:
+    """Of one kind of injected anomaly: labels that began inside the run, how many of them were
+    paged, and how many were declared RESOLVED before the label ended."""
+
+    labelled: int = 0
+    paged: int = 0
+    resolved_early: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Notified:
+    """One series of one alert message: its id, the message's interval, its incident's start."""
+
+    kind: str  # FIRING, STILL FIRING, RESOLVED
+    series_id: str
+    start: float
+    incident_start: float
+
+
+def notified(title: str, body: str) -> list[Notified]:
+    """The series an alert message lists (``sinks.alerting.messages``), in order.
+
+    >>> body = ("- ops-gpu / gpu_util: gpu=0, host=a\\n  value 0\\n"
+    ...         "  interval 2026-01-01T00:05:00.000Z - 2026-01-01T00:06:00.000Z\\n"
+    ...         "  incident since 2026-01-01T00:01:00.000Z, 5 min so far\\n"
+    ...         "  http://x/?series=abc")
+    >>> [(n.kind, n.series_id, n.start - n.incident_start) for n in notified("[FIRING] r", body)]
+    [('FIRING', 'abc', 240.0)]
+    """
+    kind = title.split("]", 1)[0].lstrip("[")
+    found: list[Notified] = []
+    start = incident = 0.0
+    for line in body.splitlines():
+        text = line.strip()
+        if text.startswith("interval "):
+            start = parse_time(text.removeprefix("interval ").split(" - ")[0]).timestamp()
+        elif text.startswith("incident "):
+            first = text.removeprefix("incident ").removeprefix("since ")
+            incident = parse_time(first.split(" ")[0].rstrip(",")).timestamp()
+        elif "?series=" in text:
+            found.append(Notified(kind, text.split("?series=", 1)[1], start, incident))
+    return found
+
+
+def incident_report(
+    labels: list[dict[str, Any]], messages: list[dict[str, str]], run_end: float
+) -> tuple[dict[str, KindTally], int]:
+    """Pages per kind of anomaly against the labels, and pages on anomaly-free series.
+
+    ``labels`` are the feeds' label documents; ``messages`` the alert messages received (title,
+    message); ``run_end`` the start of the newest result, so a label that began later is not
+    counted. A label is paged when a FIRING of its series starts inside it (or within three
+    intervals after its last point: a score needs the point to be seen); it was resolved early
+    when the RESOLVED of an incident that began inside it came before its last point.
+    """
+    tables = {row[1]: row for row in (*MARKET_DETECTORS, *OPS_DETECTORS)}
+    grace = 3 * INTERVAL_SECONDS
+    by_series: dict[str, list[Notified]] = {}
+    for message in messages:
+        for item in notified(message["title"], message["message"]):
+            by_series.setdefault(item.series_id, []).append(item)
+    tallies: dict[str, KindTally] = {}
+    labelled_series: set[str] = set()
+    for document in labels:
+        for label in document["labels"]:
+            name, measure, dims, _match, _aggregation = tables[label["measure"]]
+            series_id = timeseries_id(name, measure, {d: label["dimensions"][d] for d in dims})
+            labelled_series.add(series_id)
+            first = parse_time(label["start"]).timestamp()
+            last = parse_time(label["end"]).timestamp()
+            if first > run_end:
+                continue
+            tally = tallies.setdefault(label["kind"], KindTally())
+            tally.labelled += 1
+            items = by_series.get(series_id, [])
+            if any(n.kind == "FIRING" and first <= n.start <= last + grace for n in items):
+                tally.paged += 1
+            if any(
+                n.kind == "RESOLVED" and first <= n.incident_start <= last and n.start <= last
+                for n in items
+            ):
+                tally.resolved_early += 1
+    quiet_pages = sum(
+        1 for series_id, items in by_series.items() if series_id not in labelled_series
+        for n in items if n.kind == "FIRING"
+    )
+    return tallies, quiet_pages
+
+
 def summary(workdir: Path) -> str:
-    """What the run left behind: series and rows in the lake, labels, alert messages."""
+    """What the run left behind: series and rows in the lake, labels, alert messages, and the
+    pages per kind of injected anomaly."""
     from sinks.lake import query
 
     workdir = workdir.expanduser().absolute()
     lake = workdir / "lake"
-    counts = query(lake, "SELECT count(*) AS n, count(DISTINCT timeseriesId) AS s FROM scores")
+    counts = query(
+        lake,
+        "SELECT count(*) AS n, count(DISTINCT timeseriesId) AS s,"
+        " epoch(max(detectionPeriodStartTime)) AS newest FROM scores",
+    )
     row = counts.to_pylist()[0]
-    labels = 0
-    series = 0
+    documents = []
     for feed in ("market", "ops"):
         path = workdir / f"{feed}.labels.json"
         if path.exists():
-            document = json.loads(path.read_text(encoding="utf-8"))
-            labels += len(document["labels"])
-            series += len(document["series"])
+            documents.append(json.loads(path.read_text(encoding="utf-8")))
+    labels = sum(len(document["labels"]) for document in documents)
+    series = sum(len(document["series"]) for document in documents)
     alerts_path = workdir / "alerts.jsonl"
-    alerts = len(alerts_path.read_text().splitlines()) if alerts_path.exists() else 0
+    messages = (
+        [json.loads(line) for line in alerts_path.read_text().splitlines()]
+        if alerts_path.exists() else []
+    )
+    tallies, quiet_pages = incident_report(documents, messages, row["newest"] or 0.0)
+    per_kind = ", ".join(
+        f"{kind} {tally.paged}/{tally.labelled}" for kind, tally in sorted(tallies.items())
+    )
+    early = sum(tally.resolved_early for tally in tallies.values())
     return (
         f"demo: lake {lake} holds {row['n']} results of {row['s']} series "
         f"({series} generated); {labels} anomalies injected (labels in {workdir}); "
-        f"{alerts} alert message(s) received ({alerts_path})"
+        f"{len(messages)} alert message(s) received ({alerts_path})\n"
+        f"demo: pages per kind of anomaly (paged/labelled in the run): {per_kind or 'none'}; "
+        f"{quiet_pages} page(s) on anomaly-free series; {early} RESOLVED before the label ended"
     )

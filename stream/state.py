@@ -4,9 +4,11 @@ State topic layout (see docs/decisions/0002-exactly-once.md): partition ``p`` of
 holds the snapshots of the series owned through partition ``p`` of the repartition topic.
 - key = timeseriesId, value = ``encode_snapshot``: the series' state after every record of its
   repartition partition below ``offset``;
-- key = ``CHECKPOINT_KEY``, value = ``{"offset": X}``: every series of the partition that has a
-  record below ``X`` has a snapshot at or after its last such record, so a restore may start
-  replaying the partition at ``X``.
+- key = ``CHECKPOINT_KEY``, value = ``{"offset": X, "clock": ...}``: every series of the partition
+  that has a record below ``X`` has a snapshot at or after its last such record, so a restore may
+  start replaying the partition at ``X``; ``clock`` is the partition's stream time per input
+  partition after the records below ``X`` (``windowing.PartitionClock``), which a replay from
+  ``X`` needs to close the same windows at the same records.
 Both are written inside the transaction that commits the input offsets they match.
 """
 
@@ -32,6 +34,7 @@ class Snapshot:
     windows: dict[str, Any]
     model: bytes
     offset: int  # the state includes every record of the partition below this offset
+    source: str = ""  # input partition of the series' latest record ("" before there was one)
 
 
 def encode_snapshot(snapshot: Snapshot) -> bytes:
@@ -41,6 +44,7 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
             "dimensions": snapshot.dimensions,
             "windows": snapshot.windows,
             "offset": snapshot.offset,
+            "source": snapshot.source,
         },
         separators=(",", ":"),
     ).encode()
@@ -59,22 +63,32 @@ def decode_snapshot(payload: bytes) -> Snapshot:
         windows=header["windows"],
         model=payload[start + length :],
         offset=int(header["offset"]),
+        source=header.get("source", ""),
     )
+
+
+def snapshot_header(payload: bytes) -> dict[str, Any]:
+    """The header of a snapshot (detector, dimensions, windows, offset, source), without copying
+    its model."""
+    (length,) = struct.unpack_from(">I", payload, len(_MAGIC))
+    start = len(_MAGIC) + 4
+    header: dict[str, Any] = json.loads(payload[start : start + length])
+    return header
 
 
 def snapshot_offset(payload: bytes) -> int:
     """The offset of a snapshot without decoding its model."""
-    (length,) = struct.unpack_from(">I", payload, len(_MAGIC))
-    start = len(_MAGIC) + 4
-    return int(json.loads(payload[start : start + length])["offset"])
+    return int(snapshot_header(payload)["offset"])
 
 
-def encode_checkpoint(offset: int) -> bytes:
-    return json.dumps({"offset": offset}).encode()
+def encode_checkpoint(offset: int, clock: dict[str, Any]) -> bytes:
+    return json.dumps({"offset": offset, "clock": clock}, separators=(",", ":")).encode()
 
 
-def decode_checkpoint(payload: bytes) -> int:
-    return int(json.loads(payload)["offset"])
+def decode_checkpoint(payload: bytes) -> tuple[int, dict[str, Any] | None]:
+    """The offset and the partition clock (None in markers written before there was one)."""
+    data = json.loads(payload)
+    return int(data["offset"]), data.get("clock")
 
 
 class Series:
@@ -87,6 +101,7 @@ class Series:
         "partition",
         "record_prefix",
         "skip_below",
+        "source",
         "spec",
         "spec_index",
         "timeseries_id",
@@ -117,6 +132,7 @@ class Series:
         # Records of its partition below this offset are already in the state (its snapshot is
         # newer than the partition's checkpoint): a replay must not apply them twice.
         self.skip_below = 0
+        self.source = ""  # input partition of its latest record: its windows close on its time
 
     def snapshot(self, offset: int) -> bytes:
         return encode_snapshot(
@@ -126,6 +142,7 @@ class Series:
                 self.windows.to_dict(),
                 self.detector.to_bytes(),
                 offset,
+                self.source,
             )
         )
 
@@ -149,4 +166,5 @@ class Series:
             RcfDetector.from_bytes(snapshot.model),
         )
         series.windows.restore(snapshot.windows)
+        series.source = snapshot.source
         return series

@@ -57,8 +57,9 @@ from stream.state import (
     decode_checkpoint,
     decode_snapshot,
     encode_checkpoint,
+    snapshot_header,
 )
-from stream.windowing import ClosedWindow, LateRecord
+from stream.windowing import ClosedWindow, LateRecord, PartitionClock, SeriesWindows
 
 if TYPE_CHECKING:
     from detectors import Result
@@ -477,6 +478,36 @@ class RouteStage(_Stage):
         self.assignment: list[TopicPartition] = []
         self._in = {topic: metrics.records_in.labels(self.name, topic) for topic in self.topics}
         self._forwarded = metrics.records_out.labels("repartition")
+        repartition = config.topics.repartition
+        metadata = self.producer.list_topics(repartition, timeout=30).topics[repartition]
+        self.repartition_partitions = sorted(metadata.partitions)
+        # Ticks of an input partition's stream time go out at most once per the shortest
+        # interval of the detectors reading its topic (see ``_tick``).
+        self.tick_ms = {
+            topic: min(spec.interval_ms for spec in config.detectors if spec.input == topic)
+            for topic in self.topics
+        }
+        self.ticked: dict[tuple[str, int], int] = {}  # input partition -> last tick's bucket
+
+    def _tick(self, topic: str, partition: int, event_ms: int, source: Headers) -> None:
+        """Tell every score partition how far this input partition's event time has come.
+
+        A score partition sees only the records of its own series; a series that went silent
+        alone in its partition would otherwise never have its windows closed. A tick is a record
+        without key or value whose headers hold an empty detector name, the event time and the
+        source. It is derived from the input alone (sent when the input partition's event time
+        enters a new tick interval), so the score stage stays deterministic on replay; a
+        restarted route stage sends one more tick, which changes nothing.
+        """
+        key = (topic, partition)
+        bucket = event_ms // self.tick_ms[topic]
+        if bucket <= self.ticked.get(key, -1):
+            return
+        self.ticked[key] = bucket
+        headers: Headers = [("detector", b""), ("event", _EVENT.pack(event_ms)), *source]
+        repartition = self.config.topics.repartition
+        for number in self.repartition_partitions:
+            self.produce(repartition, None, None, headers, partition=number)
 
     def process(self, messages: list[Any]) -> None:
         repartition = self.config.topics.repartition
@@ -510,6 +541,8 @@ class RouteStage(_Stage):
                     [("detector", detectors[point.detector].name), ("event", event), *source],
                 )
             forwarded += len(points)
+            if points:
+                self._tick(topic, partition, max(point.event_ms for point in points), source)
             if rejections:
                 first = rejections[0]
                 headers: Headers = [
@@ -539,6 +572,7 @@ class RouteStage(_Stage):
 
     def aborted(self) -> None:
         self.offsets.clear()
+        self.ticked.clear()  # the aborted ticks are sent again with the records they came with
         if self.assignment:
             committed = self._call(lambda: self.consumer.committed(self.assignment, 60),
                                    "reading committed offsets")
@@ -562,17 +596,20 @@ class RouteStage(_Stage):
 
     def forget(self) -> None:
         self.offsets.clear()
+        self.ticked.clear()
         self.assignment = []
 
 
 class _Partition:
     """What the score stage holds for one owned repartition partition."""
 
-    __slots__ = ("checkpoint_offset", "checkpointed_at", "committed", "live", "next_offset",
-                 "number", "round_offset", "round_pending", "stored")
+    __slots__ = ("checkpoint_offset", "checkpointed_at", "clock", "committed", "live",
+                 "next_offset", "number", "round_clock", "round_offset", "round_pending",
+                 "stored")
 
-    def __init__(self, number: int, start: int, committed: int) -> None:
+    def __init__(self, number: int, start: int, committed: int, clock: PartitionClock) -> None:
         self.number = number
+        self.clock = clock  # stream time per input partition, after the records below next_offset
         self.next_offset = start  # one past the last record applied
         self.committed = committed  # records below were processed and committed already
         self.checkpoint_offset = start
@@ -580,21 +617,24 @@ class _Partition:
         self.live: dict[str, Series] = {}
         self.stored: dict[str, bytes] = {}  # snapshots of series not in memory
         self.round_offset: int | None = None  # offset of the checkpoint being written
+        self.round_clock: dict[str, Any] = {}  # the clock at that offset
         self.round_pending: list[str] = []  # series still to snapshot in that checkpoint
 
 
 class _Due:
     """A closed window waiting for its series' detector (``ScoreStage._flush``)."""
 
-    __slots__ = ("error", "headers", "message", "result", "series", "window")
+    __slots__ = ("error", "headers", "message", "no_data", "result", "series", "window")
 
     def __init__(
-        self, series: Series, window: ClosedWindow, message: Any, headers: Headers
+        self, series: Series, window: ClosedWindow, message: Any, headers: Headers,
+        no_data: bool,
     ) -> None:
         self.series = series
         self.window = window
         self.message = message  # the record that closed it, and its headers: for a dead letter
         self.headers = headers
+        self.no_data = no_data  # the series had been silent for its no_data_after by the end
         self.result: Result | None = None
         self.error: str | None = None
 
@@ -620,6 +660,10 @@ class ScoreStage(_Stage):
         self.max_fill = config.worker.max_fill_intervals
         self.snapshot_interval_s = config.worker.snapshot_interval_ms / 1000
         self.snapshots_per_commit = config.worker.snapshots_per_commit
+        # A jump of an input's stream time this long is the whole input pausing (PartitionClock).
+        self.pause_ms = min(
+            (spec.no_data_after for spec in config.detectors if spec.no_data_after), default=None
+        )
         self._last_gauges = 0.0
         self._in = metrics.records_in.labels(self.name, config.topics.repartition)
         self._results = metrics.records_out.labels("result")
@@ -645,6 +689,7 @@ class ScoreStage(_Stage):
         the order it arose, so the output topics are the same as with record-order scoring.
         """
         consumed = False
+        ticks = 0
         for message in messages:
             if message.error() is not None:
                 self.consumer_error(message)
@@ -656,39 +701,91 @@ class ScoreStage(_Stage):
             offset = message.offset()
             live_output = offset >= part.committed
             headers = message.headers() or []
-            tsid = message.key().decode()
-            series = self._series(part, tsid, headers, message.value(), live_output)
-            if series is None or offset < series.skip_below:
-                part.next_offset = offset + 1
-                continue
             event = headers[_H_EVENT][1]
-            values = struct.unpack_from(f">{len(series.spec.measures)}d", event, 8)
-            try:
-                closed = series.windows.add(_EVENT.unpack_from(event)[0], values)
-            except LateRecord as late:
-                if live_output:
-                    self._dead_letter(message, headers, LATE, str(late))
-                part.next_offset = offset + 1
-                continue
-            series.dirty = True
-            if closed:
-                due = [_Due(series, window, message, headers) for window in closed]
-                pending = self._due.get(series)
-                if pending is None:
-                    self._due[series] = due
-                else:
-                    pending.extend(due)
-                if live_output:
-                    self._outbox.extend(due)
+            event_ms: int = _EVENT.unpack_from(event)[0]
+            source = (headers[_H_SOURCE_TOPIC][1] + b"/" + headers[_H_SOURCE_PARTITION][1]).decode()
+            if headers[_H_DETECTOR][1]:
+                self._apply(part, message, headers, event, event_ms, source, live_output)
+            else:  # a tick of the input's time (RouteStage._tick)
+                ticks += 1
+            # Every record moves its input's stream time, also one skipped or late: the clock is
+            # a function of the partition's records, so a replay closes the same windows.
+            self._advance_clock(part, source, event_ms, message, headers, live_output)
             part.next_offset = offset + 1
         self._flush()
         if not self.in_transaction and any(
             p.next_offset > p.committed for p in self.partitions.values()
         ):
             self.begin()  # offsets advanced (even without output): commit them on schedule
-        self._in.inc(len(messages))
+        # Input records only: ticks are the route stage's bookkeeping, not records consumed.
+        self._in.inc(len(messages) - ticks)
         if consumed:
             self.last_progress = time.monotonic()
+
+    def _apply(
+        self, part: _Partition, message: Any, headers: Headers, event: bytes, event_ms: int,
+        source: str, live_output: bool,
+    ) -> None:
+        """Window one record into its series."""
+        tsid = message.key().decode()
+        series = self._series(part, tsid, headers, message.value(), live_output)
+        if series is None or message.offset() < series.skip_below:
+            return
+        values = struct.unpack_from(f">{len(series.spec.measures)}d", event, 8)
+        try:
+            closed = series.windows.add(event_ms, values)
+        except LateRecord as late:
+            if live_output:
+                self._dead_letter(message, headers, LATE, str(late))
+            return
+        series.dirty = True
+        series.source = source
+        self._closed(part, series, closed, message, headers, live_output)
+
+    def _advance_clock(
+        self, part: _Partition, source: str, event_ms: int, message: Any, headers: Headers,
+        live_output: bool,
+    ) -> None:
+        """Close the windows that the stream time of ``source`` has passed, in every series
+        of that input partition, whether it sent anything lately or not."""
+        clock = part.clock
+        for tsid in clock.due(source, clock.observe(source, event_ms)):
+            series = self.lru.get(tsid) or self._stored_series(part, tsid)
+            if series is None:  # its detector was removed from the configuration
+                continue
+            closed = series.windows.advance(clock.times[source] - series.spec.delay_ms)
+            series.dirty = True
+            self._closed(part, series, closed, message, headers, live_output)
+
+    def _closed(
+        self, part: _Partition, series: Series, closed: list[ClosedWindow], message: Any,
+        headers: Headers, live_output: bool,
+    ) -> None:
+        """Queue the windows that closed for scoring; schedule the series' next close."""
+        spec = series.spec
+        if closed:
+            no_data_after = spec.no_data_after
+            since = part.clock.silent_since
+            due = [
+                _Due(
+                    series, window, message, headers,
+                    no_data_after is not None and window.records == 0
+                    and window.end_ms - since(series.source, window.last_data_ms) >= no_data_after,
+                )
+                for window in closed
+            ]
+            pending = self._due.get(series)
+            if pending is None:
+                self._due[series] = due
+            else:
+                pending.extend(due)
+            if live_output:
+                self._outbox.extend(due)
+        next_close = series.windows.next_close_ms()
+        part.clock.schedule(
+            series.timeseries_id, series.source,
+            None if next_close is None else next_close + spec.delay_ms,
+        )
 
     def _flush(self) -> None:
         """Score the pending windows series by series; produce the outbox in its order."""
@@ -721,7 +818,8 @@ class ScoreStage(_Stage):
                 produce(*entry)
             elif entry.result is not None:
                 series = entry.series
-                produce(output, _result_record(series, entry.window, entry.result),
+                produce(output,
+                        _result_record(series, entry.window, entry.result, entry.no_data),
                         series.timeseries_id)
                 if entry.result.anomaly_decision:
                     self._anomalies[series.spec.name].inc()
@@ -749,26 +847,43 @@ class ScoreStage(_Stage):
         spec = self.config.detectors[index]
         payload = part.stored.pop(tsid, None)
         if payload is not None:
-            try:
-                snapshot = decode_snapshot(payload)
-                series = Series.from_snapshot(
-                    snapshot, tsid, index, spec, part.number, self.max_fill
-                )
-            except Exception as error:
-                # Starting the series afresh would silently send it back to LEARNING.
-                raise WorkerError(
-                    f"the snapshot of series {tsid} ({self.config.topics.state} partition "
-                    f"{part.number}) cannot be restored: {error}"
-                ) from error
-            series.skip_below = snapshot.offset
-        else:
-            try:
-                dimensions = self.router.point(index, load_object(value)).dimensions
-            except InvalidRecord as error:  # the route stage validated it; a config change?
-                if live_output:
-                    self._dead_letter_raw(value, headers, error.reason, error.detail)
-                return None
-            series = Series(tsid, index, spec, dimensions, part.number, self.max_fill)
+            return self._load(part, tsid, payload, index)
+        try:
+            dimensions = self.router.point(index, load_object(value)).dimensions
+        except InvalidRecord as error:  # the route stage validated it; a config change?
+            if live_output:
+                self._dead_letter_raw(value, headers, error.reason, error.detail)
+            return None
+        return self._live(part, Series(tsid, index, spec, dimensions, part.number, self.max_fill))
+
+    def _stored_series(self, part: _Partition, tsid: str) -> Series | None:
+        """A series not in memory, loaded from its snapshot; None if its detector is gone."""
+        payload = part.stored.get(tsid)
+        if payload is None:
+            return None
+        index = self.spec_index.get(snapshot_header(payload)["detector"])
+        if index is None:
+            return None
+        del part.stored[tsid]
+        return self._load(part, tsid, payload, index)
+
+    def _load(self, part: _Partition, tsid: str, payload: bytes, index: int) -> Series:
+        try:
+            snapshot = decode_snapshot(payload)
+            series = Series.from_snapshot(
+                snapshot, tsid, index, self.config.detectors[index], part.number, self.max_fill
+            )
+        except Exception as error:
+            # Starting the series afresh would silently send it back to LEARNING.
+            raise WorkerError(
+                f"the snapshot of series {tsid} ({self.config.topics.state} partition "
+                f"{part.number}) cannot be restored: {error}"
+            ) from error
+        series.skip_below = snapshot.offset
+        return self._live(part, series)
+
+    def _live(self, part: _Partition, series: Series) -> Series:
+        tsid = series.timeseries_id
         series.record_prefix = _record_prefix(series)
         part.live[tsid] = series
         self.lru[tsid] = series
@@ -832,6 +947,7 @@ class ScoreStage(_Stage):
                         or now - part.checkpointed_at < self.snapshot_interval_s):
                     continue
                 part.round_offset = part.next_offset
+                part.round_clock = part.clock.to_dict()
                 part.round_pending = [t for t, series in part.live.items() if series.dirty]
             while part.round_pending and budget > 0:
                 series = part.live.get(part.round_pending.pop())
@@ -841,7 +957,7 @@ class ScoreStage(_Stage):
                     budget -= 1
             if part.round_pending:
                 return
-            self._mark(part, part.round_offset)
+            self._mark(part, part.round_offset, part.round_clock)
 
     def _snapshot(self, part: _Partition, series: Series, cause: str) -> bytes:
         began = time.perf_counter()
@@ -858,10 +974,10 @@ class ScoreStage(_Stage):
         for series in part.live.values():
             if series.dirty:
                 self._snapshot(part, series, "checkpoint")
-        self._mark(part, part.next_offset)
+        self._mark(part, part.next_offset, part.clock.to_dict())
 
-    def _mark(self, part: _Partition, offset: int) -> None:
-        self.produce(self.config.topics.state, encode_checkpoint(offset), CHECKPOINT_KEY,
+    def _mark(self, part: _Partition, offset: int, clock: dict[str, Any]) -> None:
+        self.produce(self.config.topics.state, encode_checkpoint(offset, clock), CHECKPOINT_KEY,
                      partition=part.number)
         part.checkpoint_offset = offset
         part.checkpointed_at = time.monotonic()
@@ -970,12 +1086,19 @@ class ScoreStage(_Stage):
                         TopicPartition(config.topics.repartition, number), 30, False),
                 "reading the start offset",
             )
-            start = max(low, decode_checkpoint(marker)) if marker is not None else low
+            clock = PartitionClock(self.pause_ms)
+            start = low
+            if marker is not None:
+                checkpoint, clock_state = decode_checkpoint(marker)
+                start = max(low, checkpoint)
+                if clock_state is not None:
+                    clock.restore(clock_state)
             committed_offset = max(committed_by_partition.get(number, -1), 0)
-            part = _Partition(number, start, committed_offset)
+            part = _Partition(number, start, committed_offset, clock)
             part.stored = {
                 key.decode(): value for key, value in entries.items() if value is not None
             }
+            self._schedule_stored(part)
             self.partitions[number] = part
             log.info(
                 "score: partition %d: %d series restored, replay %d..%d suppressed",
@@ -983,6 +1106,22 @@ class ScoreStage(_Stage):
             )
             if committed_offset > start:
                 self.metrics.replayed.inc(committed_offset - start)
+
+    def _schedule_stored(self, part: _Partition) -> None:
+        """Put the restored series on the partition's schedule, from their snapshots' headers
+        (windows and source), so that the silent ones among them close on time too."""
+        for tsid, payload in part.stored.items():
+            header = snapshot_header(payload)
+            index = self.spec_index.get(header["detector"])
+            if index is None:
+                continue
+            spec = self.config.detectors[index]
+            windows = SeriesWindows(
+                spec.interval_ms, spec.delay_ms, spec.aggregation, spec.empty, self.max_fill
+            ).restore(header["windows"])
+            next_close = windows.next_close_ms()
+            if next_close is not None:
+                part.clock.schedule(tsid, header.get("source", ""), next_close + spec.delay_ms)
 
 
 def read_state(
@@ -1086,11 +1225,13 @@ def _format_epoch_ms(epoch_ms: int) -> str:
     return f"{text}{hour:02d}:{minute:02d}:{second:02d}.{millis:03d}Z"
 
 
-def _result_record(series: Series, window: ClosedWindow, result: Result) -> bytes:
+def _result_record(series: Series, window: ClosedWindow, result: Result, no_data: bool) -> bytes:
     """One result record. Formatted by hand: it is built for every closed window, and float
-    ``repr`` is exactly what ``json.dumps`` writes for the finite numbers a detector returns."""
+    ``repr`` is exactly what ``json.dumps`` writes for the finite numbers a detector returns.
+    An interval without data that reached the detector as missing has a null value."""
+    values = window.values
     text = (
-        f'"aggregatedMeasureValue":{float(window.values[0])!r},'
+        f'"aggregatedMeasureValue":{"null" if values is None else repr(float(values[0]))},'
         f'"anomalyScore":{float(result.anomaly_score)!r},'
         f'"anomalyDecision":{int(result.anomaly_decision)},'
         f'"anomalyConfidenceScore":{float(result.confidence)!r},'
@@ -1099,7 +1240,9 @@ def _result_record(series: Series, window: ClosedWindow, result: Result) -> byte
         f'"processedDataPoints":{int(result.processed_data_points)},'
         f'"detectionPeriodStartTime":"{iso_time(window.start_ms)}",'
         f'"detectionPeriodEndTime":"{iso_time(window.end_ms)}",'
-        f'"rawScore":{float(result.raw_score)!r}'
+        f'"rawScore":{float(result.raw_score)!r},'
+        f'"noData":{int(no_data)},'
+        f'"lastDataTime":"{iso_time(window.last_data_ms)}"'
     )
     measures = series.spec.measures
     if len(measures) > 1:
@@ -1107,7 +1250,8 @@ def _result_record(series: Series, window: ClosedWindow, result: Result) -> byte
             "measures": {
                 name: {"value": value, "expected": expected}
                 for name, value, expected in zip(
-                    measures, window.values, result.expected_values, strict=True
+                    measures, values or (None,) * len(measures), result.expected_values,
+                    strict=True,
                 )
             }
         }

@@ -25,7 +25,7 @@ ANOMALY_RATE = 0.015
 def small_lake(directory: Path) -> LakeSummary:
     return build_lake(
         directory, series=SERIES, intervals=INTERVALS, start=START, seed=SEED,
-        anomaly_rate=ANOMALY_RATE, intervals_per_file=45,
+        anomaly_rate=ANOMALY_RATE, intervals_per_file=45, silent_series=1,
     )  # fmt: skip
 
 
@@ -52,28 +52,44 @@ class LakeTotals:
     """What the KPI row must show for the whole lake, computed straight from the files."""
 
     series: int
-    points: int
+    alerting: int
+    silent: int
+    incidents: int
     flagged: int
-    confidence: float
 
     def kpis(self) -> dict[str, str]:
         return {
-            "Series tracked": f"{self.series:,}",
-            "Data points processed": f"{self.points:,}",
-            "Anomalies in range": f"{self.flagged:,}",
-            "Mean confidence": f"{self.confidence:.1f}",
+            "Series in range": f"{self.series:,}",
+            "Alerting now": f"{self.alerting:,}",
+            "Silent now": f"{self.silent:,}",
+            "Incidents in range": f"{self.incidents:,}",
+            "Flagged intervals": f"{self.flagged:,}",
         }
 
 
 def lake_totals(lake: Path) -> LakeTotals:
-    series, points, flagged = direct_one(
+    series, alerting, silent, flagged = direct_one(
         lake,
-        "SELECT count(DISTINCT timeseriesId), sum(p), sum(a) FROM (SELECT timeseriesId, "
-        "max(processedDataPoints) p, sum(anomalyDecision) a FROM files GROUP BY ALL)",
+        "SELECT count(*), sum(a), sum(s), sum(f) FROM (SELECT timeseriesId,"
+        " arg_max(anomalyDecision, detectionPeriodStartTime) a,"
+        " arg_max(noData, detectionPeriodStartTime) s, sum(anomalyDecision) f"
+        " FROM files GROUP BY ALL)",
     )
-    (confidence,) = direct_one(
+    return LakeTotals(int(series), int(alerting), int(silent), runs(lake, "anomalyDecision"),
+                      int(flagged))
+
+
+def runs(lake: Path, flag: str, timeseries_id: str | None = None) -> int:
+    """Runs of consecutive intervals of one series (or of all) where ``flag`` is 1: incidents
+    for ``anomalyDecision``, silences for ``noData``. Counted in Python over the rows."""
+    rows = direct(
         lake,
-        "SELECT avg(c) FROM (SELECT arg_max(anomalyConfidenceScore, detectionPeriodStartTime) c"
-        " FROM files GROUP BY timeseriesId)",
+        f"SELECT timeseriesId, {flag} FROM files WHERE ? IS NULL OR timeseriesId = ?"
+        " ORDER BY timeseriesId, detectionPeriodStartTime",
+        [timeseries_id, timeseries_id],
     )
-    return LakeTotals(series, points, flagged, confidence)
+    # A run starts where a series' flag goes from 0 (or its first interval) to 1.
+    return sum(
+        1 for i, (tsid, on) in enumerate(rows)
+        if on == 1 and (i == 0 or rows[i - 1][0] != tsid or rows[i - 1][1] == 0)
+    )

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from dashboard.charts import ANOMALY_COLOUR, SILENT_COLOUR
 from dashboard.fixtures import LakeSummary, build_lake
 from tests.dashboard_support import (
     ANOMALY_RATE,
@@ -32,6 +33,7 @@ from tests.dashboard_support import (
     direct,
     direct_one,
     lake_totals,
+    runs,
     small_lake,
 )
 
@@ -191,7 +193,7 @@ def test_risk_desk_in_chromium(
     server: str, lake: LakeSummary, browser: WebDriver, downloads: Path, tmp_path: Path
 ) -> None:
     browser.get(server + "/")
-    wait_for(browser, lambda d: len(metrics(d)) == 4 and table_cells(d), "KPIs and table")
+    wait_for(browser, lambda d: len(metrics(d)) == 5 and table_cells(d), "KPIs and table")
     # Pause the live refresh so that nothing re-renders while the test reads the page.
     toggle_live(browser)
     wait_for(browser, settled, "the page to settle")
@@ -286,12 +288,32 @@ def test_risk_desk_in_chromium(
     assert caption_with(browser, f"180 intervals · {linked_flags} flagged")
     chart = series_chart(browser)
     assert chart is not None and chart.size["height"] > 200
+    # Its incidents are shaded spans, one per run of flagged intervals, across the value panel
+    # and the score panel; the score has a panel and an axis of its own, under the value's.
+    incidents = runs(lake.lake_dir, "anomalyDecision", linked)
+    assert incidents > 1
+    assert len(shaded(chart, ANOMALY_COLOUR)) == 2 * incidents
+    titles = axis_titles(chart)
+    assert titles[0] != "anomaly score" and titles[-1] == "anomaly score", titles
     picker = browser.find_element(By.CSS_SELECTOR, 'input[aria-label="Series"]')
     shown = picker.get_attribute("value") or ""
     assert shown.startswith(detector)
     assert all(f"{d['name']}={d['value']}" in shown for d in dimensions)
     screenshot(browser, tmp_path / "dashboard.png")
     assert (tmp_path / "dashboard.png").stat().st_size > 20_000
+
+    # A series that stopped reporting: its silence is a grey span, and it counts as silent now.
+    (silent_id,) = direct_one(lake.lake_dir, "SELECT any_value(timeseriesId) FROM files"
+                              " WHERE noData = 1")
+    browser.get(f"{server}/?series={silent_id}")
+    wait_for(browser, lambda d: caption_with(d, "180 intervals") and len(metrics(d)) == 5,
+             "the silent series")
+    toggle_live(browser)
+    wait_for(browser, settled, "the page to settle")
+    assert metrics(browser)["Silent now"] == "1"
+    silent_chart = series_chart(browser)
+    assert silent_chart is not None
+    assert len(shaded(silent_chart, SILENT_COLOUR)) == runs(lake.lake_dir, "noData", silent_id)
 
     # Live again: a newly published day shows up by itself, without reloading the page.
     toggle_live(browser)
@@ -302,6 +324,21 @@ def test_risk_desk_in_chromium(
     )  # fmt: skip
     published = (later + timedelta(minutes=29)).strftime("%Y-%m-%d %H:%M")
     wait_for(browser, lambda d: caption_with(d, f"Newest result {published}"), "the live refresh")
+
+
+def shaded(chart: WebElement, colour: str) -> list[WebElement]:
+    """The shaded spans of one colour that Vega drew (as SVG paths) in ``chart``."""
+    return [
+        path for path in chart.find_elements(By.CSS_SELECTOR, "g.mark-rect path")
+        if (path.get_attribute("fill") or "").lower() == colour
+    ]
+
+
+def axis_titles(chart: WebElement) -> list[str]:
+    """The chart's axis titles, top to bottom."""
+    titles = chart.find_elements(By.CSS_SELECTOR, "g.role-axis-title text")
+    ordered = sorted(titles, key=lambda text: (text.location["y"], text.location["x"]))
+    return [text.text for text in ordered if text.text != "UTC"]
 
 
 def series_chart(driver: WebDriver) -> WebElement | None:

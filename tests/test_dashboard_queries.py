@@ -17,7 +17,7 @@ from sinks.lake import connect
 from sinks.lake_files import publish_sink_file
 from sinks.result_table import parse_results
 from stream.records import dimension_list, encode, format_time, timeseries_id
-from tests.dashboard_support import direct, direct_one, small_lake
+from tests.dashboard_support import direct, direct_one, lake_totals, small_lake
 
 START_NEXT_DAY = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
@@ -53,19 +53,37 @@ def test_series_are_distinct_and_named_by_their_dimensions() -> None:
 def test_kpis_match_an_independent_count(lake: LakeSummary) -> None:
     con = connect(lake.lake_dir)
     kpis = queries.kpis(con, Filters())
-    series, points, anomalies = direct_one(
-        lake.lake_dir,
-        "SELECT count(DISTINCT timeseriesId), count(*), sum(anomalyDecision) FROM files",
+    totals = lake_totals(lake.lake_dir)
+    assert (kpis.series, kpis.alerting, kpis.silent, kpis.incidents, kpis.anomalies) == (
+        totals.series, totals.alerting, totals.silent, totals.incidents, totals.flagged
     )
-    (confidence,) = direct_one(
-        lake.lake_dir,
-        "SELECT avg(c) FROM (SELECT arg_max(anomalyConfidenceScore, detectionPeriodStartTime) c"
-        " FROM files GROUP BY timeseriesId)",
-    )
-    # The fixture's processedDataPoints counts from 1 in the lake's first interval.
-    assert (kpis.series, kpis.data_points, kpis.anomalies) == (series, points, anomalies)
-    assert kpis.mean_confidence == pytest.approx(confidence)
     assert kpis.anomalies == lake.anomalies > 0
+    assert kpis.silent == 1  # the fixture's silent series
+
+
+def test_kpis_move_with_the_time_range(lake: LakeSummary) -> None:
+    """"Now" is the end of the range: a range ending just after a flagged interval has that
+    series alerting; one ending before the silence began has nobody silent."""
+    con = connect(lake.lake_dir)
+    (flagged_at,) = direct_one(
+        lake.lake_dir,
+        "SELECT max(detectionPeriodStartTime) FROM files WHERE anomalyDecision = 1",
+    )
+    (silent_from,) = direct_one(
+        lake.lake_dir, "SELECT min(detectionPeriodStartTime) FROM files WHERE noData = 1"
+    )
+    window = Filters(start=lake.first_start, end=flagged_at + timedelta(seconds=1))
+    before = queries.kpis(con, window)
+    assert before.alerting >= 1
+    assert before.silent == (1 if flagged_at >= silent_from else 0)
+    early = queries.kpis(con, Filters(end=silent_from))
+    assert early.silent == 0
+    (flagged_before,) = direct_one(
+        lake.lake_dir,
+        "SELECT sum(anomalyDecision) FROM files WHERE detectionPeriodStartTime < ?",
+        [silent_from],
+    )
+    assert early.anomalies == flagged_before
 
 
 def test_time_range_and_series_filters_narrow_every_panel(lake: LakeSummary) -> None:
@@ -159,8 +177,40 @@ def test_series_points_and_chart(lake: LakeSummary) -> None:
     assert queries.series_label(con, chosen) == catalog["label"].iloc[0]
     assert queries.series_label(con, "no-such-series") is None
     spec = charts.series_chart(points, "spread_bps").to_dict()
-    assert spec["resolve"] == {"scale": {"y": "independent"}}
+    upper, lower = spec["vconcat"]
     assert any(p.get("bind") == "scales" for p in _params(spec))
+    # The score has its own panel and axis, 0-100, with the threshold on it.
+    score_axes = [layer["encoding"]["y"] for layer in lower["layer"][1:]]
+    assert score_axes[0]["title"] == "anomaly score"
+    assert score_axes[0]["scale"]["domain"] == [0, 100]
+    assert all(layer["encoding"].get("y", {}).get("title") != "anomaly score"
+               for layer in upper["layer"])
+    # The incidents are shaded: one rect per run of flagged intervals, here single spikes.
+    incidents = next(layer for layer in upper["layer"]
+                     if layer["mark"].get("color") == charts.ANOMALY_COLOUR)
+    assert incidents["mark"]["type"] == "rect"
+    assert len(spec["datasets"][incidents["data"]["name"]]) == len(charts.spans(points, "anomaly"))
+
+
+def test_spans_of_incidents_and_silence(lake: LakeSummary) -> None:
+    con = connect(lake.lake_dir)
+    (silent_id,) = direct_one(lake.lake_dir, "SELECT any_value(timeseriesId) FROM files"
+                              " WHERE noData = 1")
+    points = queries.series_points(con, silent_id, Filters())
+    silence = charts.spans(points, "no_data")
+    (first, last, count) = direct_one(
+        lake.lake_dir,
+        "SELECT min(detectionPeriodStartTime), max(detectionPeriodEndTime), count(*) FROM files"
+        " WHERE timeseriesId = ? AND noData = 1",
+        [silent_id],
+    )
+    assert silence[["start", "end", "intervals"]].values.tolist() == [[first, last, count]]
+    assert points.loc[points["no_data"] == 1, "value"].isna().all()
+    frame = pd.DataFrame({
+        "time": range(8), "end": range(1, 9), "anomaly": [0, 1, 1, 1, 0, 0, 1, 0],
+        "score": [5, 71, 95, 80, 40, 3, 77, 2],
+    })
+    assert charts.spans(frame, "anomaly").values.tolist() == [[1, 4, 95, 3], [6, 7, 77, 1]]
 
 
 def _params(spec: dict) -> list[dict]:
@@ -175,7 +225,7 @@ def test_empty_and_missing_lakes_give_empty_answers(tmp_path: Path) -> None:
         con = connect(lake_dir)
         extent = queries.extent(con)
         assert (extent.rows, extent.first, extent.last) == (0, None, None)
-        assert queries.kpis(con, Filters()) == queries.Kpis(0, 0, 0, None)
+        assert queries.kpis(con, Filters()) == queries.Kpis(0, 0, 0, 0, 0)
         empty = queries.anomalies(con, Filters(), 10)
         assert empty.rows.empty and empty.total == 0
         assert queries.heatmap(con, Filters(), 5).empty

@@ -23,9 +23,10 @@ from stream.demo import (
     Topics,
     alert_config,
     detect_config,
+    incident_report,
 )
 from stream.kafka_local import free_port
-from stream.records import parse_time
+from stream.records import parse_time, timeseries_id
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SECONDS = 110.0  # then Ctrl-C
@@ -201,6 +202,62 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     ]
     assert on_label, f"no FIRING alert inside a labelled window: {firing}"
     assert not quiet_ones, f"alerts for {len(quiet_ones)} anomaly-free series: {quiet_ones}"
+    # The summary line counts pages per kind against the labels; no incident of a labelled
+    # anomaly is declared over before its label ends.
+    documents = [json.loads((workdir / f"{feed}.labels.json").read_text()) for feed in FEEDS]
+    newest = query(workdir / "lake", "SELECT epoch(max(detectionPeriodStartTime)) AS t FROM scores")
+    run_end = newest.to_pylist()[0]["t"]
+    tallies, quiet_pages = incident_report(documents, messages, run_end)
+    per_kind = ", ".join(f"{k} {t.paged}/{t.labelled}" for k, t in sorted(tallies.items()))
+    # Rich wraps the console line; compare with the whitespace joined again.
+    printed = " ".join(output.split())
+    assert f"pages per kind of anomaly (paged/labelled in the run): {per_kind};" in printed
+    assert quiet_pages == 0
+    # Labels that began in the run with a FIRING inside them (or up to 3 intervals after),
+    # counted here with this test's own parser.
+    paged_labels = sum(
+        1
+        for key, spans in windows.items()
+        for first, last in spans
+        if first <= run_end
+        and any(k == key and first <= start <= last + 180 for items in firing for k, start in items)
+    )
+    assert sum(t.paged for t in tallies.values()) == paged_labels > 0
+    early = {kind: t.resolved_early for kind, t in tallies.items() if t.resolved_early}
+    assert early == {}, f"RESOLVED before the label ended: {early}"
+
+
+def test_incident_report_counts_pages_per_kind_against_the_labels() -> None:
+    day = "2026-11-22T"
+    gpu = {"host": "h0", "gpu": "0"}
+    label = {"dimensions": gpu, "measure": "gpu_util", "kind": "stuck_at_zero",
+             "start": f"{day}10:00:00.000Z", "end": f"{day}10:14:00.000Z"}
+    later = {**label, "kind": "under_utilisation", "start": f"{day}12:00:00.000Z",
+             "end": f"{day}12:30:00.000Z"}
+    beyond = {**label, "start": f"{day}23:00:00.000Z", "end": f"{day}23:10:00.000Z"}
+    documents = [{"labels": [label, later, beyond]}]
+    series = timeseries_id("ops-gpu", "gpu_util", gpu)
+    quiet = timeseries_id("ops-cpu", "cpu_util", {"host": "h1"})
+
+    def message(kind: str, start: str, incident: str, series_id: str) -> dict[str, str]:
+        return {"title": f"[{kind}] demo-anomalies (warning) detector=ops-gpu: 1 series",
+                "message": f"Intro:\n- ops-gpu / gpu_util: gpu=0, host=h0\n  value 0\n"
+                           f"  interval {day}{start}:00.000Z - {day}{start}:59.000Z\n"
+                           f"  incident since {day}{incident}:00.000Z, 1 min so far\n"
+                           f"  http://d/?series={series_id}"}
+
+    messages = [
+        message("FIRING", "10:00", "10:00", series),  # the stuck GPU, paged at its start
+        message("RESOLVED", "10:05", "10:00", series),  # ...and declared over while still stuck
+        message("FIRING", "13:00", "13:00", series),  # long after the under-utilisation
+        message("FIRING", "11:00", "11:00", quiet),  # a series without labels
+    ]
+    run_end = parse_time(f"{day}20:00:00Z").timestamp()
+    tallies, quiet_pages = incident_report(documents, messages, run_end)
+    assert {k: (t.labelled, t.paged, t.resolved_early) for k, t in tallies.items()} == {
+        "stuck_at_zero": (1, 1, 1), "under_utilisation": (1, 0, 0),
+    }
+    assert quiet_pages == 1
 
 
 def test_webhook_only_mode_prints_posted_alerts_and_stops_on_sigterm(tmp_path: Path) -> None:

@@ -94,6 +94,9 @@ class MofN(_Strict):
 
 class Rule(_Strict):
     name: str = Field(min_length=1)
+    # "anomaly": the score crosses the enter threshold. "no_data": the series went silent for its
+    # detector's ``no_data_after`` (the result record's ``noData``); it is over once data returns.
+    condition: Literal["anomaly", "no_data"] = "anomaly"
     # Glob patterns (fnmatch) on detectorName; empty means every detector.
     detectors: list[str] = Field(default_factory=list)
     # Dimension name -> glob pattern; every listed dimension must match.
@@ -104,7 +107,9 @@ class Rule(_Strict):
     exit_threshold: float | None = Field(default=None, ge=0, le=100)
     hysteresis: float = Field(default=10.0, ge=0, le=100)
     fire_after: MofN = Field(default_factory=MofN)
-    resolve_after: int = Field(default=3, ge=1, description="K intervals under the exit threshold")
+    resolve_after: int = Field(
+        default=3, ge=1, description="K intervals under the exit threshold (or with data again)"
+    )
     min_confidence: float = Field(default=0.0, ge=0, le=100)
     # Scores of a model still learning are not trusted enough to page anyone.
     skip_learning: bool = True

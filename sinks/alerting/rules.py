@@ -31,6 +31,10 @@ class Observation:
     stage: str
     start: float
     end: float
+    # The series sent nothing for its detector's ``no_data_after`` (record field ``noData``).
+    no_data: bool = False
+    # Event time of the series' last record (``lastDataTime``); NaN when the record lacks it.
+    last_data: float = math.nan
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Observation:
@@ -65,12 +69,15 @@ class Observation:
         except (KeyError, TypeError):
             raise ValueError("field dimensionList must be a list of {name, value}") from None
         expected = record.get("expectedValue")
+        last_data = record.get("lastDataTime")
+        # An interval without data reaches the detector as missing: its value is null.
+        missing = "aggregatedMeasureValue" in record and record["aggregatedMeasureValue"] is None
         return cls(
             series_id=text("timeseriesId"),
             detector=text("detectorName"),
             measure=str(record.get("measure") or ""),
             dimensions={str(k): str(v) for k, v in dimensions.items()},
-            value=number("aggregatedMeasureValue"),
+            value=math.nan if missing else number("aggregatedMeasureValue"),
             expected=number("expectedValue") if expected is not None else math.nan,
             score=number("anomalyScore"),
             threshold=number("anomalyDecisionThreshold", 70.0),
@@ -78,6 +85,8 @@ class Observation:
             stage=str(record.get("modelStage") or ""),
             start=moment("detectionPeriodStartTime"),
             end=moment("detectionPeriodEndTime"),
+            no_data=bool(record.get("noData")),
+            last_data=moment("lastDataTime") if last_data is not None else math.nan,
         )
 
     def labels(self) -> dict[str, str]:

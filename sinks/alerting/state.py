@@ -1,8 +1,10 @@
 """The alerting core: a pure state machine per (rule, series), and the grouping of its events.
 
 Fed one ``Observation`` at a time, ``AlertEngine`` decides when an incident fires (M of the last N
-intervals over the enter threshold), when to remind (repeat interval, in record time), and when it
-is over (K intervals in a row under the lower exit threshold). It does no I/O and keeps its state
+intervals over the enter threshold; by default the first, so it pages at the upward crossing), when
+to remind (repeat interval, in record time), and when it is over (K intervals in a row under the
+lower exit threshold). A ``no_data`` rule does the same on the record's ``noData`` flag: it fires
+when the series goes silent and is over once data comes back. It does no I/O and keeps its state
 in plain data so that the service can persist it with the offsets it reflects.
 
 >>> from sinks.alerting.config import Rule
@@ -20,6 +22,7 @@ in plain data so that the service can persist it with the offsets it reflects.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -55,6 +58,16 @@ class Event:
     end: float
     incident_start: float
     peak_score: float
+    # End of the incident's last interval over the exit threshold (or without data): with
+    # ``incident_start``, how long it lasted. Defaults let events saved by older versions load.
+    incident_end: float = math.nan
+    condition: str = "anomaly"
+    last_data: float = math.nan
+
+    @property
+    def duration(self) -> float:
+        """Seconds from the incident's start to the end of its last anomalous interval."""
+        return self.incident_end - self.incident_start
 
     def labels(self) -> dict[str, str]:
         return {
@@ -80,6 +93,7 @@ class SeriesState:
     recent: list[bool] = field(default_factory=list)  # hot or not, last N intervals
     below: int = 0  # consecutive intervals under the exit threshold while firing
     incident_start: float = 0.0
+    incident_end: float = 0.0  # end of the last interval that kept the incident going
     peak_score: float = 0.0
     # End of the interval last notified; None while firing but silenced so far.
     last_notified_end: float | None = None
@@ -120,8 +134,13 @@ class AlertEngine:
             return None
         state.last_end = obs.end
         enter, exit_ = rule.thresholds(obs.threshold)
-        trusted = not (rule.skip_learning and obs.stage.upper() == "LEARNING")
-        hot = trusted and obs.score >= enter and obs.confidence >= rule.min_confidence
+        if rule.condition == "no_data":
+            hot = obs.no_data
+            cool = not obs.no_data
+        else:
+            trusted = not (rule.skip_learning and obs.stage.upper() == "LEARNING")
+            hot = trusted and obs.score >= enter and obs.confidence >= rule.min_confidence
+            cool = obs.score < exit_
         event_kind: Kind | None = None
         incident = state  # what the event reports on, even once the state is reset
 
@@ -130,11 +149,12 @@ class AlertEngine:
             if sum(state.recent) >= rule.fire_after.m:
                 state.firing, state.below = True, 0
                 state.incident_start, state.peak_score = obs.start, obs.score
+                state.incident_end = obs.end
                 state.last_notified_end = None
                 event_kind = Kind.FIRING
         else:
             state.peak_score = max(state.peak_score, obs.score)
-            if obs.score < exit_:
+            if cool:
                 state.below += 1
                 if state.below >= rule.resolve_after:
                     was_notified = state.last_notified_end is not None
@@ -142,6 +162,7 @@ class AlertEngine:
                     state = SeriesState(last_end=obs.end)
             else:
                 state.below = 0
+                state.incident_end = obs.end
                 if state.last_notified_end is None:
                     event_kind = Kind.FIRING
                 elif obs.end - state.last_notified_end >= rule.repeat_interval:
@@ -180,6 +201,9 @@ class AlertEngine:
             end=obs.end,
             incident_start=st.incident_start,
             peak_score=max(st.peak_score, obs.score),
+            incident_end=st.incident_end,
+            condition=rule.condition,
+            last_data=obs.last_data,
         )
 
     # Plain-data form for the state file.
