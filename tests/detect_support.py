@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -232,3 +233,15 @@ def wait_for_results(bootstrap: str, topic: str, count: int, timeout_s: float,
             logs = "\n".join(w.log() for w in workers)
             raise AssertionError(f"{len(records)} of {count} results after {timeout_s} s\n{logs}")
         time.sleep(0.5)
+
+
+def names(prefix: str) -> dict[str, str]:
+    """Fresh group and topic names for one test's worker configuration."""
+    tag = uuid.uuid4().hex[:8]
+    return {
+        "group": f"{prefix}-{tag}",
+        "output": f"{prefix}-out-{tag}",
+        "dead_letter": f"{prefix}-dlq-{tag}",
+        "repartition": f"{prefix}-rep-{tag}",
+        "state": f"{prefix}-state-{tag}",
+    }

@@ -30,6 +30,7 @@ from tests.detect_support import (
     SMALL_MODEL,
     WorkerProcess,
     by_series,
+    names,
     point,
     produce,
     read_topic,
@@ -40,17 +41,6 @@ from tests.detect_support import (
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
-
-
-def names(prefix: str) -> dict[str, str]:
-    tag = uuid.uuid4().hex[:8]
-    return {
-        "group": f"{prefix}-{tag}",
-        "output": f"{prefix}-out-{tag}",
-        "dead_letter": f"{prefix}-dlq-{tag}",
-        "repartition": f"{prefix}-rep-{tag}",
-        "state": f"{prefix}-state-{tag}",
-    }
 
 
 def signal_value(host_index: int, i: int) -> float:

@@ -33,6 +33,7 @@ from tests.detect_support import (
     SMALL_MODEL,
     WorkerProcess,
     by_series,
+    names,
     point,
     read_topic,
     results,
@@ -43,17 +44,6 @@ from tests.detect_support import (
 from tests.test_parquet_sink import assert_lake_equals_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
-
-
-def names(prefix: str) -> dict[str, str]:
-    tag = uuid.uuid4().hex[:8]
-    return {
-        "group": f"{prefix}-{tag}",
-        "output": f"{prefix}-out-{tag}",
-        "dead_letter": f"{prefix}-dlq-{tag}",
-        "repartition": f"{prefix}-rep-{tag}",
-        "state": f"{prefix}-state-{tag}",
-    }
 
 
 def value_of(host_index: int, step: int) -> float:
