@@ -12,11 +12,11 @@ in plain data so that the service can persist it with the offsets it reflects.
 >>> def obs(i, score):
 ...     return Observation("s1", "cpu", "util", {}, 1.0, 0.5, score, 70, 90, "INFERENCE",
 ...                        60.0 * i, 60.0 * (i + 1))
->>> [e.kind for e in engine.observe(obs(0, 90), lambda labels: False)]
+>>> [e.kind.value for e in engine.observe(obs(0, 90), lambda labels: False)]
 ['firing']
 >>> engine.observe(obs(1, 95), lambda labels: False)
 []
->>> [e.kind for e in engine.observe(obs(2, 10), lambda labels: False)]
+>>> [e.kind.value for e in engine.observe(obs(2, 10), lambda labels: False)]
 ['resolved']
 """
 
