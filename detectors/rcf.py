@@ -33,7 +33,7 @@ _EXPECTED_DECAY = 0.2  # fast mean for the expected value of series without a da
 
 # An incident holds the expectation of before it for this many points; one that lasts longer
 # is a new normal (a lasting level shift), learned from then on.
-_ACCEPT_AFTER = 60
+_ACCEPT_AFTER = 180
 _FIT_DECAY = 0.002  # the expected value follows whichever predictor fit the last ~500 points
 _FIT_CLIP = 4.0
 _FLOAT32_SAFE = 1e30  # krcf stores float32: larger magnitudes overflow to inf and corrupt it
