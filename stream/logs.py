@@ -21,8 +21,8 @@ from collections import Counter
 from collections.abc import Callable
 
 
-class ThrottledLog:
-    """Warn about each distinct message at most once per ``interval_s``."""
+class _IntervalLog:
+    """A logger, the prefix of its lines, and the interval (on ``clock``) they are paced by."""
 
     def __init__(self, logger: logging.Logger, prefix: str, interval_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -30,6 +30,14 @@ class ThrottledLog:
         self.prefix = prefix
         self.interval_s = interval_s
         self.clock = clock
+
+
+class ThrottledLog(_IntervalLog):
+    """Warn about each distinct message at most once per ``interval_s``."""
+
+    def __init__(self, logger: logging.Logger, prefix: str, interval_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(logger, prefix, interval_s, clock)
         self._last: dict[str, float] = {}
 
     def warn(self, text: str) -> None:
@@ -42,15 +50,12 @@ class ThrottledLog:
             self.logger.warning("%s: %s", self.prefix, text)
 
 
-class DeadLetterLog:
+class DeadLetterLog(_IntervalLog):
     """One summary line per ``interval_s`` of the records dead-lettered, by reason."""
 
     def __init__(self, logger: logging.Logger, prefix: str, interval_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.logger = logger
-        self.prefix = prefix
-        self.interval_s = interval_s
-        self.clock = clock
+        super().__init__(logger, prefix, interval_s, clock)
         self.counts: Counter[str] = Counter()
         self._since = clock()
 

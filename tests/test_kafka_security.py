@@ -109,6 +109,21 @@ def anomstream(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
     )
 
 
+def detect_config(setup: Setup, topics: dict[str, str], group: str) -> str:
+    """A worker's YAML on the secured listener of ``setup``: one small 1 s detector."""
+    return yaml.safe_dump({
+        "kafka": {"bootstrap": setup.bootstrap, "group_id": group, "session_timeout": 6000,
+                  "transaction_timeout": 10000, "security": setup.yaml},
+        "topics": {"output": topics["output"], "dead_letter": topics["dlq"],
+                   "repartition": topics["repart"], "state": topics["state"], "partitions": 2,
+                   "replication": 1, "min_insync_replicas": 1},
+        "worker": {"snapshot_interval": "1s", "commit_interval": "100ms"},
+        "detectors": [{"name": "cpu", "input": topics["input"], "measure": "value",
+                       "dimensions": ["host"], "aggregation": "last", "interval": "1s",
+                       "params": SMALL_MODEL}],
+    })
+
+
 def write_feed(path: Path) -> Path:
     """Two hosts, one point a second, a spike near the end."""
     with path.open("w", newline="") as handle:
@@ -139,18 +154,7 @@ def test_produce_detect_sink_and_alert_run_end_to_end_against_the_secured_broker
     assert f"produced {POINTS * len(HOSTS)} record(s)" in produced.stdout
 
     detect_yaml = tmp_path / "detect.yaml"
-    detect_yaml.write_text(yaml.safe_dump({
-        "kafka": {"bootstrap": setup.bootstrap, "group_id": f"detect-{run}",
-                  "session_timeout": 6000, "transaction_timeout": 10000,
-                  "security": setup.yaml},
-        "topics": {"output": topics["output"], "dead_letter": topics["dlq"],
-                   "repartition": topics["repart"], "state": topics["state"], "partitions": 2,
-                   "replication": 1, "min_insync_replicas": 1},
-        "worker": {"snapshot_interval": "1s", "commit_interval": "100ms"},
-        "detectors": [{"name": "cpu", "input": topics["input"], "measure": "value",
-                       "dimensions": ["host"], "aggregation": "last", "interval": "1s",
-                       "params": SMALL_MODEL}],
-    }))
+    detect_yaml.write_text(detect_config(setup, topics, f"detect-{run}"))
     log_path = tmp_path / "detect.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
@@ -322,17 +326,7 @@ def test_a_fenced_worker_rebuilds_its_clients_with_the_security_settings(
     group, instance = f"detect-{run}", f"fenced-{run}"
     create_topics(setup.bootstrap, [topics["input"]], partitions=2, security=setup.security)
     detect_yaml = tmp_path / "detect.yaml"
-    detect_yaml.write_text(yaml.safe_dump({
-        "kafka": {"bootstrap": setup.bootstrap, "group_id": group, "session_timeout": 6000,
-                  "transaction_timeout": 10000, "security": setup.yaml},
-        "topics": {"output": topics["output"], "dead_letter": topics["dlq"],
-                   "repartition": topics["repart"], "state": topics["state"], "partitions": 2,
-                   "replication": 1, "min_insync_replicas": 1},
-        "worker": {"snapshot_interval": "1s", "commit_interval": "100ms"},
-        "detectors": [{"name": "cpu", "input": topics["input"], "measure": "value",
-                       "dimensions": ["host"], "aggregation": "last", "interval": "1s",
-                       "params": SMALL_MODEL}],
-    }))
+    detect_yaml.write_text(detect_config(setup, topics, group))
     steps = 60
 
     def output() -> list[dict[str, Any]]:
