@@ -147,44 +147,54 @@ class _Repeats:
     not an error count that often stays at 0 or 1. There a run's length is a statistic like any
     other: its ``Tail`` learns how long this series' runs get once started (each run is learned
     when it ends), with a floor of one repeat, so a frozen feed is reported after a few points.
+    A run that was reported teaches nothing (a frozen feed is not a run this series makes), so a
+    second frozen feed is reported as soon as the first was.
     """
 
-    __slots__ = ("last", "run", "seen", "share", "tail")
+    __slots__ = ("last", "reported", "run", "seen", "share", "tail")
 
     def __init__(self) -> None:
         self.last: float | None = None
         self.run = 0
+        self.reported = False  # the current run has been reported
         self.tail = Tail()
         self.share = 0.0  # of points that repeat their predecessor
         self.seen = 0
 
-    def surprise(self, value: float, armed: bool, decay: float, clip: float) -> float:
+    def surprise(
+        self, value: float, armed: bool, decay: float, clip: float, rarity: float
+    ) -> float:
         """The surprise of the run ``value`` extends (0 for a changed value, which ends the run
-        and teaches its length)."""
+        and teaches its length); ``rarity`` is the surprise that reports it."""
         seen = self.seen = self.seen + 1
         rate = decay if decay * seen > 1.0 else 1.0 / seen
         share = self.share
         if value == self.last:
-            self.run += 1
+            run = self.run = self.run + 1
             self.share = share + rate * (1.0 - share)
             if armed and share < _CHANGING:
-                return self.tail.surprise(self.run, 1.0, given_excess=True)
+                found = self.tail.surprise(run, 1.0, given_excess=True)
+                if found >= rarity:
+                    self.reported = True
+                return found
             return 0.0
         self.share = share - rate * share
-        if self.run:
+        if self.run and not self.reported:
             self.tail.learn(self.run, decay, clip)
-            self.run = 0
+        self.run = 0
+        self.reported = False
         self.last = value
         return 0.0
 
     def to_state(self) -> list[Any]:
-        return [self.last, self.run, self.tail.to_state(), self.share, self.seen]
+        return [self.last, self.run, self.tail.to_state(), self.share, self.seen, self.reported]
 
     @classmethod
     def from_state(cls, state: Sequence[Any]) -> _Repeats:
         repeats = cls()
-        repeats.last, repeats.run, tail, repeats.share, repeats.seen = state
+        repeats.last, repeats.run, tail, repeats.share, repeats.seen, *reported = state
         repeats.tail = Tail.from_state(tail)
+        repeats.reported = bool(reported and reported[0])
         return repeats
 
 
@@ -282,7 +292,7 @@ class Calibrator:
             surprise = 0.5 * p.rarity
         stale = 0.0
         for repeats, value in zip(self._repeats, values, strict=True):
-            found = repeats.surprise(value, armed, decay, clip) - self._look_elsewhere
+            found = repeats.surprise(value, armed, decay, clip, p.rarity) - self._look_elsewhere
             if found > stale:
                 stale = found
         self.stale = stale >= p.rarity
@@ -302,7 +312,7 @@ class Calibrator:
         """Learn repeats from a point that is not graded (the forest is still warming up)."""
         decay, clip = self.config.score_decay, 2.0 * self.config.rarity
         for repeats, value in zip(self._repeats, values, strict=True):
-            repeats.surprise(value, False, decay, clip)
+            repeats.surprise(value, False, decay, clip, self.config.rarity)
 
     def to_state(self) -> dict[str, Any]:
         return {

@@ -199,6 +199,22 @@ def test_a_frozen_price_is_reported_within_ten_intervals(seed: int) -> None:
     assert all(results[i].anomaly_decision for i in range(reported[0], frozen_at + 30))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_second_freeze_is_reported_as_soon_as_the_first(seed: int) -> None:
+    """A reported freeze is not a run the series makes: it does not excuse the next one."""
+    values = random_walk(3000, seed)
+    freezes = (1200, 2500)
+    for start in freezes:
+        for i in range(start, start + 40):
+            values[i] = values[start - 1]
+    results = feed(RcfDetector(DetectorConfig(seed=seed)), values, step=MINUTE)
+    first = [
+        next(i for i in range(start, start + 40) if results[i].anomaly_decision) - start
+        for start in freezes
+    ]
+    assert first[0] < 10 and first[1] <= first[0], first
+
+
 def test_an_idle_count_that_often_sits_at_zero_is_not_stale() -> None:
     """Long runs of the same value are this series' habit: no report for them."""
     rng = random.Random(7)
