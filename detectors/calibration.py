@@ -240,17 +240,18 @@ class Calibrator:
         raw_score: float,
         values: Sequence[float],
         expected: Sequence[float],
-        settling: bool = False,
+        settling: Sequence[float] | None = None,
         learn: bool = True,
     ) -> float:
         """Score one point (0–100) and learn from it.
 
         ``values`` and ``expected`` are the variables' values and expected values (a deviation
-        under ``noise_floor`` of the expected value's magnitude never counts). ``settling`` says
-        the forest's input and the expected value just changed meaning (the daily comparison
-        took over): until the forest's sample adapts neither the forest nor the deviations can
-        report. ``learn`` is False while an incident lasts: the deviation tails then keep the
-        pre-incident picture.
+        under ``noise_floor`` of the expected value's magnitude never counts). ``settling``, the
+        expected values of the way the series was described before, says that the forest's
+        input and the expected value just changed meaning (the daily comparison took over):
+        until the forest's sample adapts it cannot report, and a deviation counts only as far
+        as it is one from both expectations. ``learn`` is False while an incident lasts: the
+        deviation tails then keep the pre-incident picture.
         """
         p = self.config
         # The smoothed score, summed afresh each time (the window is tiny) so that a restored
@@ -263,6 +264,8 @@ class Calibrator:
         forest_tail = self._forest_tail
         armed = forest_tail.count >= p.score_warmup
         surprise = forest_tail.surprise(level, 0.0) if armed else 0.0
+        if settling is not None and surprise > 0.5 * p.rarity:
+            surprise = 0.5 * p.rarity
         decay = p.score_decay
         # What a point teaches is clipped at twice the surprise that scores 70: a wild value
         # does not blind the series for long, and a series can still learn that its moves
@@ -278,18 +281,19 @@ class Calibrator:
             deviation = 0.5 * (latest + recent[index])
             if latest < deviation:
                 deviation = latest
+            judged = deviation
+            if settling is not None:
+                before = abs(values[index] - settling[index])
+                if before < judged:
+                    judged = before
             recent[index] = latest
             if armed and tail.count >= p.score_warmup:
-                found = tail.surprise(deviation, noise_floor * abs(expected[index]))
+                found = tail.surprise(judged, noise_floor * abs(expected[index]))
                 found -= self._look_elsewhere
                 if found > surprise:
                     surprise = found
             if learn:
                 tail.learn(deviation, decay, clip)
-        # Both the forest's input and the expected value just changed meaning: until the
-        # forest's sample adapts, neither can report (a repeat still can).
-        if settling and surprise > 0.5 * p.rarity:
-            surprise = 0.5 * p.rarity
         stale = 0.0
         for repeats, value in zip(self._repeats, values, strict=True):
             found = repeats.surprise(value, armed, decay, clip, p.rarity) - self._look_elsewhere

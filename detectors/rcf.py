@@ -134,12 +134,14 @@ class RcfDetector:
 
         score = 0.0
         if raw > 0.0:
-            age = self._residual_age
+            settling = None
+            if 0 < self._residual_age <= c.settle:  # the daily comparison just took over
+                settling = self._mean_values or values
             score = self._calibrator.grade(
                 raw,
                 values,
                 expected,
-                0 < age <= c.settle,  # settling
+                settling,
                 not 0 < self._incident <= _ACCEPT_AFTER,  # learn unless holding
             )
         else:
