@@ -35,8 +35,8 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from common.kafka_io import consume_all, create_topics  # noqa: E402
 from stream import kafka_local  # noqa: E402
-from stream.kafka_io import consume_all, create_topics  # noqa: E402
 from stream.producer import ReplaySpec, build_records, read_table, send_records  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")

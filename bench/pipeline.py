@@ -49,8 +49,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.kafka_io import consumer_config, create_topics  # noqa: E402
 from detectors import DetectorConfig, RcfDetector  # noqa: E402
-from stream.kafka_io import consumer_config, create_topics  # noqa: E402
 from stream.kafka_local import LocalKafka, free_port  # noqa: E402
 
 console = Console()
@@ -321,7 +321,7 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         rate = args.latency_rate
         began = time.perf_counter()
         n = 0
-        from stream.records import format_time
+        from contract.records import format_time
         for step in range(warm, warm + latency_points):
             for s in range(args.series):
                 due = began + n / rate

@@ -38,8 +38,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
-from stream.kafka_security import PLAINTEXT, KafkaSecurity, security_flags
-from stream.records import format_time, parse_time, timeseries_id
+from common.kafka_security import PLAINTEXT, KafkaSecurity, security_flags
+from contract.records import format_time, parse_time, timeseries_id
 
 if TYPE_CHECKING:
     from stream.kafka_local import LocalKafka
@@ -436,7 +436,7 @@ class Demo:
 
     def _broker(self, workdir: Path) -> str:
         if self.options.bootstrap:
-            from stream.kafka_io import KafkaUnavailable, check_connection
+            from common.kafka_io import KafkaUnavailable, check_connection
 
             try:
                 check_connection(self.options.bootstrap, self.options.security)
@@ -464,7 +464,7 @@ class Demo:
     def _create_topics(self, bootstrap: str, topics: Topics) -> None:
         from confluent_kafka import KafkaException
 
-        from stream.kafka_io import create_topics
+        from common.kafka_io import create_topics
 
         try:
             create_topics(

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stream.kafka_security import PLAINTEXT, KafkaSecurity
+from common.kafka_security import PLAINTEXT, KafkaSecurity
 
 TIMESTAMP_FIELD = "timestamp"
 # Spellings of "no value" in CSV files; sent as JSON null.
@@ -287,7 +287,7 @@ def send_records(
     """
     from confluent_kafka import KafkaException, Producer
 
-    from stream.kafka_io import producer_config
+    from common.kafka_io import producer_config
 
     report = DeliveryReport()
     producer = Producer(producer_config(bootstrap, security=security))

@@ -16,7 +16,6 @@ docs/decisions/0002-exactly-once.md and in ``ScoreStage._restore``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import struct
@@ -36,12 +35,12 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from common.kafka_io import consumer_config, create_topics, producer_config
+from common.logs import DeadLetterLog, ThrottledLog
+from common.retry import Backoff, RebuildBudget, is_transient, retry
+from contract.records import encode_head, encode_result
 from stream.config import DetectConfig
-from stream.kafka_io import consumer_config, create_topics, producer_config
-from stream.logs import DeadLetterLog, ThrottledLog
 from stream.metrics import Heartbeat, WorkerMetrics
-from stream.records import dimension_list, encode, format_time
-from stream.retry import Backoff, RebuildBudget, is_transient, retry
 from stream.routing import (
     LATE,
     NO_DETECTOR,
@@ -129,7 +128,7 @@ def ensure_topics(config: DetectConfig) -> None:
 class _Stage:
     """A consume-process-produce loop committing through one transactional producer.
 
-    Transient Kafka errors are retried with back-off (``stream.retry``) for up to
+    Transient Kafka errors are retried with back-off (``common.retry``) for up to
     ``worker.retry_timeout``. A client that fails for good (fenced, ``_FATAL``) is replaced: the
     stage drops what it holds as on a lost assignment, makes new clients (whose
     ``init_transactions`` aborts the old producer's open transaction) and rejoins, restoring its
@@ -1176,89 +1175,23 @@ def read_state(
 
 
 def _record_prefix(series: Series) -> bytes:
-    """The constant fields of a series' result records, encoded once: ``{...,``."""
+    """The constant fields of a series' result records, encoded once."""
     spec = series.spec
-    head = encode(
-        {
-            "detectorName": spec.name,
-            "measure": spec.measure,
-            "timeseriesId": series.timeseries_id,
-            "dimensionList": dimension_list(series.dimensions),
-            "anomalyDecisionThreshold": spec.threshold,
-        }
+    return encode_head(
+        spec.name, spec.measure, series.timeseries_id, series.dimensions, spec.threshold
     )
-    return head[:-1] + b","
-
-
-_DAY_MS = 86_400_000
-_day_text: dict[int, str] = {}
-# Windows of all series close on the same interval bounds: most record times repeat.
-_time_text: dict[int, str] = {}
-
-
-def iso_time(epoch_ms: int) -> str:
-    """``records.format_time`` of epoch milliseconds, without a datetime per call.
-
-    Two per result record made the datetime path a visible share of the worker's time.
-
-    >>> iso_time(1_704_067_230_500) == format_time(1_704_067_230.5)
-    True
-    """
-    text = _time_text.get(epoch_ms)
-    if text is None:
-        if len(_time_text) > 100_000:
-            _time_text.clear()
-        text = _time_text[epoch_ms] = _format_epoch_ms(epoch_ms)
-    return text
-
-
-def _format_epoch_ms(epoch_ms: int) -> str:
-    day, ms = divmod(int(epoch_ms), _DAY_MS)
-    text = _day_text.get(day)
-    if text is None:
-        if len(_day_text) > 10_000:
-            _day_text.clear()
-        text = _day_text[day] = format_time(day * 86_400)[:11]  # "YYYY-MM-DDT"
-    seconds, millis = divmod(ms, 1000)
-    minutes, second = divmod(seconds, 60)
-    hour, minute = divmod(minutes, 60)
-    return f"{text}{hour:02d}:{minute:02d}:{second:02d}.{millis:03d}Z"
 
 
 def _result_record(series: Series, window: ClosedWindow, result: Result, no_data: bool) -> bytes:
-    """One result record. Formatted by hand: it is built for every closed window, and float
-    ``repr`` is exactly what ``json.dumps`` writes for the finite numbers a detector returns.
-    An interval without data that reached the detector as missing has a null value."""
-    values = window.values
-    text = (
-        f'"aggregatedMeasureValue":{"null" if values is None else repr(float(values[0]))},'
-        f'"anomalyScore":{float(result.anomaly_score)!r},'
-        f'"anomalyDecision":{int(result.anomaly_decision)},'
-        f'"anomalyConfidenceScore":{float(result.confidence)!r},'
-        f'"modelStage":"{result.model_stage.value}",'
-        f'"expectedValue":{float(result.expected_values[0])!r},'
-        f'"processedDataPoints":{int(result.processed_data_points)},'
-        f'"detectionPeriodStartTime":"{iso_time(window.start_ms)}",'
-        f'"detectionPeriodEndTime":"{iso_time(window.end_ms)}",'
-        f'"rawScore":{float(result.raw_score)!r},'
-        f'"noData":{int(no_data)},'
-        f'"lastDataTime":"{iso_time(window.last_data_ms)}"'
+    """One result record of a scored window."""
+    return encode_result(
+        series.record_prefix, series.spec.measures, window.values, result.expected_values,
+        score=result.anomaly_score, decision=result.anomaly_decision,
+        confidence=result.confidence, stage=result.model_stage.value,
+        processed=result.processed_data_points, start_ms=window.start_ms,
+        end_ms=window.end_ms, raw_score=result.raw_score, no_data=no_data,
+        last_data_ms=window.last_data_ms, attribution=result.attribution,
     )
-    measures = series.spec.measures
-    if len(measures) > 1:
-        extra: dict[str, Any] = {
-            "measures": {
-                name: {"value": value, "expected": expected}
-                for name, value, expected in zip(
-                    measures, values or (None,) * len(measures), result.expected_values,
-                    strict=True,
-                )
-            }
-        }
-        if result.attribution is not None:
-            extra["attribution"] = dict(zip(measures, result.attribution, strict=True))
-        text += "," + json.dumps(extra, separators=(",", ":"))[1:-1]
-    return series.record_prefix + text.encode() + b"}"
 
 
 STAGES: dict[str, type[RouteStage] | type[ScoreStage]] = {

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 
-from stream.kafka_io import create_topics
+from common.kafka_io import create_topics
 from stream.kafka_local import LocalKafka, free_port
 
 TopicFactory = Callable[..., str]

@@ -25,9 +25,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from stream.kafka_io import consumer_config
+from common.kafka_io import consumer_config
+from common.retry import Backoff, retry
 from stream.kafka_local import free_port
-from stream.retry import Backoff, retry
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = {"num_trees": 10, "sample_size": 64, "warmup": 16}

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from contract.records import timeseries_id
 from sinks.alerting.store import load
 from stream.kafka_local import free_port
-from stream.records import timeseries_id
 from tests.alerting_support import (
     HttpReceiver,
     SmtpReceiver,

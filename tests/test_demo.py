@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from contract.records import parse_time, timeseries_id
 from sinks.lake import query
 from stream.demo import (
     Child,
@@ -26,7 +27,6 @@ from stream.demo import (
     incident_report,
 )
 from stream.kafka_local import free_port
-from stream.records import parse_time, timeseries_id
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SECONDS = 110.0  # then Ctrl-C

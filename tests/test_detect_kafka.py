@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
+from common.kafka_io import create_topics
+from contract.records import timeseries_id
 from detectors import DetectorConfig, RcfDetector
-from stream.kafka_io import create_topics
-from stream.records import timeseries_id
 from tests.detect_support import (
     ROOT,
     SMALL_MODEL,

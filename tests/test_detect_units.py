@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from contract.records import timeseries_id
 from detectors import ModelStage
 from stream.config import (
     Aggregation,
@@ -17,7 +18,6 @@ from stream.config import (
     load_config,
     parse_duration_ms,
 )
-from stream.records import timeseries_id
 from stream.routing import Router, parse_event_ms
 from stream.state import Series, decode_snapshot, encode_snapshot, snapshot_offset
 from stream.windowing import LateRecord, SeriesWindows

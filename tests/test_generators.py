@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from contract.records import parse_time
 from stream.cli import main
 from stream.generators import DEFAULT_INTERVALS, FEEDS, Feed, FeedSpec, generate_feed
 from stream.generators.common import Label, Series
 from stream.generators.evaluate import FeedEvaluation, SeriesRun, _score_run, alert_events
-from stream.records import parse_time
 
 FeedName = str
 
@@ -367,7 +367,7 @@ def test_detect_config_with_two_settings_for_one_measure_is_refused(
 def test_topic_output_produces_every_record_keyed_by_entity(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    from stream.kafka_io import consume_all
+    from common.kafka_io import consume_all
 
     topic = f"generate-bookstore-{tmp_path.name}"
     labels = tmp_path / "bookstore.labels.json"

@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from common.kafka_io import consumer_config, create_topics, producer_config
+from contract.records import timeseries_id
 from detectors import DetectorConfig, RcfDetector
 from stream.config import load_config
-from stream.kafka_io import consumer_config, create_topics, producer_config
 from stream.kafka_local import LocalKafka, free_port
 from stream.metrics import WorkerMetrics
-from stream.records import timeseries_id
 from stream.worker import RouteStage, Worker
 from tests.detect_support import (
     ROOT,

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from common.kafka_io import create_topics
+from contract.records import parse_time, timeseries_id
 from detectors import DetectorConfig, RcfDetector
 from sinks.alerting.messages import duration_text
-from stream.kafka_io import create_topics
-from stream.records import parse_time, timeseries_id
 from tests.alerting_support import HttpReceiver, Received, headline, series_of
 from tests.detect_support import (
     ROOT,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream.kafka_io import ClientLog
+from common.kafka_io import ClientLog
 from stream.kafka_local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
+from common.kafka_io import consume_all, create_topics, producer_config
 from stream import kafka_local
-from stream.kafka_io import consume_all, create_topics, producer_config
 from stream.kafka_local import KafkaError, LocalKafka, free_port
 
 

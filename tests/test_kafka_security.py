@@ -26,9 +26,9 @@ import pytest
 import yaml
 from confluent_kafka import KafkaException, Producer
 
-from stream.kafka_io import consume_all, create_topics, producer_config
+from common.kafka_io import consume_all, create_topics, producer_config
+from common.kafka_security import KafkaSecurity
 from stream.kafka_local import LocalKafka, SecuredListeners, free_port
-from stream.kafka_security import KafkaSecurity
 from tests.alerting_support import HttpReceiver, wait_until
 from tests.detect_support import SMALL_MODEL, WorkerProcess, by_series, point, wait_for
 from tests.tls_support import KEYSTORE_PASSWORD, TlsFiles, make_tls_files
@@ -275,7 +275,7 @@ def test_a_broker_certificate_from_another_ca_is_one_line_and_exit_2(
 def test_a_client_without_certificate_is_refused_by_the_mtls_listener(
     secured_broker: SecuredBroker,
 ) -> None:
-    from stream.kafka_io import KafkaUnavailable, check_connection
+    from common.kafka_io import KafkaUnavailable, check_connection
 
     no_cert = KafkaSecurity.model_validate(
         {"protocol": "SSL", "tls": {"ca_file": str(secured_broker.tls.ca)}}
@@ -288,7 +288,7 @@ def test_a_client_without_certificate_is_refused_by_the_mtls_listener(
 def test_replication_beyond_the_brokers_is_a_clear_error(
     secured_broker: SecuredBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stream.kafka_io import ReplicationError
+    from common.kafka_io import ReplicationError
 
     setup = scram_setup(secured_broker)
     monkeypatch.setenv(PASSWORD_ENV, PASSWORD)

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sinks.alerting.config import load_config as load_alert_config
-from stream.config import ConfigError, load_config
-from stream.kafka_io import KafkaUnavailable, check_connection, consumer_config
-from stream.kafka_security import (
+from common.kafka_io import KafkaUnavailable, check_connection, consumer_config
+from common.kafka_security import (
     KafkaSecurity,
     SecretError,
     add_security_arguments,
     security_flags,
     security_from_args,
 )
+from sinks.alerting.config import load_config as load_alert_config
+from stream.config import ConfigError, load_config
 
 SECRET = "s3cret-do-not-print"
 

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from common.kafka_io import consume_all, consumer_config, producer_config
+from contract import records
 from sinks import lake
 from sinks.compact import compact
 from sinks.lake_files import list_files, sink_file_name
 from sinks.parquet import ParquetSink, RotationPolicy, SinkConfig
-from stream import records
-from stream.kafka_io import consume_all, consumer_config, producer_config
 from tests.lake_data import DAY0, result_record
 
 pytestmark = pytest.mark.kafka

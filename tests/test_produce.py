@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from common.kafka_io import consume_all
 from stream.cli import main
-from stream.kafka_io import consume_all
 from stream.kafka_local import free_port
 from stream.producer import ReplayRecord, paced
 

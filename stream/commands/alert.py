@@ -6,8 +6,8 @@ import argparse
 import time
 from typing import TYPE_CHECKING, Any
 
+from common.kafka_security import add_security_arguments
 from stream.cli import CliError
-from stream.kafka_security import add_security_arguments
 
 if TYPE_CHECKING:
     from sinks.alerting.config import AlertConfig
@@ -60,7 +60,7 @@ def _load(args: argparse.Namespace) -> AlertConfig:
         overrides["result_topic"] = args.topic
     if getattr(args, "metrics_port", None) is not None:
         overrides["metrics_port"] = args.metrics_port
-    from stream.kafka_security import security_from_args
+    from common.kafka_security import security_from_args
 
     try:
         config = load_config(args.config, overrides)
@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     redactor = Redactor(r.resolved_url() for r in config.receivers)
     install_logging(redactor, logging.DEBUG if args.verbose else logging.INFO)
 
+    from common.kafka_io import KafkaUnavailable, check_connection
     from sinks.alerting.service import Alerter
-    from stream.kafka_io import KafkaUnavailable, check_connection
 
     if config.metrics_port:
         from prometheus_client import start_http_server

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from stream.kafka_security import add_security_arguments
+from common.kafka_security import add_security_arguments
 
 HELP = "Run the whole pipeline locally (Kafka, generators, detectors, lake, alerts, dashboard)."
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--speed must be positive")
     if args.duration is not None and args.duration <= 0:
         raise CliError("--duration must be positive")
-    from stream.kafka_security import PLAINTEXT, security_from_args
+    from common.kafka_security import PLAINTEXT, security_from_args
 
     try:
         security = security_from_args(args)

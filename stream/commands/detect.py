@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from stream.kafka_security import add_security_arguments
+from common.kafka_security import add_security_arguments
 
 HELP = "run a streaming detection worker (Kafka in, per-series detectors, results out)"
 
@@ -34,10 +34,10 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import sys
 
+    from common.kafka_io import KafkaUnavailable, check_connection
+    from common.kafka_security import security_from_args
     from stream.cli import CliError
     from stream.config import ConfigError, load_config
-    from stream.kafka_io import KafkaUnavailable, check_connection
-    from stream.kafka_security import security_from_args
     from stream.metrics import HealthServer
     from stream.worker import Worker, WorkerError
 

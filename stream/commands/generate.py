@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stream.kafka_security import add_security_arguments
+from common.kafka_security import add_security_arguments
 
 if TYPE_CHECKING:
     from stream.generators import Feed
@@ -236,14 +236,14 @@ def _produce(feed: Feed, args: argparse.Namespace) -> int:
     from confluent_kafka import KafkaException, Producer
     from rich.progress import Progress
 
-    from stream.cli import CliError
-    from stream.kafka_io import (
+    from common.kafka_io import (
         KafkaUnavailable,
         check_connection,
         create_topics,
         producer_config,
     )
-    from stream.kafka_security import security_from_args
+    from common.kafka_security import security_from_args
+    from stream.cli import CliError
 
     try:
         security = security_from_args(args)

@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stream.kafka_security import add_security_arguments
+from common.kafka_security import add_security_arguments
 
 if TYPE_CHECKING:
-    from stream.kafka_security import KafkaSecurity
+    from common.kafka_security import KafkaSecurity
 
 HELP = "Replay a CSV or Parquet file into a Kafka topic as JSON records (optionally paced)."
 
@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from common.kafka_security import security_from_args
     from stream.cli import CliError
-    from stream.kafka_security import security_from_args
     from stream.producer import (
         InputError,
         ReplaySpec,
@@ -116,8 +116,8 @@ def _prepare_topic(bootstrap: str, security: KafkaSecurity, topic: str, partitio
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
+    from common.kafka_io import KafkaUnavailable, check_connection, client_config, create_topics
     from stream.cli import CliError
-    from stream.kafka_io import KafkaUnavailable, check_connection, client_config, create_topics
 
     try:
         check_connection(bootstrap, security)

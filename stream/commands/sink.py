@@ -7,9 +7,9 @@ import logging
 import re
 import sys
 
+from common.durations import parse_duration_ms
+from common.kafka_security import add_security_arguments
 from stream.cli import CliError
-from stream.durations import parse_duration_ms
-from stream.kafka_security import add_security_arguments
 
 HELP = "Write the result topic into a date-partitioned Parquet lake, exactly once; compact it."
 
@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
 def _sink(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from common.kafka_io import KafkaUnavailable, check_connection
+    from common.kafka_security import security_from_args
     from sinks.parquet import (
         DEFAULT_GROUP,
         ParquetSink,
@@ -106,8 +108,6 @@ def _sink(args: argparse.Namespace) -> int:
         SinkConfig,
         install_signal_handlers,
     )
-    from stream.kafka_io import KafkaUnavailable, check_connection
-    from stream.kafka_security import security_from_args
 
     try:
         span_ms = parse_duration_ms(args.max_span)

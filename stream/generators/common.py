@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from stream.durations import parse_duration
-from stream.files import write_text_atomically
-from stream.records import format_time, parse_time
+from common.durations import parse_duration
+from common.files import write_text_atomically
+from contract.records import format_time, parse_time
 
 DEFAULT_START = "2026-01-05T00:00:00Z"
 
@@ -208,7 +208,7 @@ def daily_phase(spec: FeedSpec) -> np.ndarray:
 
 
 def parse_interval(text: str) -> float:
-    """Seconds between points: a duration (``stream.durations``) that must be positive.
+    """Seconds between points: a duration (``common.durations``) that must be positive.
 
     >>> parse_interval("60s"), parse_interval("5m"), parse_interval("90")
     (60.0, 300.0, 90.0)

@@ -3,7 +3,7 @@ topic creation, reading a topic to its end.
 
 Every module that talks to Kafka builds its clients from ``producer_config``/``consumer_config``
 (admin clients from ``client_config``) so that delivery guarantees (idempotence, ``acks=all``,
-``read_committed``), the security settings (``stream/kafka_security.py``) and the routing of
+``read_committed``), the security settings (``common/kafka_security.py``) and the routing of
 librdkafka's own log lines are the same everywhere and are changed in one place.
 
 >>> producer_config("127.0.0.1:9092", **{"transactional.id": "worker-0"})["acks"]
@@ -27,8 +27,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
-from stream.kafka_security import PLAINTEXT, KafkaSecurity
-from stream.retry import Backoff, is_transient, retry
+from common.kafka_security import PLAINTEXT, KafkaSecurity
+from common.retry import Backoff, is_transient, retry
 
 DEFAULT_TIMEOUT_S = 30.0
 # How long a command tries to reach the cluster before it gives up with one line saying why.
