@@ -103,9 +103,9 @@ def kafka_path(payloads: list[bytes], out: Path, bootstrap: str | None) -> dict[
 
     from confluent_kafka import Producer
 
+    from app.kafka_local import LocalKafka, free_port
     from common.kafka_io import create_topics, producer_config
     from sinks.parquet import ParquetSink, SinkConfig
-    from stream.kafka_local import LocalKafka, free_port
 
     with ExitStack() as stack:
         if bootstrap is None:

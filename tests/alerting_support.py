@@ -20,8 +20,8 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
+from app.kafka_local import free_port
 from contract.records import dimension_list, encode, format_time, timeseries_id
-from stream.kafka_local import free_port
 
 INTERVAL_S = 60.0
 T0 = 1_790_000_000.0  # 2026-09-21, a fixed record-time origin

@@ -263,7 +263,7 @@ def test_series_snapshot_restores_exactly() -> None:
 def test_detect_command_reports_config_errors_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stream.cli import main
+    from app.cli import main
 
     path = write(tmp_path, GOOD.replace("aggregation: max", "aggregation: median"))
     assert main(["detect", "--config", str(path)]) == 2

@@ -49,7 +49,7 @@ SILENT = range(700, 724)  # web-7 sends nothing for two hours
 GAP = range(600, 636)  # gpu-8 sends nothing for three hours
 TOKEN = "incident-hook-token"
 CLI = [sys.executable, "-c",
-       "import sys; from stream.cli import main; sys.exit(main(sys.argv[1:]))"]
+       "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def event_ms(i: int) -> int:

@@ -1,4 +1,4 @@
-"""``anomstream kafka up|down|status``: the local single-node Kafka broker (stream.kafka_local)."""
+"""``anomstream kafka up|down|status``: the local single-node Kafka broker (app.kafka_local)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from stream.kafka_local import LocalKafka
+    from app.kafka_local import LocalKafka
 
 HELP = "Start, stop or inspect the local Kafka broker (KRaft, jars fetched with mvn)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from stream import kafka_local as kl  # light: stdlib only at import time
+    from app import kafka_local as kl  # light: stdlib only at import time
 
     parser.add_argument(
         "action", choices=["up", "down", "status"],
@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from stream import kafka_local as kl
-    from stream.cli import CliError
+    from app import kafka_local as kl
+    from app.cli import CliError
 
     console = Console(soft_wrap=True)
     data_dir: Path = args.data_dir or kl.default_data_dir()

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from stream.cli import CliError
+from app.cli import CliError
 
 HELP = "Run SQL over the Parquet lake: views scores, anomalies (decision = 1) and series."
 

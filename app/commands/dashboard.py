@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from stream.cli import CliError
+from app.cli import CliError
 
 HELP = "Serve the risk-desk dashboard (Streamlit over the Parquet lake, read-only)."
 

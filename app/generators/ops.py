@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stream.generators.common import (
+from app.generators.common import (
     Feed,
     FeedSpec,
     Label,

@@ -4,6 +4,6 @@
 class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 2.
 
-    Defined outside ``stream.cli`` so that ``python -m stream.cli`` (which loads that file a
+    Defined outside ``app.cli`` so that ``python -m app.cli`` (which loads that file a
     second time as ``__main__``) still catches the class the commands raise.
     """

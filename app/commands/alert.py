@@ -6,8 +6,8 @@ import argparse
 import time
 from typing import TYPE_CHECKING, Any
 
+from app.cli import CliError
 from common.kafka_security import add_security_arguments
-from stream.cli import CliError
 
 if TYPE_CHECKING:
     from sinks.alerting.config import AlertConfig

@@ -34,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import sys
 
+    from app.cli import CliError
     from common.kafka_io import KafkaUnavailable, check_connection
     from common.kafka_security import security_from_args
-    from stream.cli import CliError
     from stream.config import ConfigError, load_config
     from stream.metrics import HealthServer
     from stream.worker import Worker, WorkerError

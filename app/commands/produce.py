@@ -46,9 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.kafka_security import security_from_args
-    from stream.cli import CliError
-    from stream.producer import (
+    from app.cli import CliError
+    from app.producer import (
         InputError,
         ReplaySpec,
         build_records,
@@ -56,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         read_table,
         send_records,
     )
-    from stream.progress import progress_bar
+    from app.progress import progress_bar
+    from common.kafka_security import security_from_args
 
     if args.partitions < 1:
         raise CliError(f"--partitions must be at least 1, not {args.partitions}")
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _constants(pairs: list[str]) -> dict[str, str]:
-    from stream.cli import CliError
+    from app.cli import CliError
 
     constants: dict[str, str] = {}
     for pair in pairs:
@@ -116,8 +116,8 @@ def _prepare_topic(bootstrap: str, security: KafkaSecurity, topic: str, partitio
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
+    from app.cli import CliError
     from common.kafka_io import KafkaUnavailable, check_connection, client_config, create_topics
-    from stream.cli import CliError
 
     try:
         check_connection(bootstrap, security)

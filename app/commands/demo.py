@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from stream.cli import CliError
-    from stream.demo import Demo, DemoError, DemoOptions, serve_webhook, summary
+    from app.cli import CliError
+    from app.demo import Demo, DemoError, DemoOptions, serve_webhook, summary
 
     if args.action == "webhook":
         try:

@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream.backtest import BacktestError, config_from_params, run_backtest
-    from stream.cli import CliError
+    from app.backtest import BacktestError, config_from_params, run_backtest
+    from app.cli import CliError
 
     try:
         summary = run_backtest(

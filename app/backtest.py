@@ -28,10 +28,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from app.progress import progress_bar
 from detectors.config import DetectorConfig
 from detectors.rcf import RcfDetector
 from detectors.result import ModelStage, Result
-from stream.progress import progress_bar
 
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -510,7 +510,7 @@ def run_backtest(
         partial.unlink(missing_ok=True)
         raise
     if plot_path is not None and plot_data is not None:
-        from stream.backtest_plot import plot_backtest
+        from app.backtest_plot import plot_backtest
 
         plot_backtest(
             plot_path,

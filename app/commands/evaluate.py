@@ -19,7 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stream.cli import CliError
+from app.cli import CliError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from app.corpus_runner import run_corpus
     from detectors.evaluation import PROFILES, ThresholdSweep, load_corpus, score_corpus
-    from detectors.evaluation.runner import run_corpus
 
     config = parse_params(args.param)
     if args.jobs is not None and args.jobs < 1:

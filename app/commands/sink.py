@@ -7,9 +7,9 @@ import logging
 import re
 import sys
 
+from app.cli import CliError
 from common.durations import parse_duration_ms
 from common.kafka_security import add_security_arguments
-from stream.cli import CliError
 
 HELP = "Write the result topic into a date-partitioned Parquet lake, exactly once; compact it."
 

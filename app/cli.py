@@ -1,4 +1,4 @@
-"""The ``anomstream`` command line: a thin dispatcher over ``stream.commands``."""
+"""The ``anomstream`` command line: a thin dispatcher over ``app.commands``."""
 
 from __future__ import annotations
 
@@ -8,23 +8,23 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from stream.errors import CliError
+from app.errors import CliError
 
 __all__ = ["COMMANDS", "CliError", "build_parser", "main"]
 
-# Sub-command name -> module implementing it (see stream/commands/__init__.py for the protocol).
+# Sub-command name -> module implementing it (see app/commands/__init__.py for the protocol).
 COMMANDS: dict[str, str] = {
-    "detect": "stream.commands.detect",
-    "alert": "stream.commands.alert",
-    "backtest": "stream.commands.backtest",
-    "generate": "stream.commands.generate",
-    "demo": "stream.commands.demo",
-    "evaluate": "stream.commands.evaluate",
-    "sink": "stream.commands.sink",
-    "query": "stream.commands.query",
-    "kafka": "stream.commands.kafka",
-    "produce": "stream.commands.produce",
-    "dashboard": "stream.commands.dashboard",
+    "detect": "app.commands.detect",
+    "alert": "app.commands.alert",
+    "backtest": "app.commands.backtest",
+    "generate": "app.commands.generate",
+    "demo": "app.commands.demo",
+    "evaluate": "app.commands.evaluate",
+    "sink": "app.commands.sink",
+    "query": "app.commands.query",
+    "kafka": "app.commands.kafka",
+    "produce": "app.commands.produce",
+    "dashboard": "app.commands.dashboard",
 }
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from stream.generators import bookstore, market, ops
-from stream.generators.common import Feed, FeedSpec, Label, Series
+from app.generators import bookstore, market, ops
+from app.generators.common import Feed, FeedSpec, Label, Series
 
 FEEDS: dict[str, Callable[[FeedSpec], Feed]] = {
     "market": market.generate,

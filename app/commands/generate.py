@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from common.kafka_security import add_security_arguments
 
 if TYPE_CHECKING:
-    from stream.generators import Feed
+    from app.generators import Feed
 
 HELP = "Generate a synthetic market, ops or bookstore feed with labelled anomalies."
 
@@ -118,9 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream.cli import CliError
-    from stream.generators import DEFAULT_INTERVALS, FeedSpec, generate_feed
-    from stream.generators.common import (
+    from app.cli import CliError
+    from app.generators import DEFAULT_INTERVALS, FeedSpec, generate_feed
+    from app.generators.common import (
         OUTPUT_SUFFIXES,
         labels_path_for,
         parse_interval,
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _measure_params(path: Path) -> dict[str, dict[str, Any]]:
     """Each measure's detector parameters (threshold included) from a detect configuration."""
-    from stream.cli import CliError
+    from app.cli import CliError
     from stream.config import ConfigError, load_config
 
     try:
@@ -221,7 +221,7 @@ def _start(text: str) -> float:
     """Epoch seconds of ``--start``: ISO-8601, or ``now`` (the current minute)."""
     import time
 
-    from stream.generators.common import parse_start
+    from app.generators.common import parse_start
 
     if text.strip().lower() == "now":
         return float(int(time.time()) // 60 * 60)
@@ -236,6 +236,7 @@ def _produce(feed: Feed, args: argparse.Namespace) -> int:
     from confluent_kafka import KafkaException, Producer
     from rich.progress import Progress
 
+    from app.cli import CliError
     from common.kafka_io import (
         KafkaUnavailable,
         check_connection,
@@ -243,7 +244,6 @@ def _produce(feed: Feed, args: argparse.Namespace) -> int:
         producer_config,
     )
     from common.kafka_security import security_from_args
-    from stream.cli import CliError
 
     try:
         security = security_from_args(args)
@@ -315,7 +315,7 @@ def _evaluate(
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
-    from stream.generators.evaluate import (
+    from app.generators.evaluate import (
         evaluate_feed,
         plot_evaluation,
         render_table,

@@ -42,7 +42,7 @@ from common.kafka_security import PLAINTEXT, KafkaSecurity, security_flags
 from contract.records import format_time, parse_time, timeseries_id
 
 if TYPE_CHECKING:
-    from stream.kafka_local import LocalKafka
+    from app.kafka_local import LocalKafka
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKER = ".anomstream-demo"
@@ -317,7 +317,7 @@ class Child:
         command = [
             sys.executable,
             "-c",
-            "import sys; from stream.cli import main; sys.exit(main())",
+            "import sys; from app.cli import main; sys.exit(main())",
         ]
         # Own session: a Ctrl-C in the terminal reaches the demo only, which stops the
         # services in order instead of all at once.
@@ -444,7 +444,7 @@ class Demo:
                 raise DemoError(str(error)) from None
             self.say(f"kafka: using the configured broker {self.options.bootstrap}")
             return self.options.bootstrap
-        from stream.kafka_local import KafkaError, LocalKafka, free_port
+        from app.kafka_local import KafkaError, LocalKafka, free_port
 
         broker_port = free_port()
         controller_port = free_port()
@@ -478,7 +478,7 @@ class Demo:
             raise DemoError(f"cannot create the demo topics on {bootstrap}: {error}") from None
 
     def _start_children(self, workdir: Path, bootstrap: str, topics: Topics, suffix: str) -> None:
-        from stream.kafka_local import free_port
+        from app.kafka_local import free_port
 
         options = self.options
         logs = workdir / "logs"

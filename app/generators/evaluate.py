@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from stream.generators.common import Feed, Label, Series
+from app.generators.common import Feed, Label, Series
 
 DEFAULT_TOLERANCE = 3
 
