@@ -32,7 +32,7 @@ from stream.worker.topics import EVENT, H_DETECTOR, H_EVENT, H_SOURCE_PARTITION,
 from stream.worker.transaction import Headers
 
 if TYPE_CHECKING:
-    from detectors import Result
+    from detectors.protocol import Result
 
 log = logging.getLogger("anomstream.worker")
 
