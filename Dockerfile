@@ -8,10 +8,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY contract ./contract
+COPY common ./common
 COPY stream ./stream
 COPY detectors ./detectors
 COPY sinks ./sinks
 COPY dashboard ./dashboard
+COPY app ./app
 RUN pip install . \
     && useradd --create-home --uid 10001 anomstream \
     && mkdir -p /data/lake /data/alert-state /data/labels \

@@ -307,7 +307,7 @@ def run_fleet(spec: dict[str, Any], show_progress: bool) -> dict[str, Any]:
     Resident memory is read before the detectors exist and after they are created and warm, so
     the difference divided by their number is the memory one more live detector costs.
     """
-    from stream.progress import progress_bar
+    from app.progress import progress_bar
 
     digest = detectors_digest()
     config = DetectorConfig.from_dict(spec["config"])

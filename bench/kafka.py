@@ -8,7 +8,7 @@ Run from the repository root::
 Starts are timed in pairs (without, then with the class-data archive) so both see the same
 machine load; CPU seconds (format tool + broker JVM until it serves) are reported beside wall
 seconds because on a shared machine wall time mostly measures the neighbours. The replay part
-times ``stream.producer`` (read + check + encode, then send with acks) and ``consume_all``.
+times ``app.producer`` (read + check + encode, then send with acks) and ``consume_all``.
 Results print as a rich table and are saved as JSON (``--out``).
 """
 
@@ -35,9 +35,9 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from stream import kafka_local  # noqa: E402
-from stream.kafka_io import consume_all, create_topics  # noqa: E402
-from stream.producer import ReplaySpec, build_records, read_table, send_records  # noqa: E402
+from app import kafka_local  # noqa: E402
+from app.producer import ReplaySpec, build_records, read_table, send_records  # noqa: E402
+from common.kafka_io import consume_all, create_topics  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

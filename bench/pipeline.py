@@ -7,7 +7,7 @@ interval, aggregation ``last`` so every point is scored exactly once):
    then one short unmeasured pass through the pipeline on other topics warms the broker's JVM
    (``--warmup-series``, ``--warmup-points``);
 2. pipeline throughput: the points are produced to the input topic first, then a worker process
-   (``python -m stream.cli detect``) starts; points/s = points / (last result readable - worker
+   (``python -m app.cli detect``) starts; points/s = points / (last result readable - worker
    ready). Route, repartition, windows, scoring, results and transactions are all inside;
 3. latency: points produced at a steady rate; for each, the time from producing it to the result
    it closes being readable by a read_committed consumer (p50, p99);
@@ -49,9 +49,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.kafka_local import LocalKafka, free_port  # noqa: E402
+from common.kafka_io import consumer_config, create_topics  # noqa: E402
 from detectors import DetectorConfig, RcfDetector  # noqa: E402
-from stream.kafka_io import consumer_config, create_topics  # noqa: E402
-from stream.kafka_local import LocalKafka, free_port  # noqa: E402
 
 console = Console()
 STEP_MS = 1000
@@ -136,7 +136,7 @@ class WorkerRun:
             port = free_port()
             with log.open("ab") as handle:
                 self.processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "stream.cli", "detect", "--config", str(config),
+                    [sys.executable, "-m", "app.cli", "detect", "--config", str(config),
                      "--instance-id", "bench", "--stages", stages, "--metrics-port", str(port),
                      "--log-level", "WARNING"],
                     cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
@@ -321,7 +321,7 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         rate = args.latency_rate
         began = time.perf_counter()
         n = 0
-        from stream.records import format_time
+        from contract.records import format_time
         for step in range(warm, warm + latency_points):
             for s in range(args.series):
                 due = began + n / rate

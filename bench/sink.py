@@ -38,19 +38,18 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from contract import records
+from contract.records import DIMENSION_TYPE, RESULT_SCHEMA
 from sinks import lake
 from sinks.compact import compact
 from sinks.lake_files import publish_sink_file
 from sinks.parquet import PartitionBuffer, RotationPolicy
 from sinks.result_table import (
-    DIMENSION,
-    RESULT_SCHEMA,
     canonical_order,
     day_name,
     epoch_millis,
     parse_results,
 )
-from stream import records
 from tests.lake_data import DAY0, DETECTORS, series_dimensions, stream_of_results
 
 console = Console(stderr=True)
@@ -104,9 +103,9 @@ def kafka_path(payloads: list[bytes], out: Path, bootstrap: str | None) -> dict[
 
     from confluent_kafka import Producer
 
+    from app.kafka_local import LocalKafka, free_port
+    from common.kafka_io import create_topics, producer_config
     from sinks.parquet import ParquetSink, SinkConfig
-    from stream.kafka_io import create_topics, producer_config
-    from stream.kafka_local import LocalKafka, free_port
 
     with ExitStack() as stack:
         if bootstrap is None:
@@ -222,7 +221,7 @@ def _hour_table(
     n = len(idx)
     names = [RESULT_SCHEMA.field(i).name for i in range(len(RESULT_SCHEMA))]
     stage = np.where(tk >= 10, "INFERENCE", "LEARNING")
-    lists = pa.array([dim_lists[i] for i in idx], pa.list_(DIMENSION))
+    lists = pa.array([dim_lists[i] for i in idx], pa.list_(DIMENSION_TYPE))
     columns = [
         pa.array(np.array(DETECTORS, dtype=object)[idx % 3], pa.string()),
         pa.array(np.full(n, "value", dtype=object), pa.string()),

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from contract import records as r
 from sinks.lake_files import publish_sink_file
-from stream.records import dimension_list, timeseries_id
 
 TOPIC = "anomstream.results"
 THRESHOLD = 70.0
@@ -71,7 +71,7 @@ class SeriesSpec:
 
     @property
     def timeseries_id(self) -> str:
-        return timeseries_id(self.detector.name, self.detector.measure, self.dimensions)
+        return r.timeseries_id(self.detector.name, self.detector.measure, self.dimensions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,28 +101,9 @@ def series_specs(count: int) -> list[SeriesSpec]:
 
 
 def _schema(dimension_names: list[str]) -> pa.Schema:
-    fields = [
-        pa.field("detectorName", pa.string()),
-        pa.field("measure", pa.string()),
-        pa.field("timeseriesId", pa.string()),
-        pa.field(
-            "dimensionList",
-            pa.list_(pa.struct([pa.field("name", pa.string()), pa.field("value", pa.string())])),
-        ),
-        pa.field("aggregatedMeasureValue", pa.float64()),
-        pa.field("anomalyScore", pa.float64()),
-        pa.field("anomalyDecisionThreshold", pa.float64()),
-        pa.field("anomalyDecision", pa.int8()),
-        pa.field("anomalyConfidenceScore", pa.float64()),
-        pa.field("modelStage", pa.dictionary(pa.int8(), pa.string())),
-        pa.field("expectedValue", pa.float64()),
-        pa.field("processedDataPoints", pa.int64()),
-        pa.field("detectionPeriodStartTime", pa.timestamp("ms", tz="UTC")),
-        pa.field("detectionPeriodEndTime", pa.timestamp("ms", tz="UTC")),
-        pa.field("noData", pa.int8()),
-    ]
-    fields += [pa.field(f"dim_{name}", pa.string()) for name in dimension_names]
-    fields += [pa.field("kafkaPartition", pa.int32()), pa.field("kafkaOffset", pa.int64())]
+    fields = [*r.RESULT_SCHEMA, pa.field(r.NO_DATA, pa.int8())]
+    fields += [pa.field(r.DIMENSION_PREFIX + name, pa.string()) for name in dimension_names]
+    fields += list(r.PROVENANCE_SCHEMA)
     return pa.schema(fields)
 
 
@@ -249,16 +230,16 @@ class _Grid:
         """The columns that depend only on the series, one entry per series."""
         specs = self.specs
         columns = {
-            "detectorName": pa.array([s.detector.name for s in specs]),
-            "measure": pa.array([s.detector.measure for s in specs]),
-            "timeseriesId": pa.array([s.timeseries_id for s in specs]),
-            "dimensionList": pa.array(
-                [dimension_list(s.dimensions) for s in specs],
-                type=schema.field("dimensionList").type,
+            r.DETECTOR_NAME: pa.array([s.detector.name for s in specs]),
+            r.MEASURE: pa.array([s.detector.measure for s in specs]),
+            r.TIMESERIES_ID: pa.array([s.timeseries_id for s in specs]),
+            r.DIMENSION_LIST: pa.array(
+                [r.dimension_list(s.dimensions) for s in specs],
+                type=schema.field(r.DIMENSION_LIST).type,
             ),
         }
         for name in self.dimension_names:
-            columns[f"dim_{name}"] = pa.array(
+            columns[r.DIMENSION_PREFIX + name] = pa.array(
                 [s.dimensions.get(name) for s in specs], type=pa.string()
             )
         return columns
@@ -281,26 +262,25 @@ class _Grid:
         )
         columns: dict[str, pa.Array] = {
             name: per_series[name].take(take)
-            for name in ("detectorName", "measure", "timeseriesId", "dimensionList")
+            for name in (r.DETECTOR_NAME, r.MEASURE, r.TIMESERIES_ID, r.DIMENSION_LIST)
         }
         columns |= {
             # NaN (a silent interval) becomes null, as the worker writes it.
-            "aggregatedMeasureValue": pa.array(np.round(self.value[at], 4), from_pandas=True),
-            "anomalyScore": pa.array(self.score[at]),
-            "anomalyDecisionThreshold": pa.array(np.full(rows_step.size, THRESHOLD)),
-            "anomalyDecision": pa.array(self.decision[at]),
-            "anomalyConfidenceScore": pa.array(self.confidence[at]),
-            "modelStage": stage,
-            "expectedValue": pa.array(np.round(self.expected[at], 4)),
-            "processedDataPoints": pa.array(self.seen[at].astype(np.int64)),
-            "detectionPeriodStartTime": pa.array(starts, type=pa.timestamp("ms", tz="UTC")),
-            "detectionPeriodEndTime": pa.array(
-                starts + self.step_ms, type=pa.timestamp("ms", tz="UTC")
-            ),
-            "noData": pa.array(self.no_data[at]),
+            r.AGGREGATED_MEASURE_VALUE: pa.array(np.round(self.value[at], 4), from_pandas=True),
+            r.ANOMALY_SCORE: pa.array(self.score[at]),
+            r.ANOMALY_DECISION_THRESHOLD: pa.array(np.full(rows_step.size, THRESHOLD)),
+            r.ANOMALY_DECISION: pa.array(self.decision[at]),
+            r.ANOMALY_CONFIDENCE_SCORE: pa.array(self.confidence[at]),
+            r.MODEL_STAGE: stage,
+            r.EXPECTED_VALUE: pa.array(np.round(self.expected[at], 4)),
+            r.PROCESSED_DATA_POINTS: pa.array(self.seen[at].astype(np.int64)),
+            r.DETECTION_PERIOD_START_TIME: pa.array(starts, type=r.TIME_TYPE),
+            r.DETECTION_PERIOD_END_TIME: pa.array(starts + self.step_ms, type=r.TIME_TYPE),
+            r.NO_DATA: pa.array(self.no_data[at]),
         }
         for name in self.dimension_names:
-            columns[f"dim_{name}"] = per_series[f"dim_{name}"].take(take)
-        columns["kafkaPartition"] = pa.array(np.full(rows_step.size, partition, dtype=np.int32))
-        columns["kafkaOffset"] = pa.array(first_offset + np.arange(rows_step.size, dtype=np.int64))
+            column = r.DIMENSION_PREFIX + name
+            columns[column] = per_series[column].take(take)
+        columns[r.KAFKA_PARTITION] = pa.array(np.full(rows_step.size, partition, dtype=np.int32))
+        columns[r.KAFKA_OFFSET] = pa.array(first_offset + np.arange(rows_step.size, dtype=np.int64))
         return pa.Table.from_pydict(columns, schema=schema)

@@ -24,9 +24,9 @@ from datetime import UTC, datetime
 import duckdb
 import pandas as pd
 
+from contract.records import DIMENSION_PREFIX
 from sinks.lake import quote_identifier
 
-DIMENSION_PREFIX = "dim_"
 # A column name as an SQL identifier: dimension names come from the records, so anything. One
 # helper quotes every identifier the lake's views and the dashboard build.
 quote_name = quote_identifier

@@ -29,6 +29,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from contract.records import KAFKA_OFFSET
 from sinks.lake_files import (
     LakeFile,
     compacted_file_name,
@@ -87,8 +88,8 @@ def compact(
                 continue
             members.sort(key=lambda f: f.first)
             merged = concat([pq.read_table(m.path) for m in members])
-            merged = merged.take(pc.sort_indices(merged, [("kafkaOffset", "ascending")]))
-            offsets = merged.column("kafkaOffset")
+            merged = merged.take(pc.sort_indices(merged, [(KAFKA_OFFSET, "ascending")]))
+            offsets = merged.column(KAFKA_OFFSET)
             first, last = offsets[0].as_py(), offsets[-1].as_py()
             path = day_dir(lake, day) / compacted_file_name(topic, partition, first, last)
             write_atomically(

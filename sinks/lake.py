@@ -50,31 +50,55 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from common.retry import Backoff, retry
+from contract.records import (
+    ANOMALY_CONFIDENCE_SCORE,
+    DAY_PARTITION,
+    DETECTOR_NAME,
+    DIMENSION_LIST,
+    DIMENSION_PREFIX,
+    MEASURE,
+    MODEL_STAGE,
+    PROVENANCE_SCHEMA,
+    RESULT_SCHEMA,
+)
 from sinks.lake_files import list_files, visible_files
-from stream.retry import Backoff, retry
 
 DEFAULT_LAKE = "lake"
 
 # The DuckDB types of the base columns as read from the lake's Parquet files; the empty lake's
 # views use them so that a dashboard sees the same columns with or without data.
+
+
+def duckdb_type(kind: pa.DataType) -> str:
+    """The DuckDB type of an Arrow column as DuckDB reads it from a Parquet file.
+
+    >>> duckdb_type(RESULT_SCHEMA.field(DIMENSION_LIST).type)
+    'STRUCT(name VARCHAR, value VARCHAR)[]'
+    """
+    if pa.types.is_dictionary(kind):
+        return duckdb_type(kind.value_type)
+    if pa.types.is_list(kind):
+        return duckdb_type(kind.value_type) + "[]"
+    if pa.types.is_struct(kind):
+        inner = ", ".join(f"{item.name} {duckdb_type(item.type)}" for item in kind)
+        return f"STRUCT({inner})"
+    if pa.types.is_timestamp(kind):
+        return "TIMESTAMP WITH TIME ZONE" if kind.tz else "TIMESTAMP"
+    return _DUCKDB_TYPES[kind]
+
+
+_DUCKDB_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.float64(): "DOUBLE",
+    pa.int8(): "TINYINT",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+}
 BASE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("detectorName", "VARCHAR"),
-    ("measure", "VARCHAR"),
-    ("timeseriesId", "VARCHAR"),
-    ("dimensionList", "STRUCT(name VARCHAR, value VARCHAR)[]"),
-    ("aggregatedMeasureValue", "DOUBLE"),
-    ("anomalyScore", "DOUBLE"),
-    ("anomalyDecisionThreshold", "DOUBLE"),
-    ("anomalyDecision", "TINYINT"),
-    ("anomalyConfidenceScore", "DOUBLE"),
-    ("modelStage", "VARCHAR"),
-    ("expectedValue", "DOUBLE"),
-    ("processedDataPoints", "BIGINT"),
-    ("detectionPeriodStartTime", "TIMESTAMP WITH TIME ZONE"),
-    ("detectionPeriodEndTime", "TIMESTAMP WITH TIME ZONE"),
-    ("kafkaPartition", "INTEGER"),
-    ("kafkaOffset", "BIGINT"),
-    ("dt", "DATE"),
+    *((item.name, duckdb_type(item.type)) for item in RESULT_SCHEMA),
+    *((item.name, duckdb_type(item.type)) for item in PROVENANCE_SCHEMA),
+    (DAY_PARTITION, "DATE"),
 )
 # A file compacted away between the listing and the read is gone for good; listing again
 # (a new snapshot) cures it within a moment.
@@ -127,12 +151,12 @@ def _create_views(connection: duckdb.DuckDBPyConnection, paths: list[Path]) -> N
     )
     columns = [row[0] for row in connection.execute("DESCRIBE scores").fetchall()]
     latest = [
-        "detectorName",
-        "measure",
-        "dimensionList",
-        *sorted(c for c in columns if c.startswith("dim_")),
-        "modelStage",
-        "anomalyConfidenceScore",
+        DETECTOR_NAME,
+        MEASURE,
+        DIMENSION_LIST,
+        *sorted(c for c in columns if c.startswith(DIMENSION_PREFIX)),
+        MODEL_STAGE,
+        ANOMALY_CONFIDENCE_SCORE,
     ]
     # Dimension names come from the records: any text, quotes and SQL included.
     picks = ", ".join(f"l.{quote_identifier(c)}" for c in latest)

@@ -31,6 +31,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from contract.records import KAFKA_OFFSET
+
 OFFSET_DIGITS = 20
 METADATA_PREFIX = "anomstream."
 _SINK_NAME = re.compile(r"^(?P<topic>[^+/]+)\+(?P<partition>\d+)\+(?P<first>\d{20})\.parquet$")
@@ -240,7 +242,7 @@ def remove_temp_files(directory: Path, prefix: str) -> int:
 
 def publish_sink_file(lake: Path, topic: str, partition: int, day: str, table: pa.Table) -> Path:
     """Write the rows of one partition and one day (ordered by offset) as a sink file."""
-    offsets = table.column("kafkaOffset")
+    offsets = table.column(KAFKA_OFFSET)
     first, last = offsets[0].as_py(), offsets[-1].as_py()
     path = day_dir(lake, day) / sink_file_name(topic, partition, first)
     metadata = {

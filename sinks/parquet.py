@@ -42,11 +42,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from common.kafka_security import PLAINTEXT, KafkaSecurity
+from common.logs import DeadLetterLog, ThrottledLog
+from common.retry import Backoff, RebuildBudget, is_fatal, is_transient, retry
+from contract.records import KAFKA_OFFSET
 from sinks.lake_files import lake_end, publish_sink_file, remove_temp_files
 from sinks.result_table import MS_PER_DAY, concat, day_name, epoch_millis, parse_results
-from stream.kafka_security import PLAINTEXT, KafkaSecurity
-from stream.logs import DeadLetterLog, ThrottledLog
-from stream.retry import Backoff, RebuildBudget, is_fatal, is_transient, retry
 
 log = logging.getLogger("anomstream.sink.parquet")
 
@@ -229,7 +230,7 @@ class ParquetSink:
     def run(self) -> SinkStats:
         from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-        from stream.kafka_io import consumer_config, create_topics, producer_config
+        from common.kafka_io import consumer_config, create_topics, producer_config
 
         config = self.config
 
@@ -324,10 +325,10 @@ class ParquetSink:
                 "parquet-sink wrote %s rows=%d offsets=%d-%d",
                 path.relative_to(config.lake),
                 table.num_rows,
-                table.column("kafkaOffset")[0].as_py(),
-                table.column("kafkaOffset")[-1].as_py(),
+                table.column(KAFKA_OFFSET)[0].as_py(),
+                table.column(KAFKA_OFFSET)[-1].as_py(),
             )
-            commit(partition, int(table.column("kafkaOffset")[-1].as_py()) + 1)
+            commit(partition, int(table.column(KAFKA_OFFSET)[-1].as_py()) + 1)
 
         def subscribe() -> None:
             consumer.subscribe(

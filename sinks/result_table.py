@@ -8,16 +8,16 @@ fields of the records (scalars in their natural type, nested values as JSON stri
 Parsing uses Arrow's JSON reader (C++, one pass over the whole batch); only when a batch fails to
 parse are records parsed one by one, so that bad ones can be named and set aside.
 
->>> from stream import records
->>> rec = {"detectorName": "cpu", "measure": "util", "timeseriesId": "t",
-...        "dimensionList": records.dimension_list({"host": "a"}), "anomalyScore": 12.5,
-...        "anomalyDecision": 0, "modelStage": "INFERENCE",
-...        "detectionPeriodStartTime": "2026-11-21T10:00:00.000Z", "rawScore": 0.8}
->>> batch = parse_results([records.encode(rec)], partition=0, offsets=[7])
+>>> from contract import records as r
+>>> rec = {r.DETECTOR_NAME: "cpu", r.MEASURE: "util", r.TIMESERIES_ID: "t",
+...        r.DIMENSION_LIST: r.dimension_list({"host": "a"}), r.ANOMALY_SCORE: 12.5,
+...        r.ANOMALY_DECISION: 0, r.MODEL_STAGE: "INFERENCE",
+...        r.DETECTION_PERIOD_START_TIME: "2026-11-21T10:00:00.000Z", r.RAW_SCORE: 0.8}
+>>> batch = parse_results([r.encode(rec)], partition=0, offsets=[7])
 >>> batch.rejected
 []
 >>> row = batch.table.to_pylist()[0]
->>> row["dim_host"], row["rawScore"], row["kafkaOffset"], row["anomalyDecision"]
+>>> row["dim_host"], row[r.RAW_SCORE], row[r.KAFKA_OFFSET], row[r.ANOMALY_DECISION]
 ('a', 0.8, 7, 0)
 """
 
@@ -33,38 +33,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from stream.records import RESULT_FIELDS
-
-DIMENSION = pa.struct([("name", pa.string()), ("value", pa.string())])
-MODEL_STAGE = pa.dictionary(pa.int8(), pa.string())
-TIMESTAMP = pa.timestamp("ms", tz="UTC")
-
-RESULT_SCHEMA = pa.schema(
-    [
-        ("detectorName", pa.string()),
-        ("measure", pa.string()),
-        ("timeseriesId", pa.string()),
-        ("dimensionList", pa.list_(DIMENSION)),
-        ("aggregatedMeasureValue", pa.float64()),
-        ("anomalyScore", pa.float64()),
-        ("anomalyDecisionThreshold", pa.float64()),
-        ("anomalyDecision", pa.int8()),
-        ("anomalyConfidenceScore", pa.float64()),
-        ("modelStage", MODEL_STAGE),
-        ("expectedValue", pa.float64()),
-        ("processedDataPoints", pa.int64()),
-        ("detectionPeriodStartTime", TIMESTAMP),
-        ("detectionPeriodEndTime", TIMESTAMP),
-    ]
+from contract.records import (
+    DETECTION_PERIOD_START_TIME,
+    DIMENSION_LIST,
+    DIMENSION_PREFIX,
+    KAFKA_OFFSET,
+    KAFKA_PARTITION,
+    MODEL_STAGE,
+    PROVENANCE_SCHEMA,
+    RESULT_FIELDS,
+    RESULT_SCHEMA,
 )
-assert tuple(RESULT_SCHEMA.names) == RESULT_FIELDS
-PROVENANCE_SCHEMA = pa.schema([("kafkaPartition", pa.int32()), ("kafkaOffset", pa.int64())])
-DIMENSION_PREFIX = "dim_"
+
 MS_PER_DAY = 86_400_000
 
 # The JSON reader converts strings to dictionaries poorly; parse the stage as a string first.
 _PARSE_SCHEMA = RESULT_SCHEMA.set(
-    RESULT_FIELDS.index("modelStage"), pa.field("modelStage", pa.string())
+    RESULT_FIELDS.index(MODEL_STAGE), pa.field(MODEL_STAGE, pa.string())
 )
 _PARSE_OPTIONS = pj.ParseOptions(explicit_schema=_PARSE_SCHEMA, unexpected_field_behavior="infer")
 
@@ -96,15 +81,15 @@ def parse_results(
         rejected: list[tuple[int, str]] = []
     else:
         raw, good, rejected = _parse_one_by_one(payloads)
-    if raw.num_rows and raw.column("detectionPeriodStartTime").null_count:
+    if raw.num_rows and raw.column(DETECTION_PERIOD_START_TIME).null_count:
         missing_time = (
-            pc.is_null(raw.column("detectionPeriodStartTime"))
+            pc.is_null(raw.column(DETECTION_PERIOD_START_TIME))
             .combine_chunks()
             .to_numpy(zero_copy_only=False)
         )
         if missing_time.any():
             rejected += [
-                (good[i], "no detectionPeriodStartTime") for i in np.flatnonzero(missing_time)
+                (good[i], f"no {DETECTION_PERIOD_START_TIME}") for i in np.flatnonzero(missing_time)
             ]
             raw = raw.filter(pa.array(~missing_time))
             good = [g for g, bad in zip(good, missing_time, strict=True) if not bad]
@@ -204,14 +189,14 @@ def _finish(raw: pa.Table, partition: int, offsets: pa.Array) -> pa.Table:
         columns.append(column)
         names.append(name)
     for name, values in _dimension_columns(
-        raw.column("dimensionList") if "dimensionList" in raw.column_names else None, n
+        raw.column(DIMENSION_LIST) if DIMENSION_LIST in raw.column_names else None, n
     ):
         columns.append(values)
         names.append(DIMENSION_PREFIX + name)
     columns.append(pa.array(np.full(n, partition, np.int32)))
-    names.append("kafkaPartition")
+    names.append(KAFKA_PARTITION)
     columns.append(offsets)
-    names.append("kafkaOffset")
+    names.append(KAFKA_OFFSET)
     return pa.table(columns, names=names)
 
 
@@ -239,12 +224,12 @@ def _dimension_columns(
 
 
 def day_numbers(table: pa.Table) -> np.ndarray:
-    """Days since the epoch (UTC) of each row's detectionPeriodStartTime."""
+    """Days since the epoch (UTC) of each row's period start time."""
     return epoch_millis(table) // MS_PER_DAY
 
 
 def epoch_millis(table: pa.Table) -> np.ndarray:
-    column = table.column("detectionPeriodStartTime").cast(pa.int64()).combine_chunks()
+    column = table.column(DETECTION_PERIOD_START_TIME).cast(pa.int64()).combine_chunks()
     return column.to_numpy(zero_copy_only=False)
 
 

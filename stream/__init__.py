@@ -1,1 +1,2 @@
-"""Kafka I/O, windowing, the worker runtime, state snapshots and the command line."""
+"""The Kafka runtime of ``anomstream detect``: configuration, routing, windowing, per-series state
+and its snapshots, metrics, and the transactional worker (``stream.worker``)."""

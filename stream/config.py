@@ -30,9 +30,9 @@ from pydantic import (
     model_validator,
 )
 
+from common.durations import parse_duration_ms
+from common.kafka_security import PLAINTEXT, KafkaSecurity
 from detectors import DetectorConfig
-from stream.durations import parse_duration_ms
-from stream.kafka_security import PLAINTEXT, KafkaSecurity
 
 # Milliseconds, written in YAML as "60s", "500ms", "5m" or a number of seconds.
 DurationMs = Annotated[int, BeforeValidator(parse_duration_ms)]

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from contract.records import timeseries_id
 from stream.config import DetectorSpec
-from stream.records import timeseries_id
 
 # Dead-letter reasons (the ``reason`` header); stable names, counted in the metrics.
 NOT_JSON = "not_json"

@@ -1,5 +1,7 @@
 """Per-series state (windows + detector) and its snapshot record on the compacted state topic.
 
+The detector is any ``detectors.protocol.Detector``, made and restored by ``DETECTORS``.
+
 State topic layout (see docs/decisions/0002-exactly-once.md): partition ``p`` of the state topic
 holds the snapshots of the series owned through partition ``p`` of the repartition topic.
 - key = timeseriesId, value = ``encode_snapshot``: the series' state after every record of its
@@ -19,7 +21,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from detectors import RcfDetector
+from detectors.protocol import DETECTORS, Detector
 from stream.config import DetectorSpec
 from stream.windowing import SeriesWindows
 
@@ -116,7 +118,7 @@ class Series:
         dimensions: dict[str, str],
         partition: int,
         max_fill: int,
-        detector: RcfDetector | None = None,
+        detector: Detector | None = None,
     ) -> None:
         self.timeseries_id = timeseries_id
         self.spec_index = spec_index
@@ -126,7 +128,7 @@ class Series:
         self.windows = SeriesWindows(
             spec.interval_ms, spec.delay_ms, spec.aggregation, spec.empty, max_fill
         )
-        self.detector = detector or RcfDetector(spec.detector_config(), len(spec.measures))
+        self.detector = detector or DETECTORS.create(spec.detector_config(), len(spec.measures))
         self.dirty = False  # changed since its last snapshot
         self.record_prefix = b""  # the constant head of its result records, set by the worker
         # Records of its partition below this offset are already in the state (its snapshot is
@@ -163,7 +165,7 @@ class Series:
             snapshot.dimensions,
             partition,
             max_fill,
-            RcfDetector.from_bytes(snapshot.model),
+            DETECTORS.restore(snapshot.model),
         )
         series.windows.restore(snapshot.windows)
         series.source = snapshot.source

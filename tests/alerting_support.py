@@ -20,8 +20,8 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
-from stream.kafka_local import free_port
-from stream.records import dimension_list, encode, format_time, timeseries_id
+from app.kafka_local import free_port
+from contract.records import dimension_list, encode, format_time, timeseries_id
 
 INTERVAL_S = 60.0
 T0 = 1_790_000_000.0  # 2026-09-21, a fixed record-time origin
@@ -199,7 +199,7 @@ def produce_results(bootstrap: str, topic: str, records: Iterable[dict[str, Any]
     """Write result records keyed by timeseriesId in one Kafka transaction."""
     from confluent_kafka import Producer
 
-    from stream.kafka_io import producer_config
+    from common.kafka_io import producer_config
 
     producer = Producer(
         producer_config(bootstrap, **{"transactional.id": f"alert-test-{time.monotonic_ns()}"})

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 
-from stream.kafka_io import create_topics
-from stream.kafka_local import LocalKafka, free_port
+from app.kafka_local import LocalKafka, free_port
+from common.kafka_io import create_topics
 
 TopicFactory = Callable[..., str]
 

@@ -25,9 +25,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from stream.kafka_io import consumer_config
-from stream.kafka_local import free_port
-from stream.retry import Backoff, retry
+from app.kafka_local import free_port
+from common.kafka_io import consumer_config
+from common.retry import Backoff, retry
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = {"num_trees": 10, "sample_size": 64, "warmup": 16}
@@ -80,7 +80,7 @@ def write_config(
 
 
 class WorkerProcess:
-    """``python -m stream.cli detect`` in a subprocess, with its log and metrics port."""
+    """``python -m app.cli detect`` in a subprocess, with its log and metrics port."""
 
     def __init__(self, config: Path, instance: str, log_dir: Path,
                  stages: str = "route,score") -> None:
@@ -89,7 +89,7 @@ class WorkerProcess:
         self.log_path = log_dir / f"worker-{instance}-{stages.replace(',', '-')}.log"
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "detect", "--config", str(config),
+            [sys.executable, "-m", "app.cli", "detect", "--config", str(config),
              "--instance-id", instance, "--metrics-port", str(self.port), "--stages", stages],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -11,8 +11,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from contract.records import dimension_list, format_time, timeseries_id
 from detectors import DetectorConfig, RcfDetector, Result
-from stream.records import dimension_list, format_time, timeseries_id
 
 STEP_S = 300  # one point every 5 minutes
 START_S = 1_790_006_400  # 2026-09-21T00:00:00Z, midnight: days line up with the daily cycle

@@ -6,7 +6,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from stream import records
+from contract import records
 
 DETECTORS = ("cpu", "latency", "prices")
 STAGES = ("LEARNING", "INFERENCE")

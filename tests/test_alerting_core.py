@@ -291,7 +291,7 @@ def test_redactor_hides_tokens_everywhere() -> None:
 def test_silence_command_writes_a_silence_and_rejects_bad_matchers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stream.cli import main
+    from app.cli import main
 
     config = write(tmp_path / "alerts.yaml", f"""\
 state_dir: {tmp_path / "state"}

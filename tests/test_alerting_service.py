@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from app.kafka_local import free_port
+from contract.records import timeseries_id
 from sinks.alerting.store import load
-from stream.kafka_local import free_port
-from stream.records import timeseries_id
 from tests.alerting_support import (
     HttpReceiver,
     SmtpReceiver,
@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MAIL_PASSWORD = "MailPassw0rd-e2e-5c1"
 HOOK_TOKEN = "HookToken-e2e-9ad"
 HOOK_PATH_SECRET = "PathSecret-e2e-77f"
-# Not ``-m stream.cli``: that loads stream.cli twice (as __main__ too), with two CliErrors.
+# Not ``-m app.cli``: that loads app.cli twice (as __main__ too), with two CliErrors.
 CLI = [sys.executable, "-c",
-       "import sys; from stream.cli import main; sys.exit(main(sys.argv[1:]))"]
+       "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))"]
 SECRETS = (MAIL_PASSWORD, HOOK_TOKEN, HOOK_PATH_SECRET)
 ENV = {"ALERT_MAIL_PASSWORD": MAIL_PASSWORD, "ALERT_HOOK_TOKEN": HOOK_TOKEN,
        "ALERT_HOOK_PATH": HOOK_PATH_SECRET}

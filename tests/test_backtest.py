@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stream.backtest import parse_timestamp, run_backtest
-from stream.cli import main
+from app.backtest import parse_timestamp, run_backtest
+from app.cli import main
 
 NAB_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nab" / "data"
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stream.cli import COMMANDS, build_parser
+from app.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 # Published ports listen on loopback unless ANOMSTREAM_BIND says otherwise.
@@ -123,7 +123,7 @@ def test_referenced_files_exist_and_mounted_configs_load() -> None:
 
 def test_docker_configs_match_the_demo() -> None:
     """examples/docker/ holds the demo's detectors and alert rule, pointed at the compose hosts."""
-    from stream.demo import Topics, alert_config, detect_config
+    from app.demo import Topics, alert_config, detect_config
 
     topics = Topics.named("")
     detect = yaml.safe_load((ROOT / "examples/docker/detect.yaml").read_text())

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from contract.records import encode
 from dashboard import LAKE_ENV, REFRESH_ENV
 from dashboard.fixtures import LakeSummary
 from sinks.lake_files import publish_sink_file
 from sinks.result_table import parse_results
-from stream.records import encode
 from tests.dashboard_support import direct, direct_one, lake_totals, small_lake
 from tests.lake_data import stream_of_results
 

@@ -81,7 +81,7 @@ def server(lake: LakeSummary, tmp_path_factory: pytest.TempPathFactory) -> Itera
     with log.open("wb") as output:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "stream.cli", "dashboard", "--lake", str(lake.lake_dir),
+                sys.executable, "-m", "app.cli", "dashboard", "--lake", str(lake.lake_dir),
                 "--port", str(port), "--refresh-seconds", "2",
             ],
             stdout=output, stderr=subprocess.STDOUT, cwd=REPO,

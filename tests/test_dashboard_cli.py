@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.cli import build_parser, main
+from app.cli import build_parser, main
 
 
 def test_binds_to_localhost_by_default() -> None:

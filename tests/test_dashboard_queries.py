@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from contract.records import dimension_list, encode, format_time, timeseries_id
 from dashboard import charts, queries
 from dashboard.app import LakeReader
 from dashboard.fixtures import LakeSummary, build_lake, series_specs
@@ -16,7 +17,6 @@ from dashboard.queries import Filters
 from sinks.lake import connect
 from sinks.lake_files import publish_sink_file
 from sinks.result_table import parse_results
-from stream.records import dimension_list, encode, format_time, timeseries_id
 from tests.dashboard_support import direct, direct_one, lake_totals, small_lake
 
 START_NEXT_DAY = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sinks.lake import query
-from stream.demo import (
+from app.demo import (
     Child,
     Demo,
     DemoError,
@@ -25,8 +24,9 @@ from stream.demo import (
     detect_config,
     incident_report,
 )
-from stream.kafka_local import free_port
-from stream.records import parse_time, timeseries_id
+from app.kafka_local import free_port
+from contract.records import parse_time, timeseries_id
+from sinks.lake import query
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SECONDS = 110.0  # then Ctrl-C
@@ -142,7 +142,7 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     log = (tmp_path / "demo.log").open("wb")
     began = time.monotonic()
     demo = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from stream.cli import main; sys.exit(main())",
+        [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())",
          "demo", "--workdir", str(workdir), "--duration", str(SAFETY_DURATION), "--speed", "1200",
          "--dashboard-port", str(port)],
         cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -263,7 +263,7 @@ def test_incident_report_counts_pages_per_kind_against_the_labels() -> None:
 def test_webhook_only_mode_prints_posted_alerts_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     receiver = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from stream.cli import main; sys.exit(main())",
+        [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())",
          "demo", "webhook", "--port", str(port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, "COLUMNS": "100"},

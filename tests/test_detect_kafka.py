@@ -1,6 +1,6 @@
 """``anomstream detect`` against the real local broker: scores, dead letters, kill -9, rebalances.
 
-Workers run as real processes (``python -m stream.cli detect``) so a kill -9 is a real one.
+Workers run as real processes (``python -m app.cli detect``) so a kill -9 is a real one.
 Each test uses its own topics and consumer groups. Detectors are small (10 trees, 64 samples,
 warm-up 16) to keep the suite quick; the logic under test does not depend on the model size.
 """
@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
+from common.kafka_io import create_topics
+from contract.records import timeseries_id
 from detectors import DetectorConfig, RcfDetector
-from stream.kafka_io import create_topics
-from stream.records import timeseries_id
 from tests.detect_support import (
     ROOT,
     SMALL_MODEL,
@@ -62,7 +62,7 @@ def test_replayed_file_scores_equal_backtest(kafka_bootstrap: str, tmp_path: Pat
     out_path = tmp_path / "backtest.csv"
     params = [f"--param={k}={v}" for k, v in SMALL_MODEL.items()]
     subprocess.run(
-        [sys.executable, "-m", "stream.cli", "backtest", str(csv_path), "--out", str(out_path),
+        [sys.executable, "-m", "app.cli", "backtest", str(csv_path), "--out", str(out_path),
          "--no-progress", *params],
         cwd=ROOT, check=True, capture_output=True, timeout=120,
     )

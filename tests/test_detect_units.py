@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from contract.records import timeseries_id
 from detectors import ModelStage
 from stream.config import (
     Aggregation,
@@ -17,7 +18,6 @@ from stream.config import (
     load_config,
     parse_duration_ms,
 )
-from stream.records import timeseries_id
 from stream.routing import Router, parse_event_ms
 from stream.state import Series, decode_snapshot, encode_snapshot, snapshot_offset
 from stream.windowing import LateRecord, SeriesWindows
@@ -263,7 +263,7 @@ def test_series_snapshot_restores_exactly() -> None:
 def test_detect_command_reports_config_errors_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stream.cli import main
+    from app.cli import main
 
     path = write(tmp_path, GOOD.replace("aggregation: max", "aggregation: median"))
     assert main(["detect", "--config", str(path)]) == 2

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.cli import main
 from detectors.evaluation import PROFILES, load_corpus, score_corpus
-from stream.cli import main
 
 START = datetime(2024, 5, 1, tzinfo=UTC)
 

@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from stream.cli import main
-from stream.generators import DEFAULT_INTERVALS, FEEDS, Feed, FeedSpec, generate_feed
-from stream.generators.common import Label, Series
-from stream.generators.evaluate import FeedEvaluation, SeriesRun, _score_run, alert_events
-from stream.records import parse_time
+from app.cli import main
+from app.generators import DEFAULT_INTERVALS, FEEDS, Feed, FeedSpec, generate_feed
+from app.generators.common import Label, Series
+from app.generators.evaluate import FeedEvaluation, SeriesRun, _score_run, alert_events
+from contract.records import parse_time
 
 FeedName = str
 
@@ -331,7 +331,7 @@ def test_evaluate_prints_a_table_and_json(
 def test_the_demo_detectors_page_on_anomalies_and_never_on_anomaly_free_series(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The demo's own feeds and detector parameters (examples/docker/detect.yaml = stream/demo.py),
+    """The demo's own feeds and detector parameters (examples/docker/detect.yaml = app/demo.py),
     over about as many points as the demo test replays."""
     config = Path(__file__).resolve().parents[1] / "examples" / "docker" / "detect.yaml"
     for feed, entities in (("market", ["--instruments", "4"]), ("ops", ["--hosts", "2"])):
@@ -367,7 +367,7 @@ def test_detect_config_with_two_settings_for_one_measure_is_refused(
 def test_topic_output_produces_every_record_keyed_by_entity(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    from stream.kafka_io import consume_all
+    from common.kafka_io import consume_all
 
     topic = f"generate-bookstore-{tmp_path.name}"
     labels = tmp_path / "bookstore.labels.json"

@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from app.kafka_local import LocalKafka, free_port
+from common.kafka_io import consumer_config, create_topics, producer_config
+from contract.records import timeseries_id
 from detectors import DetectorConfig, RcfDetector
 from stream.config import load_config
-from stream.kafka_io import consumer_config, create_topics, producer_config
-from stream.kafka_local import LocalKafka, free_port
 from stream.metrics import WorkerMetrics
-from stream.records import timeseries_id
 from stream.worker import RouteStage, Worker
 from tests.detect_support import (
     ROOT,
@@ -86,7 +86,7 @@ class SinkProcess:
         self.log_path = log_path
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "stream.cli", "sink", "parquet", "--out", str(lake),
+                [sys.executable, "-m", "app.cli", "sink", "parquet", "--out", str(lake),
                  "--topic", topic, "--bootstrap", bootstrap, "--group", f"sink-{topic}",
                  "--max-records", "100", "--idle-flush", "0.5"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

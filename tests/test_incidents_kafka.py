@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from common.kafka_io import create_topics
+from contract.records import parse_time, timeseries_id
 from detectors import DetectorConfig, RcfDetector
 from sinks.alerting.messages import duration_text
-from stream.kafka_io import create_topics
-from stream.records import parse_time, timeseries_id
 from tests.alerting_support import HttpReceiver, Received, headline, series_of
 from tests.detect_support import (
     ROOT,
@@ -49,7 +49,7 @@ SILENT = range(700, 724)  # web-7 sends nothing for two hours
 GAP = range(600, 636)  # gpu-8 sends nothing for three hours
 TOKEN = "incident-hook-token"
 CLI = [sys.executable, "-c",
-       "import sys; from stream.cli import main; sys.exit(main(sys.argv[1:]))"]
+       "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def event_ms(i: int) -> int:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.jvm_cds import ClassDataArchive
-from stream.kafka_local import STORAGE_TOOL_CLASS, _java, ensure_jars
+from app.jvm_cds import ClassDataArchive
+from app.kafka_local import STORAGE_TOOL_CLASS, _java, ensure_jars
 
 
 def _storage_tool(options: list[str], libs: Path) -> subprocess.CompletedProcess[str]:

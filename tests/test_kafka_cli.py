@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from stream.kafka_local import free_port
+from app.kafka_local import free_port
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        # Through stream.cli.main as the entry point does (``-m stream.cli`` would load cli twice).
-        [sys.executable, "-c", "import sys; from stream.cli import main; sys.exit(main())",
+        # Through app.cli.main as the entry point does (``-m app.cli`` would load cli twice).
+        [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())",
          "kafka", *args],
         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1], check=False,
     )

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream.kafka_io import ClientLog
-from stream.kafka_local import free_port
+from app.kafka_local import free_port
+from common.kafka_io import ClientLog
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def _commands(tmp_path: Path, address: str) -> dict[str, list[str]]:
 def _run_side_by_side(commands: dict[str, list[str]]) -> dict[str, tuple[int, str]]:
     processes = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", *argv], cwd=ROOT, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "app.cli", *argv], cwd=ROOT, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

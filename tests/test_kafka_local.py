@@ -13,9 +13,9 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from stream import kafka_local
-from stream.kafka_io import consume_all, create_topics, producer_config
-from stream.kafka_local import KafkaError, LocalKafka, free_port
+from app import kafka_local
+from app.kafka_local import KafkaError, LocalKafka, free_port
+from common.kafka_io import consume_all, create_topics, producer_config
 
 
 def _transactional_producer(bootstrap: str) -> Producer:
@@ -159,7 +159,7 @@ def test_start_refuses_a_port_in_use(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_processes_fetching_at_once_both_get_the_complete_jars(tmp_path: Path) -> None:
     script = (
-        "from stream.kafka_local import ensure_jars; "
+        "from app.kafka_local import ensure_jars; "
         "print(sorted(p.name for p in ensure_jars().glob('*.jar')))"
     )
     env = {**os.environ, "ANOMSTREAM_CACHE": str(tmp_path)}
@@ -181,7 +181,7 @@ def test_two_processes_fetching_at_once_both_get_the_complete_jars(tmp_path: Pat
 @pytest.mark.slow
 def test_broker_stops_when_the_process_that_started_it_is_killed(tmp_path: Path) -> None:
     script = (
-        "import sys, time; from stream.kafka_local import LocalKafka, free_port; "
+        "import sys, time; from app.kafka_local import LocalKafka, free_port; "
         "k = LocalKafka(sys.argv[1], port=free_port(), controller_port=free_port()); "
         "k.start(); print(k.running_pid(), flush=True); time.sleep(300)"
     )

@@ -1,6 +1,6 @@
 """The pipeline against a real secured broker: SCRAM-SHA-512 over TLS, and mutual TLS.
 
-One local broker for the module serves both (stream/kafka_local.SecuredListeners): a SASL_SSL
+One local broker for the module serves both (app/kafka_local.SecuredListeners): a SASL_SSL
 listener with a SCRAM user made at format time and an SSL listener that requires a client
 certificate, with certificates made for the test (tests/tls_support.py). ``produce``, ``detect``,
 ``sink parquet`` and ``alert`` run as the operator runs them, as subprocesses configured through
@@ -26,9 +26,9 @@ import pytest
 import yaml
 from confluent_kafka import KafkaException, Producer
 
-from stream.kafka_io import consume_all, create_topics, producer_config
-from stream.kafka_local import LocalKafka, SecuredListeners, free_port
-from stream.kafka_security import KafkaSecurity
+from app.kafka_local import LocalKafka, SecuredListeners, free_port
+from common.kafka_io import consume_all, create_topics, producer_config
+from common.kafka_security import KafkaSecurity
 from tests.alerting_support import HttpReceiver, wait_until
 from tests.detect_support import SMALL_MODEL, WorkerProcess, by_series, point, wait_for
 from tests.tls_support import KEYSTORE_PASSWORD, TlsFiles, make_tls_files
@@ -104,7 +104,7 @@ def mtls_setup(broker: SecuredBroker) -> Setup:
 
 def anomstream(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "stream.cli", *args], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "app.cli", *args], cwd=ROOT, capture_output=True, text=True,
         timeout=timeout, env={**os.environ, PASSWORD_ENV: PASSWORD}, stdin=subprocess.DEVNULL,
     )
 
@@ -158,7 +158,7 @@ def test_produce_detect_sink_and_alert_run_end_to_end_against_the_secured_broker
     log_path = tmp_path / "detect.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "detect", "--config", str(detect_yaml),
+            [sys.executable, "-m", "app.cli", "detect", "--config", str(detect_yaml),
              "--instance-id", f"w-{run}"],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, PASSWORD_ENV: PASSWORD},
@@ -247,7 +247,7 @@ def test_a_detect_config_with_a_wrong_password_fails_in_one_line(
         "detectors": [{"name": "cpu", "input": "in", "measure": "v", "interval": "1s"}],
     }))
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "detect", "--config", str(config)],
+        [sys.executable, "-m", "app.cli", "detect", "--config", str(config)],
         cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
         env={**os.environ, "WRONG_PASSWORD": "guess-1234"},
     )
@@ -275,7 +275,7 @@ def test_a_broker_certificate_from_another_ca_is_one_line_and_exit_2(
 def test_a_client_without_certificate_is_refused_by_the_mtls_listener(
     secured_broker: SecuredBroker,
 ) -> None:
-    from stream.kafka_io import KafkaUnavailable, check_connection
+    from common.kafka_io import KafkaUnavailable, check_connection
 
     no_cert = KafkaSecurity.model_validate(
         {"protocol": "SSL", "tls": {"ca_file": str(secured_broker.tls.ca)}}
@@ -288,7 +288,7 @@ def test_a_client_without_certificate_is_refused_by_the_mtls_listener(
 def test_replication_beyond_the_brokers_is_a_clear_error(
     secured_broker: SecuredBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stream.kafka_io import ReplicationError
+    from common.kafka_io import ReplicationError
 
     setup = scram_setup(secured_broker)
     monkeypatch.setenv(PASSWORD_ENV, PASSWORD)

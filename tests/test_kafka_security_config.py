@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sinks.alerting.config import load_config as load_alert_config
-from stream.config import ConfigError, load_config
-from stream.kafka_io import KafkaUnavailable, check_connection, consumer_config
-from stream.kafka_security import (
+from common.kafka_io import KafkaUnavailable, check_connection, consumer_config
+from common.kafka_security import (
     KafkaSecurity,
     SecretError,
     add_security_arguments,
     security_flags,
     security_from_args,
 )
+from sinks.alerting.config import load_config as load_alert_config
+from stream.config import ConfigError, load_config
 
 SECRET = "s3cret-do-not-print"
 
@@ -194,9 +194,9 @@ def test_security_flags_give_a_child_command_the_same_settings(tmp_path: Path) -
 
 
 def test_the_demo_hands_its_security_to_every_service(tmp_path: Path) -> None:
+    from app.demo import Topics, alert_config, detect_config
     from sinks.alerting.config import AlertConfig
     from stream.config import DetectConfig
-    from stream.demo import Topics, alert_config, detect_config
 
     security = KafkaSecurity.model_validate(
         {"protocol": "SASL_SSL", "sasl": {"username": "demo", "password_env": "PW"}}
@@ -218,7 +218,7 @@ def test_the_demo_hands_its_security_to_every_service(tmp_path: Path) -> None:
 def test_the_demo_refuses_security_flags_for_its_own_plaintext_broker(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from stream.cli import main
+    from app.cli import main
 
     code = main(["demo", "--workdir", str(tmp_path / "run"), "--security-protocol", "SSL"])
     assert code == 2

@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from app import cli
+from contract import records
 from sinks import lake
 from sinks.compact import compact
 from sinks.lake_files import (
@@ -24,7 +26,6 @@ from sinks.lake_files import (
 )
 from sinks.parquet import PartitionBuffer, RotationPolicy, cut_points
 from sinks.result_table import MS_PER_DAY, day_name, parse_results
-from stream import cli, records
 from tests.lake_data import DAY0, result_record, stream_of_results
 
 

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from common.kafka_io import consume_all, consumer_config, producer_config
+from contract import records
 from sinks import lake
 from sinks.compact import compact
 from sinks.lake_files import list_files, sink_file_name
 from sinks.parquet import ParquetSink, RotationPolicy, SinkConfig
-from stream import records
-from stream.kafka_io import consume_all, consumer_config, producer_config
 from tests.lake_data import DAY0, result_record
 
 pytestmark = pytest.mark.kafka
@@ -216,7 +216,7 @@ def test_lake_equals_topic_across_kill_9s_with_compaction_and_readers(
     sink_command = [
         sys.executable,
         "-m",
-        "stream.cli",
+        "app.cli",
         "sink",
         "parquet",
         "--out",
@@ -354,7 +354,7 @@ def test_dimension_names_with_quotes_and_sql_are_stored_and_queried_as_names(
 
     def query(sql: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "stream.cli", "query", sql, "--lake", str(lake_dir),
+            [sys.executable, "-m", "app.cli", "query", sql, "--lake", str(lake_dir),
              "--format", "json"],
             cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
         )

@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stream.cli import main
-from stream.kafka_io import consume_all
-from stream.kafka_local import free_port
-from stream.producer import ReplayRecord, paced
+from app.cli import main
+from app.kafka_local import free_port
+from app.producer import ReplayRecord, paced
+from common.kafka_io import consume_all
 
 CSV = """timestamp,value,host,extra
 2014-04-01 00:00:00,12.3,a,x

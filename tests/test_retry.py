@@ -7,9 +7,8 @@ import logging
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from stream.config import DetectorSpec
-from stream.logs import DeadLetterLog, ThrottledLog
-from stream.retry import (
+from common.logs import DeadLetterLog, ThrottledLog
+from common.retry import (
     Backoff,
     RebuildBudget,
     TooManyFailures,
@@ -17,6 +16,7 @@ from stream.retry import (
     is_transient,
     retry,
 )
+from stream.config import DetectorSpec
 from stream.routing import NON_FINITE, Router
 
 

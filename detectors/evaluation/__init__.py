@@ -1,4 +1,4 @@
-"""Scoring detectors against labelled corpora (NAB rules) and running them over one."""
+"""Scoring detectors against labelled corpora (NAB rules); ``app.corpus_runner`` runs them."""
 
 from detectors.evaluation.corpus import CorpusFile, load_corpus
 from detectors.evaluation.nab import (

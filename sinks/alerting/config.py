@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from stream.durations import parse_duration
-from stream.kafka_security import PLAINTEXT, KafkaSecurity
+from common.durations import parse_duration
+from common.kafka_security import PLAINTEXT, KafkaSecurity
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from contract.records import format_time
 from sinks.alerting.state import Event, Group, Kind
-from stream.records import format_time
 
 _HEADLINE = {Kind.FIRING: "FIRING", Kind.REPEAT: "STILL FIRING", Kind.RESOLVED: "RESOLVED"}
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from contract import records as r
+from contract.records import dimensions_of, parse_time
 from sinks.alerting.config import Rule
-from stream.records import dimensions_of, parse_time
 
 # Labels every series has besides its dimensions; they win over a dimension of the same name.
 RESERVED_LABELS = ("detector", "measure", "series")
@@ -67,26 +68,29 @@ class Observation:
         try:
             dimensions = dimensions_of(record)
         except (KeyError, TypeError):
-            raise ValueError("field dimensionList must be a list of {name, value}") from None
-        expected = record.get("expectedValue")
-        last_data = record.get("lastDataTime")
+            raise ValueError(
+                f"field {r.DIMENSION_LIST} must be a list of {{name, value}}"
+            ) from None
+        expected = record.get(r.EXPECTED_VALUE)
+        last_data = record.get(r.LAST_DATA_TIME)
         # An interval without data reaches the detector as missing: its value is null.
-        missing = "aggregatedMeasureValue" in record and record["aggregatedMeasureValue"] is None
+        value = r.AGGREGATED_MEASURE_VALUE
+        missing = value in record and record[value] is None
         return cls(
-            series_id=text("timeseriesId"),
-            detector=text("detectorName"),
-            measure=str(record.get("measure") or ""),
+            series_id=text(r.TIMESERIES_ID),
+            detector=text(r.DETECTOR_NAME),
+            measure=str(record.get(r.MEASURE) or ""),
             dimensions={str(k): str(v) for k, v in dimensions.items()},
-            value=math.nan if missing else number("aggregatedMeasureValue"),
-            expected=number("expectedValue") if expected is not None else math.nan,
-            score=number("anomalyScore"),
-            threshold=number("anomalyDecisionThreshold", 70.0),
-            confidence=number("anomalyConfidenceScore", 100.0),
-            stage=str(record.get("modelStage") or ""),
-            start=moment("detectionPeriodStartTime"),
-            end=moment("detectionPeriodEndTime"),
-            no_data=bool(record.get("noData")),
-            last_data=moment("lastDataTime") if last_data is not None else math.nan,
+            value=math.nan if missing else number(r.AGGREGATED_MEASURE_VALUE),
+            expected=number(r.EXPECTED_VALUE) if expected is not None else math.nan,
+            score=number(r.ANOMALY_SCORE),
+            threshold=number(r.ANOMALY_DECISION_THRESHOLD, 70.0),
+            confidence=number(r.ANOMALY_CONFIDENCE_SCORE, 100.0),
+            stage=str(record.get(r.MODEL_STAGE) or ""),
+            start=moment(r.DETECTION_PERIOD_START_TIME),
+            end=moment(r.DETECTION_PERIOD_END_TIME),
+            no_data=bool(record.get(r.NO_DATA)),
+            last_data=moment(r.LAST_DATA_TIME) if last_data is not None else math.nan,
         )
 
     def labels(self) -> dict[str, str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from contract.records import decode
 from sinks.alerting import store
 from sinks.alerting.config import AlertConfig
 from sinks.alerting.messages import render
@@ -23,7 +24,6 @@ from sinks.alerting.redact import Redactor
 from sinks.alerting.rules import Observation
 from sinks.alerting.silences import Silence, SilenceSet
 from sinks.alerting.state import AlertEngine, Group, Grouper
-from stream.records import decode
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class Alerter:
     def run(self, stop: threading.Event, until_idle: float | None = None) -> None:
         from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-        from stream.kafka_io import consumer_config
+        from common.kafka_io import consumer_config
 
         config = self.config
         consumer = Consumer(

@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common.files import write_text_atomically
 from sinks.alerting.config import SilenceSpec
 from sinks.alerting.rules import labels_match
-from stream.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 

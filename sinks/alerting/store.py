@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stream.files import write_text_atomically
+from common.files import write_text_atomically
 
 FORMAT_VERSION = 1
 

@@ -1,0 +1,308 @@
+"""Checkpoint and restore of the score stage's partitions on the compacted state topic: the
+snapshot rounds written inside the transactions, and what a (re)assigned partition restores and
+replays (docs/decisions/0002-exactly-once.md)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    TopicPartition,
+)
+
+from common.kafka_io import consumer_config
+from common.retry import Backoff, retry
+from stream.config import DetectConfig
+from stream.metrics import WorkerMetrics
+from stream.state import (
+    CHECKPOINT_KEY,
+    Series,
+    decode_checkpoint,
+    encode_checkpoint,
+    snapshot_header,
+)
+from stream.windowing import PartitionClock, SeriesWindows
+from stream.worker.errors import WorkerError
+from stream.worker.topics import MAX_RECORD_BYTES
+from stream.worker.transaction import Stage
+
+log = logging.getLogger("anomstream.worker")
+
+class Partition:
+    """What the score stage holds for one owned repartition partition."""
+
+    __slots__ = ("checkpoint_offset", "checkpointed_at", "clock", "committed", "live",
+                 "next_offset", "number", "round_clock", "round_offset", "round_pending",
+                 "stored")
+
+    def __init__(self, number: int, start: int, committed: int, clock: PartitionClock) -> None:
+        self.number = number
+        self.clock = clock  # stream time per input partition, after the records below next_offset
+        self.next_offset = start  # one past the last record applied
+        self.committed = committed  # records below were processed and committed already
+        self.checkpoint_offset = start
+        self.checkpointed_at = time.monotonic()
+        self.live: dict[str, Series] = {}
+        self.stored: dict[str, bytes] = {}  # snapshots of series not in memory
+        self.round_offset: int | None = None  # offset of the checkpoint being written
+        self.round_clock: dict[str, Any] = {}  # the clock at that offset
+        self.round_pending: list[str] = []  # series still to snapshot in that checkpoint
+
+
+
+class CheckpointedStage(Stage):
+    """A stage that owns repartition partitions and checkpoints their series' state."""
+
+    def __init__(
+        self, config: DetectConfig, instance_id: str, metrics: WorkerMetrics,
+        stop: threading.Event, group_id: str, topics: list[str],
+    ) -> None:
+        super().__init__(config, instance_id, metrics, stop, group_id, topics)
+        self.spec_index = {spec.name: i for i, spec in enumerate(config.detectors)}
+        self.partitions: dict[int, Partition] = {}
+        self.lru: OrderedDict[str, Series] = OrderedDict()
+        self.max_fill = config.worker.max_fill_intervals
+        self.snapshot_interval_s = config.worker.snapshot_interval_ms / 1000
+        self.snapshots_per_commit = config.worker.snapshots_per_commit
+        # A jump of an input's stream time this long is the whole input pausing (PartitionClock).
+        self.pause_ms = min(
+            (spec.no_data_after for spec in config.detectors if spec.no_data_after), default=None
+        )
+
+    # -- commits and checkpoints --------------------------------------------------------------
+
+    def prepare_commit(self, checkpoint: Iterable[int] = ()) -> None:
+        """Snapshot work for this transaction.
+
+        A checkpoint of a partition is spread over several transactions (a round) so that no
+        commit stalls scoring for long: the round fixes its offset X when it starts and lists the
+        series changed so far; each commit snapshots up to ``snapshots_per_commit`` of them (each
+        snapshot carries its own, newer offset, so a replay from X skips what it holds); the
+        marker X is written with the last of them. Revoked partitions are checkpointed at once.
+        """
+        forced = [self.partitions[p] for p in checkpoint if p in self.partitions]
+        for part in forced:
+            self._checkpoint_now(part)
+        budget = self.snapshots_per_commit
+        now = time.monotonic()
+        for part in sorted(self.partitions.values(), key=lambda p: p.checkpointed_at):
+            if part.round_offset is None:
+                if (part.next_offset <= part.checkpoint_offset
+                        or now - part.checkpointed_at < self.snapshot_interval_s):
+                    continue
+                part.round_offset = part.next_offset
+                part.round_clock = part.clock.to_dict()
+                part.round_pending = [t for t, series in part.live.items() if series.dirty]
+            while part.round_pending and budget > 0:
+                series = part.live.get(part.round_pending.pop())
+                # Gone: evicted (its snapshot was written then) or dropped with the partition.
+                if series is not None and series.dirty:
+                    self._snapshot(part, series, "checkpoint")
+                    budget -= 1
+            if part.round_pending:
+                return
+            self._mark(part, part.round_offset, part.round_clock)
+
+    def _snapshot(self, part: Partition, series: Series, cause: str) -> bytes:
+        began = time.perf_counter()
+        payload = series.snapshot(part.next_offset)
+        self.produce(self.config.topics.state, payload, series.timeseries_id,
+                     partition=part.number)
+        series.dirty = False
+        self.metrics.snapshots.labels(cause).inc()
+        self.metrics.snapshot_bytes.inc(len(payload))
+        self.metrics.snapshot_seconds.observe(time.perf_counter() - began)
+        return payload
+
+    def _checkpoint_now(self, part: Partition) -> None:
+        for series in part.live.values():
+            if series.dirty:
+                self._snapshot(part, series, "checkpoint")
+        self._mark(part, part.next_offset, part.clock.to_dict())
+
+    def _mark(self, part: Partition, offset: int, clock: dict[str, Any]) -> None:
+        self.produce(self.config.topics.state, encode_checkpoint(offset, clock), CHECKPOINT_KEY,
+                     partition=part.number)
+        part.checkpoint_offset = offset
+        part.checkpointed_at = time.monotonic()
+        part.round_offset = None
+        part.round_pending = []
+
+    def offsets_to_commit(self) -> list[TopicPartition]:
+        topic = self.config.topics.repartition
+        return [
+            TopicPartition(topic, p.number, p.next_offset)
+            for p in self.partitions.values()
+            if p.next_offset > p.committed
+        ]
+
+    def committed(self, offsets: list[TopicPartition]) -> None:
+        for tp in offsets:
+            part = self.partitions.get(tp.partition)
+            if part is not None:
+                part.committed = max(part.committed, tp.offset)
+
+    def aborted(self) -> None:
+        # The models are ahead of what Kafka now holds: rebuild them exactly as after a restart.
+        numbers = sorted(self.partitions)
+        self._drop(numbers)
+        self._restore(numbers)
+        topic = self.config.topics.repartition
+        for n in numbers:
+            self.consumer.seek(TopicPartition(topic, n, self.partitions[n].next_offset))
+
+    # -- rebalances and restores --------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assign_restored(sorted(tp.partition for tp in partitions))
+        self.ready = True
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = [tp.partition for tp in partitions]
+        # Checkpoint what is handed over, so the next owner restores without replaying.
+        self.commit(checkpoint=numbers)
+        self._drop(numbers)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.abort_if_open()
+        self._drop([tp.partition for tp in partitions])
+
+    def _drop(self, numbers: Iterable[int]) -> None:
+        for number in numbers:
+            part = self.partitions.pop(number, None)
+            if part is not None:
+                for tsid in part.live:
+                    self.lru.pop(tsid, None)
+
+    def _assign_restored(self, numbers: list[int]) -> None:
+        began = time.monotonic()
+        self._restore(numbers)
+        topic = self.config.topics.repartition
+        self.consumer.assign(
+            [TopicPartition(topic, n, self.partitions[n].next_offset) for n in numbers]
+        )
+        self.metrics.restore_seconds.observe(time.monotonic() - began)
+
+    def _restore(self, numbers: list[int]) -> None:
+        """Load the latest snapshots of ``numbers`` and decide where to resume each partition.
+
+        A partition resumes at its last checkpoint offset (or at its beginning, if it has none).
+        Records from there up to the group's committed offset were processed before: they are
+        replayed into the models with output suppressed. A series whose own snapshot is newer
+        than the checkpoint (it was evicted later) skips the records its snapshot already holds.
+        """
+        if not numbers:
+            return
+        config = self.config
+        latest = read_state(config, numbers, config.kafka.transaction_timeout / 1000 + 60)
+        committed = self._call(
+            lambda: self.consumer.committed(
+                [TopicPartition(config.topics.repartition, n) for n in numbers], 60
+            ),
+            "reading committed offsets",
+        )
+        committed_by_partition = {tp.partition: tp.offset for tp in committed}
+        for number in numbers:
+            entries = latest.get(number, {})
+            marker = entries.pop(CHECKPOINT_KEY, None)
+            low, _high = self._call(
+                partial(self.consumer.get_watermark_offsets,
+                        TopicPartition(config.topics.repartition, number), 30, False),
+                "reading the start offset",
+            )
+            clock = PartitionClock(self.pause_ms)
+            start = low
+            if marker is not None:
+                checkpoint, clock_state = decode_checkpoint(marker)
+                start = max(low, checkpoint)
+                if clock_state is not None:
+                    clock.restore(clock_state)
+            committed_offset = max(committed_by_partition.get(number, -1), 0)
+            part = Partition(number, start, committed_offset, clock)
+            part.stored = {
+                key.decode(): value for key, value in entries.items() if value is not None
+            }
+            self._schedule_stored(part)
+            self.partitions[number] = part
+            log.info(
+                "score: partition %d: %d series restored, replay %d..%d suppressed",
+                number, len(part.stored), start, committed_offset,
+            )
+            if committed_offset > start:
+                self.metrics.replayed.inc(committed_offset - start)
+
+    def _schedule_stored(self, part: Partition) -> None:
+        """Put the restored series on the partition's schedule, from their snapshots' headers
+        (windows and source), so that the silent ones among them close on time too."""
+        for tsid, payload in part.stored.items():
+            header = snapshot_header(payload)
+            index = self.spec_index.get(header["detector"])
+            if index is None:
+                continue
+            spec = self.config.detectors[index]
+            windows = SeriesWindows(
+                spec.interval_ms, spec.delay_ms, spec.aggregation, spec.empty, self.max_fill
+            ).restore(header["windows"])
+            next_close = windows.next_close_ms()
+            if next_close is not None:
+                part.clock.schedule(tsid, header.get("source", ""), next_close + spec.delay_ms)
+
+
+def read_state(
+    config: DetectConfig, numbers: list[int], timeout_s: float
+) -> dict[int, dict[bytes, bytes | None]]:
+    """The latest committed value per key in partitions ``numbers`` of the state topic."""
+    topic = config.topics.state
+    reader = Consumer(
+        consumer_config(
+            config.kafka.bootstrap,
+            None,
+            security=config.kafka.security,
+            **{"enable.partition.eof": True, "fetch.max.bytes": MAX_RECORD_BYTES * 4},
+        )
+    )
+    latest: dict[int, dict[bytes, bytes | None]] = {n: {} for n in numbers}
+    try:
+        pending = set()
+        for number in numbers:
+            low, high = retry(
+                partial(reader.get_watermark_offsets, TopicPartition(topic, number), 30, False),
+                f"restore: reading the offsets of {topic}[{number}]",
+                backoff=Backoff(give_up_s=timeout_s),
+            )
+            if high > low:
+                pending.add(number)
+        if not pending:
+            return latest
+        reader.assign([TopicPartition(topic, n, OFFSET_BEGINNING) for n in pending])
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise WorkerError(
+                    f"restoring from {topic} partitions {sorted(pending)} took over "
+                    f"{timeout_s:.0f} s (an open transaction of a dead worker?)"
+                )
+            messages: list[Any] = reader.consume(1000, 0.5)
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(message.partition())
+                        continue
+                    if error.fatal() or error.code() == KafkaError._FATAL:
+                        raise WorkerError(f"restoring from {topic}: {error}")
+                    # A broker moment (transport, leader moving): the deadline bounds the wait.
+                    log.warning("restoring from %s: %s", topic, error)
+                latest[message.partition()][message.key()] = message.value()
+        return latest
+    finally:
+        reader.close()
