@@ -208,7 +208,7 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     newest = query(workdir / "lake", "SELECT epoch(max(detectionPeriodStartTime)) AS t FROM scores")
     run_end = newest.to_pylist()[0]["t"]
     tallies, quiet_pages = incident_report(documents, messages, run_end)
-    per_kind = ", ".join(f"{k} {t.paged}/{t.labelled}" for k, t in sorted(tallies.items()))
+    per_kind = ", ".join(f"{k} {t}" for k, t in sorted(tallies.items()))
     # Rich wraps the console line; compare with the whitespace joined again.
     printed = " ".join(output.split())
     assert f"pages per kind of anomaly (paged/labelled in the run): {per_kind};" in printed
@@ -225,6 +225,9 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     assert sum(t.paged for t in tallies.values()) == paged_labels > 0
     early = {kind: t.resolved_early for kind, t in tallies.items() if t.resolved_early}
     assert early == {}, f"RESOLVED before the label ended: {early}"
+    # Every labelled anomaly of the run is paged, unless it began too late in the run to tell.
+    missed = {k: str(t) for k, t in tallies.items() if t.paged + t.too_late < t.labelled}
+    assert missed == {}, f"labelled anomalies not paged: {missed}"
 
 
 def test_incident_report_counts_pages_per_kind_against_the_labels() -> None:
@@ -235,7 +238,10 @@ def test_incident_report_counts_pages_per_kind_against_the_labels() -> None:
     later = {**label, "kind": "under_utilisation", "start": f"{day}12:00:00.000Z",
              "end": f"{day}12:30:00.000Z"}
     beyond = {**label, "start": f"{day}23:00:00.000Z", "end": f"{day}23:10:00.000Z"}
-    documents = [{"labels": [label, later, beyond]}]
+    # Began 20 minutes before the run's end, unpaged: too late to tell (30 intervals).
+    late = {**label, "kind": "stale_price", "start": f"{day}19:40:00.000Z",
+            "end": f"{day}19:55:00.000Z"}
+    documents = [{"labels": [label, later, beyond, late]}]
     series = timeseries_id("ops-gpu", "gpu_util", gpu)
     quiet = timeseries_id("ops-cpu", "cpu_util", {"host": "h1"})
 
@@ -254,9 +260,15 @@ def test_incident_report_counts_pages_per_kind_against_the_labels() -> None:
     ]
     run_end = parse_time(f"{day}20:00:00Z").timestamp()
     tallies, quiet_pages = incident_report(documents, messages, run_end)
-    assert {k: (t.labelled, t.paged, t.resolved_early) for k, t in tallies.items()} == {
-        "stuck_at_zero": (1, 1, 1), "under_utilisation": (1, 0, 0),
+    assert {
+        k: (t.labelled, t.paged, t.too_late, t.resolved_early) for k, t in tallies.items()
+    } == {
+        "stuck_at_zero": (1, 1, 0, 1), "under_utilisation": (1, 0, 0, 0),
+        "stale_price": (1, 0, 1, 0),
     }
+    assert [str(tallies[k]) for k in ("under_utilisation", "stale_price")] == [
+        "0/1", "0/1 (1 too late to tell)"
+    ]
     assert quiet_pages == 1
 
 
