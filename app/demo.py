@@ -736,17 +736,26 @@ TOO_LATE_INTERVALS = 30
 @dataclass(slots=True)
 class KindTally:
     """Of one kind of injected anomaly: labels that began inside the run, how many of them were
-    paged, how many of the others began too late in the run to tell (``TOO_LATE_INTERVALS``),
-    and how many were declared RESOLVED before the label ended."""
+    paged, how many of the others began while an incident of their series was still open (one
+    page per incident: the alerter does not page again) or too late in the run to tell
+    (``TOO_LATE_INTERVALS``), and how many were declared RESOLVED before the label ended."""
 
     labelled: int = 0
     paged: int = 0
     too_late: int = 0
+    in_open_incident: int = 0
     resolved_early: int = 0
 
     def __str__(self) -> str:
-        late = f" ({self.too_late} too late to tell)" if self.too_late else ""
-        return f"{self.paged}/{self.labelled}{late}"
+        notes = [
+            f"{count} {what}"
+            for count, what in (
+                (self.in_open_incident, "inside an open incident"),
+                (self.too_late, "too late to tell"),
+            )
+            if count
+        ]
+        return f"{self.paged}/{self.labelled}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -793,7 +802,9 @@ def incident_report(
     message); ``run_end`` the start of the newest result, so a label that began later is not
     counted. A label is paged when a FIRING of its series starts inside it (or within three
     intervals after its last point: a score needs the point to be seen); one that is not and
-    began within ``TOO_LATE_INTERVALS`` of ``run_end`` is too late to tell; it was resolved early
+    began while an incident of its series was open (paged at its start, not yet resolved) is
+    inside an open incident; one that began within ``TOO_LATE_INTERVALS`` of ``run_end`` is
+    too late to tell; it was resolved early
     when the RESOLVED of an incident that began inside it came before its last point.
     """
     tables = {row[1]: row for row in (*MARKET_DETECTORS, *OPS_DETECTORS)}
@@ -818,6 +829,17 @@ def incident_report(
             items = by_series.get(series_id, [])
             if any(n.kind == "FIRING" and first <= n.start <= last + grace for n in items):
                 tally.paged += 1
+            elif any(
+                n.kind == "FIRING"
+                and n.start < first
+                and not any(
+                    r.kind == "RESOLVED" and r.start < first
+                    for r in items
+                    if r.incident_start == n.incident_start
+                )
+                for n in items
+            ):
+                tally.in_open_incident += 1
             elif first > run_end - TOO_LATE_INTERVALS * INTERVAL_SECONDS:
                 tally.too_late += 1
             if any(

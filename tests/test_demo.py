@@ -226,7 +226,11 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     early = {kind: t.resolved_early for kind, t in tallies.items() if t.resolved_early}
     assert early == {}, f"RESOLVED before the label ended: {early}"
     # Every labelled anomaly of the run is paged, unless it began too late in the run to tell.
-    missed = {k: str(t) for k, t in tallies.items() if t.paged + t.too_late < t.labelled}
+    missed = {
+        k: str(t)
+        for k, t in tallies.items()
+        if t.paged + t.in_open_incident + t.too_late < t.labelled
+    }
     assert missed == {}, f"labelled anomalies not paged: {missed}"
 
 
@@ -241,7 +245,10 @@ def test_incident_report_counts_pages_per_kind_against_the_labels() -> None:
     # Began 20 minutes before the run's end, unpaged: too late to tell (30 intervals).
     late = {**label, "kind": "stale_price", "start": f"{day}19:40:00.000Z",
             "end": f"{day}19:55:00.000Z"}
-    documents = [{"labels": [label, later, beyond, late]}]
+    # Began while the incident paged at 13:00 was still open: no second page.
+    inside = {**label, "kind": "price_jump", "start": f"{day}13:30:00.000Z",
+              "end": f"{day}13:30:00.000Z"}
+    documents = [{"labels": [label, later, beyond, late, inside]}]
     series = timeseries_id("ops-gpu", "gpu_util", gpu)
     quiet = timeseries_id("ops-cpu", "cpu_util", {"host": "h1"})
 
@@ -256,18 +263,20 @@ def test_incident_report_counts_pages_per_kind_against_the_labels() -> None:
         message("FIRING", "10:00", "10:00", series),  # the stuck GPU, paged at its start
         message("RESOLVED", "10:05", "10:00", series),  # ...and declared over while still stuck
         message("FIRING", "13:00", "13:00", series),  # long after the under-utilisation
+        message("RESOLVED", "14:00", "13:00", series),
         message("FIRING", "11:00", "11:00", quiet),  # a series without labels
     ]
     run_end = parse_time(f"{day}20:00:00Z").timestamp()
     tallies, quiet_pages = incident_report(documents, messages, run_end)
     assert {
-        k: (t.labelled, t.paged, t.too_late, t.resolved_early) for k, t in tallies.items()
+        k: (t.labelled, t.paged, t.in_open_incident, t.too_late, t.resolved_early)
+        for k, t in tallies.items()
     } == {
-        "stuck_at_zero": (1, 1, 0, 1), "under_utilisation": (1, 0, 0, 0),
-        "stale_price": (1, 0, 1, 0),
+        "stuck_at_zero": (1, 1, 0, 0, 1), "under_utilisation": (1, 0, 0, 0, 0),
+        "stale_price": (1, 0, 0, 1, 0), "price_jump": (1, 0, 1, 0, 0),
     }
-    assert [str(tallies[k]) for k in ("under_utilisation", "stale_price")] == [
-        "0/1", "0/1 (1 too late to tell)"
+    assert [str(tallies[k]) for k in ("under_utilisation", "stale_price", "price_jump")] == [
+        "0/1", "0/1 (1 too late to tell)", "0/1 (1 inside an open incident)"
     ]
     assert quiet_pages == 1
 
