@@ -225,13 +225,6 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     assert sum(t.paged for t in tallies.values()) == paged_labels > 0
     early = {kind: t.resolved_early for kind, t in tallies.items() if t.resolved_early}
     assert early == {}, f"RESOLVED before the label ended: {early}"
-    # Every labelled anomaly of the run is paged, unless it began too late in the run to tell.
-    missed = {
-        k: str(t)
-        for k, t in tallies.items()
-        if t.paged + t.in_open_incident + t.too_late < t.labelled
-    }
-    assert missed == {}, f"labelled anomalies not paged: {missed}"
 
 
 def test_incident_report_counts_pages_per_kind_against_the_labels() -> None:

@@ -339,7 +339,9 @@ def test_the_demo_detectors_page_on_anomalies_and_never_on_anomaly_free_series(
         assert main([*argv, "--detect-config", str(config), "--json"]) == 0
         (report,) = json.loads(capsys.readouterr().out)["feeds"]
         assert report["anomaly_free"]["series_with_alerts"] == 0, report["anomaly_free"]
-        assert report["found"] >= report["labels"] // 2, report
+        # Every injected anomaly is found (docs/demo.md: why a live run can still leave one
+        # unpaged, and the summary line names those cases).
+        assert report["found"] == report["labels"] > 0, report
         volume_or_latency = report["measure_params"].get("volume") or report["measure_params"].get(
             "latency_ms"
         )
