@@ -515,7 +515,10 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         "rss_at_ready_mb": round(rss_at_ready / 2**20, 1),
         "rss_at_kill_mb": round(rss_at_kill / 2**20, 1),
         "rss_after_restore_mb": round(rss_after_restore / 2**20, 1),
+        # (The worker may have made series before /readyz answered: the growth is a lower
+        # bound, the whole resident memory per series an upper one.)
         "rss_per_live_series_kb": round((rss_at_kill - rss_at_ready) / max(live, 1) / 1024, 1),
+        "rss_per_live_series_upper_kb": round(rss_at_kill / max(live, 1) / 1024, 1),
         # From ready to the kill: the worker's CPU, and the time its score stage spent taking
         # snapshots (checkpoints; evictions, none here) and inside transaction commits (mostly
         # waiting for the broker, so not CPU).
