@@ -14,6 +14,11 @@ interval, aggregation ``last`` so every point is scored exactly once):
 4. restore: after a checkpoint, kill -9 of the worker with every series live, restart; times to
    /readyz and until every series has produced its next result.
 
+Besides: the worker's resident memory per live series (at the kill, over what it held when
+ready), the checkpoint's share of the worker's CPU (time in series snapshots over the worker's
+CPU time), and with ``--profile`` py-spy profiles of the worker (throughput phase; latency and
+checkpoint phase) summarised by ``bench/profile_summary.py`` into the result.
+
 Prints a table and writes ``bench/results/pipeline.json``.
 
     .venv/bin/python bench/pipeline.py                   # starts its own broker
@@ -49,6 +54,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import profile_summary  # noqa: E402  (bench/profile_summary.py)
+
 from app.kafka_local import LocalKafka, free_port  # noqa: E402
 from common.kafka_io import consumer_config, create_topics  # noqa: E402
 from detectors import DetectorConfig, RcfDetector  # noqa: E402
@@ -72,16 +79,20 @@ def record(name: str, step: int, value: float) -> bytes:
     return json.dumps({"timestamp": step * STEP_MS, "value": value, "series": name}).encode()
 
 
-def detector_alone(values: np.ndarray, params: dict[str, Any]) -> tuple[float, float]:
-    """Wall and CPU seconds for one detector per series to score every point, in order."""
+def detector_alone(values: np.ndarray, params: dict[str, Any]) -> tuple[float, float, float]:
+    """Wall and CPU seconds for one detector per series to score every point, in order, and
+    the wall seconds it took to make the detectors (not in the first two: the pipeline makes
+    them too, once per new series; krcf allocates and touches a forest's whole capacity then)."""
     config = DetectorConfig.from_dict(params)
+    began = time.perf_counter()
     detectors = [RcfDetector(config) for _ in range(values.shape[0])]
+    made_s = time.perf_counter() - began
     rows = values.T.tolist()
     began, cpu = time.perf_counter(), time.process_time()
     for step, row in enumerate(rows):
         for detector, value in zip(detectors, row, strict=True):
             detector.update(float(step), value)
-    return time.perf_counter() - began, time.process_time() - cpu
+    return time.perf_counter() - began, time.process_time() - cpu, made_s
 
 
 class ResultReader:
@@ -105,8 +116,9 @@ class ResultReader:
                 if message.error() is not None:
                     continue
                 now = time.perf_counter()
-                if self.track:
-                    result = json.loads(message.value())
+                value = message.value()
+                if self.track and value is not None:
+                    result = json.loads(value)
                     series = result["dimensionList"][0]["value"]
                     self.arrivals[(series, result["detectionPeriodStartTime"])] = now
                 self.count += 1
@@ -163,6 +175,15 @@ class WorkerRun:
             time.sleep(0.02)
         raise TimeoutError("worker not ready")
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the worker process(es)."""
+        total = 0
+        for process in self.processes:
+            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        return total
+
     def cpu_seconds(self) -> float:
         """User + system CPU time of the worker process(es) so far (all threads)."""
         total = 0.0
@@ -191,6 +212,33 @@ class WorkerRun:
                 process.wait(120)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+class Profiler:
+    """py-spy sampling the worker process(es) until ``stop`` (collapsed stacks, one file each)."""
+
+    def __init__(self, worker: WorkerRun, out: Path) -> None:
+        self.outs = [out.with_suffix(f".{i}.txt") if len(worker.processes) > 1 else out
+                     for i in range(len(worker.processes))]
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        self.processes = [
+            subprocess.Popen(
+                [py_spy, "record", "--pid", str(process.pid), "--format", "raw", "--function",
+                 "--threads", "--nonblocking", "--rate", "50", "--output", str(path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            for process, path in zip(worker.processes, self.outs, strict=True)
+        ]
+
+    def stop(self) -> list[Path]:
+        for process in self.processes:
+            process.send_signal(signal.SIGINT)
+        for process in self.processes:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        return [path for path in self.outs if path.exists()]
 
 
 def metric_value(text: str, name: str) -> float:
@@ -271,6 +319,9 @@ def warm_broker(
 
 def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, Any]:
     params: dict[str, Any] = json.loads(args.params)
+    profile_dir = Path(args.profile) if args.profile else None
+    if profile_dir:
+        profile_dir.mkdir(parents=True, exist_ok=True)
     names = [f"s{i:04d}" for i in range(args.series)]
     warm = args.points
     latency_points = args.latency_points
@@ -295,6 +346,10 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
     try:
         ready_at = worker.wait_ready()
         cpu_at_ready = worker.cpu_seconds()
+        rss_at_ready = worker.rss_bytes()
+        profiles: dict[str, list[Path]] = {}
+        profiler = Profiler(worker, profile_dir / "throughput.txt") if profile_dir else None
+        profiling = profile_dir or Path()
         # The last point of each series leaves its window open: (warm - 1) results per series.
         expected = args.series * (warm - 1)
         with Progress(console=console, transient=True) as progress:
@@ -306,6 +361,9 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         reader.wait_count(expected, 10)
         pipeline_s = reader.last_at - ready_at
         pipeline_cpu_s = worker.cpu_seconds() - cpu_at_ready
+        if profiler is not None:
+            profiles["throughput"] = profiler.stop()
+            profiler = Profiler(worker, profiling / "steady.txt")
         reader.track = True
         during = worker.metrics()
         commits = {
@@ -315,13 +373,22 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         }
         pipeline_points = expected  # windows scored; the open last windows are scored later
 
-        # Latency: steady rate, each point closes its series' previous window.
-        produced_at: dict[tuple[str, str], float] = {}
+        # Latency: steady rate. A series' window closes at the first record of its input
+        # partition past the window's end (the partition's stream time; decision 0007), often
+        # another series' record: latency counts from that record's production to the result
+        # being readable.
+        produced_at: dict[tuple[int, int], float] = {}  # (input partition, step) -> first sent
+        partition_of: dict[str, int] = {}
+
+        def delivered(error: Any, message: Any) -> None:
+            if error is None:
+                partition_of[message.key().decode()] = message.partition()
+
         producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
         rate = args.latency_rate
         began = time.perf_counter()
         n = 0
-        from contract.records import format_time
+        sent: list[tuple[str, int, float]] = []
         for step in range(warm, warm + latency_points):
             for s in range(args.series):
                 due = began + n / rate
@@ -329,17 +396,22 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
                 if pause > 0:
                     time.sleep(pause)
                 producer.produce(input_topic, record(names[s], step, float(values[s, step])),
-                                 names[s])
+                                 names[s], on_delivery=delivered)
                 producer.poll(0)
-                closes = format_time((step - 1) * STEP_MS / 1000)
-                produced_at[(names[s], closes)] = time.perf_counter()
+                sent.append((names[s], step, time.perf_counter()))
                 n += 1
         producer.flush(30)
         reader.wait_count(expected + n, 120)
-        latencies = sorted(
-            (reader.arrivals[key] - sent) * 1000 for key, sent in produced_at.items()
-            if key in reader.arrivals
-        )
+        for name, step, at in sent:
+            key = (partition_of[name], step)
+            produced_at[key] = min(at, produced_at.get(key, at))
+        from contract.records import format_time
+        latencies = []
+        for name, step, _at in sent:
+            arrived = reader.arrivals.get((name, format_time((step - 1) * STEP_MS / 1000)))
+            if arrived is not None:
+                latencies.append((arrived - produced_at[(partition_of[name], step)]) * 1000)
+        latencies.sort()
 
         # Restore: once every partition has checkpointed, kill -9 with all series live.
         deadline = time.monotonic() + args.snapshot_interval + 120
@@ -350,15 +422,23 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
                     and metric_value(text, "anomstream_snapshots_total") >= args.series):
                 break
         before_kill = worker.metrics()
+        cpu_at_kill = worker.cpu_seconds() - cpu_at_ready
+        rss_at_kill = worker.rss_bytes()
+        if profiler is not None:
+            profiles["steady"] = profiler.stop()
+            profiler = None
         live = metric_value(before_kill, "anomstream_live_series")
         snapshot_s = metric_value(before_kill, "anomstream_snapshot_seconds_sum")
         snapshots = metric_value(before_kill, 'anomstream_snapshots_total{cause="checkpoint"}')
         snapshot_bytes = metric_value(before_kill, "anomstream_snapshot_bytes_total")
+        snapshot_all_s = metric_value(before_kill, "anomstream_snapshot_seconds_sum")
+        commit_all_s = metric_value(before_kill, "anomstream_commit_seconds_sum")
         worker.kill()
         before = reader.count
         restarted = WorkerRun(config_path, log, args.split_stages)
         worker = restarted
         ready_after = restarted.wait_ready() - restarted.started
+        cpu_restart = restarted.cpu_seconds()
         step = warm + latency_points
         for s in range(args.series):
             producer.produce(input_topic, record(names[s], step, float(values[s, step])),
@@ -366,8 +446,12 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         producer.flush(30)
         reader.wait_count(before + args.series, 180)
         first_results_after = reader.last_at - restarted.started
+        restore_cpu_s = restarted.cpu_seconds() - cpu_restart
+        rss_after_restore = restarted.rss_bytes()
         replayed = metric_value(restarted.metrics(), "anomstream_replayed_records_total")
     finally:
+        if profiler is not None:
+            profiler.stop()
         worker.stop()
         reader.close()
 
@@ -378,8 +462,10 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
     # fair (conservative) reference for the ratio.
     console.print("detector alone, again ...")
     alone_runs.append(detector_alone(values[:, :warm], params))
-    alone_rate = points / min(wall for wall, _cpu in alone_runs)
-    alone_cpu_per_point = min(cpu for _wall, cpu in alone_runs) / points
+    alone_rate = points / min(wall for wall, _cpu, _made in alone_runs)
+    alone_cpu_per_point = min(cpu for _wall, cpu, _made in alone_runs) / points
+    made_s = min(made for _wall, _cpu, made in alone_runs)
+    alone_with_making_rate = points / (min(wall for wall, _cpu, _made in alone_runs) + made_s)
     pipeline_rate = pipeline_points / pipeline_s
     return {
         "series": args.series,
@@ -388,9 +474,14 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         "points_per_series": warm,
         "detector_params": params,
         "detector_alone_points_per_s": round(alone_rate, 1),
-        "detector_alone_runs_points_per_s": [round(points / t, 1) for t, _ in alone_runs],
+        "detector_alone_runs_points_per_s": [round(points / t, 1) for t, _, _ in alone_runs],
+        # Making the detectors (once per series; the pipeline does it too, within its time):
+        # with few points per series a visible part of the work.
+        "detector_making_ms_per_series": round(1000 * made_s / args.series, 3),
+        "detector_alone_with_making_points_per_s": round(alone_with_making_rate, 1),
         "pipeline_points_per_s": round(pipeline_rate, 1),
         "pipeline_vs_detector_ratio": round(pipeline_rate / alone_rate, 3),
+        "pipeline_vs_detector_with_making_ratio": round(pipeline_rate / alone_with_making_rate, 3),
         # The same comparison in CPU time per point (worker process, all threads, vs the
         # detector loop): what the worker itself adds, without the broker and the other
         # processes that share the machine's cores.
@@ -417,7 +508,28 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         "restore_to_ready_s": round(ready_after, 3),
         "restore_to_all_series_scoring_s": round(first_results_after, 3),
         "replayed_records_after_restore": replayed,
+        "restore_cpu_s_ready_to_all_scoring": round(restore_cpu_s, 2),
         "snapshot_interval_s": args.snapshot_interval,
+        # Resident memory of the worker when it was ready (no series yet), at the kill (every
+        # series live) and after the restore; per live series: the growth over the ready state.
+        "rss_at_ready_mb": round(rss_at_ready / 2**20, 1),
+        "rss_at_kill_mb": round(rss_at_kill / 2**20, 1),
+        "rss_after_restore_mb": round(rss_after_restore / 2**20, 1),
+        # (The worker may have made series before /readyz answered: the growth is a lower
+        # bound, the whole resident memory per series an upper one.)
+        "rss_per_live_series_kb": round((rss_at_kill - rss_at_ready) / max(live, 1) / 1024, 1),
+        "rss_per_live_series_upper_kb": round(rss_at_kill / max(live, 1) / 1024, 1),
+        # From ready to the kill: the worker's CPU, and the time its score stage spent taking
+        # snapshots (checkpoints; evictions, none here) and inside transaction commits (mostly
+        # waiting for the broker, so not CPU).
+        "worker_cpu_s_ready_to_kill": round(cpu_at_kill, 1),
+        "snapshot_s_ready_to_kill": round(snapshot_all_s, 2),
+        "checkpoint_share_of_worker_cpu": round(snapshot_all_s / cpu_at_kill, 3)
+        if cpu_at_kill else None,
+        "commit_wall_s_ready_to_kill": round(commit_all_s, 2),
+        "profiles": {phase: profile_summary.summarize(paths)
+                     for phase, paths in profiles.items()},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_1m": os.getloadavg()[0]},
     }
@@ -443,6 +555,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (worker log)")
     parser.add_argument("--split-stages", action="store_true",
                         help="run the route and score stages as two processes (two cores)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="py-spy the worker; collapsed stacks and summaries go to DIR")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-pipeline-")
     try:

@@ -11,6 +11,9 @@ unchanged, so no series goes back to LEARNING. Format 3 (the first release) to 4
 - a multivariate forest was fed unscaled values, so its variables keep scale 1;
 - report-once bookkeeping and new-extreme ranges are dropped: the score no longer uses them.
 
+Format 4 to 5 changes the encoding only (zstd instead of zlib, the daily references' buffers
+beside the JSON state instead of in it as hex; ``detectors.rcf``): the buffers become bytes.
+
 >>> state = upgrade_state({"dimensions": 1, "steps": [60.0, 60.0], "fits": [[2.0, 3.0]],
 ...     "last_values": [5.0], "calibrator": {"window": [0.7], "stat": [0.7, 0.01, 500]}}, 3)
 >>> state["step"], state["scales"], state["calibrator"]["forest"][:2]
@@ -27,10 +30,24 @@ _HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)
 
 
 def upgrade_state(state: dict[str, Any], version: int) -> dict[str, Any]:
-    """The state of a format-``version`` snapshot in the current format (4)."""
+    """The state of a format-``version`` snapshot in the current format (5)."""
     if version == 3:
         state = _from_3(state)
+    if version <= 4:
+        state = _from_4(state)
     return state
+
+
+def _from_4(state: dict[str, Any]) -> dict[str, Any]:
+    """The daily references' buffers, hex in format 4, as bytes.
+
+    >>> _from_4({"seasonal": [{"period": 1, "days": 1, "count": 0, "buffer": "0000c07f"}]})
+    {'seasonal': [{'period': 1, 'days': 1, 'count': 0, 'buffer': b'\\x00\\x00\\xc0\\x7f'}]}
+    """
+    seasonal = state.get("seasonal")
+    if seasonal is None:
+        return state
+    return {**state, "seasonal": [{**s, "buffer": bytes.fromhex(s["buffer"])} for s in seasonal]}
 
 
 def _from_3(state: dict[str, Any]) -> dict[str, Any]:

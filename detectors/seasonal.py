@@ -115,18 +115,32 @@ class SeasonalReference:
         if steps > self.period * self.days:  # only the phase of the rest matters
             self._count += steps - self.period * self.days
 
-    def to_state(self) -> dict[str, Any]:
-        return {
-            "period": self.period,
-            "days": self.days,
-            "count": self._count,
-            "buffer": self._buffer.tobytes().hex(),
-        }
+    def to_state(self) -> tuple[dict[str, Any], bytes]:
+        """Its scalars, and its buffer as float32 bytes (kept out of the snapshot's JSON: a
+        minute series' 8 days are 46 KB raw, 92 KB as hex)."""
+        return (
+            {"period": self.period, "days": self.days, "count": self._count},
+            self._buffer.tobytes(),
+        )
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> SeasonalReference:
+    def from_state(cls, state: dict[str, Any], buffer: bytes) -> SeasonalReference:
+        """The reference ``to_state`` described.
+
+        >>> ref = SeasonalReference(period=2, days=2)
+        >>> for x in (1.0, math.nan, 3.0):
+        ...     ref.push(x)
+        >>> copy = SeasonalReference.from_state(*ref.to_state())
+        >>> copy.compare(5.0) == ref.compare(5.0), copy._empty
+        (True, 1)
+        """
         reference = cls(state["period"], state["days"])
-        reference._buffer = array("f", bytes.fromhex(state["buffer"]))
+        if len(buffer) != 4 * reference.period * reference.days:
+            raise ValueError(
+                f"a seasonal buffer of {len(buffer)} bytes does not hold "
+                f"{reference.period} x {reference.days} float32 slots"
+            )
+        reference._buffer = array("f", buffer)
         reference._count = state["count"]
         reference._empty = sum(1 for v in reference._buffer if v != v)
         return reference

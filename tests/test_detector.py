@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
+import struct
 from pathlib import Path
 
 import pytest
 
 from detectors import DetectorConfig, ModelStage, RcfDetector, Result
-from detectors.rcf import confidence
+from detectors.rcf import confidence, zstd
 
 MINUTE = 60.0
 
@@ -279,6 +281,44 @@ def test_a_snapshot_of_the_previous_release_restores_without_relearning(name: st
     again = RcfDetector.from_bytes(detector.to_bytes())  # and it saves in the current format
     after = start + step * (offset + len(points))
     assert again.update(after, points[0]) == detector.update(after, points[0])
+
+
+def test_a_format_4_snapshot_continues_exactly_as_the_release_that_wrote_it() -> None:
+    """tests/data/detector-v4-univariate.snapshot: a 5-minute daily series 700 points in (its
+    daily reference in use), written by the release before format 5; the .next.json beside it
+    holds what that release's detector returned for the next 60 points (a +40 at the 31st)."""
+    data = Path(__file__).parent / "data"
+    detector = RcfDetector.from_bytes((data / "detector-v4-univariate.snapshot").read_bytes())
+    written: list[list[float]] = json.loads(
+        (data / "detector-v4-univariate.next.json").read_text()
+    )
+    start = 1_700_000_000
+
+    def value(t: int) -> float:
+        return 50 + 10 * math.sin(2 * math.pi * t / 288) + (t * 7 % 5) + (40.0 if t == 730 else 0)
+
+    resaved = RcfDetector.from_bytes(detector.to_bytes())  # format 5 from here on
+    for k, expected in enumerate(written):
+        t = 700 + k
+        result = detector.update(start + 300.0 * t, value(t))
+        assert [result.anomaly_score, result.raw_score, result.expected_values[0],
+                result.confidence, result.anomaly_decision] == expected
+        assert resaved.update(start + 300.0 * t, value(t)) == result
+    assert sum(row[4] for row in written) >= 1  # the +40 was reported
+
+
+def test_snapshot_format_5_keeps_the_daily_buffers_out_of_the_json() -> None:
+    """A minute series' 8 days of references travel as float32 bytes, not as hex text."""
+    detector = RcfDetector()
+    feed(detector, daily_series(2, step=MINUTE), step=MINUTE)
+    snapshot = detector.to_bytes()
+    assert snapshot[:4] == b"ASD\x05"
+    body = zstd.decompress(snapshot[4:])
+    header_length, buffers_length = struct.unpack_from(">II", body)
+    assert buffers_length == 4 * 1440 * DetectorConfig().seasonal_days
+    assert len(body[8 : 8 + header_length]) < 4000  # the JSON state holds no buffer
+    restored = RcfDetector.from_bytes(snapshot)
+    assert restored.to_bytes() == snapshot
 
 
 def test_no_alarm_on_a_clean_daily_cycle_including_its_first_day() -> None:
