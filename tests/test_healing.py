@@ -97,6 +97,7 @@ class SinkProcess:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
+@pytest.mark.timeout(1200)
 def test_workers_and_sink_ride_out_a_broker_stop_and_a_broker_kill_9(tmp_path: Path) -> None:
     broker_port, controller_port = free_port(), free_port()
     while controller_port == broker_port:
@@ -131,7 +132,9 @@ def test_workers_and_sink_ride_out_a_broker_stop_and_a_broker_kill_9(tmp_path: P
         time.sleep(3)
         kafka.start()
         assert producer.flush(120) == 0
-        before_kill = len(wait_for_results(bootstrap, topics["output"], len(hosts) * 40, 180,
+        # Bounds are generous: on a loaded machine the fenced clients' replacement after the
+        # stop takes minutes (seen at load average 12 on 2 cores); a quiet one takes seconds.
+        before_kill = len(wait_for_results(bootstrap, topics["output"], len(hosts) * 40, 300,
                                            workers))
 
         # kill -9 while records flow.
