@@ -105,7 +105,6 @@ class Series:
         "skip_below",
         "source",
         "spec",
-        "spec_index",
         "timeseries_id",
         "windows",
     )
@@ -113,7 +112,6 @@ class Series:
     def __init__(
         self,
         timeseries_id: str,
-        spec_index: int,
         spec: DetectorSpec,
         dimensions: dict[str, str],
         partition: int,
@@ -121,7 +119,6 @@ class Series:
         detector: Detector | None = None,
     ) -> None:
         self.timeseries_id = timeseries_id
-        self.spec_index = spec_index
         self.spec = spec
         self.dimensions = dimensions
         self.partition = partition
@@ -153,14 +150,12 @@ class Series:
         cls,
         snapshot: Snapshot,
         timeseries_id: str,
-        spec_index: int,
         spec: DetectorSpec,
         partition: int,
         max_fill: int,
     ) -> Series:
         series = cls(
             timeseries_id,
-            spec_index,
             spec,
             snapshot.dimensions,
             partition,

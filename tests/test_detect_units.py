@@ -242,7 +242,7 @@ def test_config_yaml_error_names_line(tmp_path: Path) -> None:
 def test_series_snapshot_restores_exactly() -> None:
     spec = DetectorSpec(name="cpu", input="m", measures=("util",), interval=1,
                         params={"num_trees": 10, "sample_size": 64, "warmup": 16})
-    series = Series("id", 0, spec, {"host": "a"}, 0, 100)
+    series = Series("id", spec, {"host": "a"}, 0, 100)
     for i in range(80):
         for window in series.windows.add(i * 1000, (math.sin(i / 3),)):
             series.detector.update(window.start_ms / 1000, window.values)
@@ -250,7 +250,7 @@ def test_series_snapshot_restores_exactly() -> None:
     assert snapshot_offset(payload) == 42
     snapshot = decode_snapshot(payload)
     assert encode_snapshot(snapshot) == payload
-    copy = Series.from_snapshot(snapshot, "id", 0, spec, 0, 100)
+    copy = Series.from_snapshot(snapshot, "id", spec, 0, 100)
     for i in range(80, 120):
         a = [series.detector.update(w.start_ms / 1000, w.values)
              for w in series.windows.add(i * 1000, (math.cos(i),))]
