@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from app.cli import main
-from detectors.evaluation import PROFILES, load_corpus, score_corpus
+from app.corpus import load_corpus
+from detectors.evaluation import PROFILES, score_corpus
 
 START = datetime(2024, 5, 1, tzinfo=UTC)
 

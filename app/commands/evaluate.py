@@ -13,9 +13,6 @@ import csv
 import json
 import math
 import sys
-import types
-import typing
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +21,6 @@ from app.cli import CliError
 if TYPE_CHECKING:
     import numpy as np
 
-    from detectors.config import DetectorConfig
     from detectors.evaluation import CorpusFile, CorpusScore, ThresholdSweep
 
 HELP = "Score the detector on a labelled corpus (NAB rules, three profiles)."
@@ -68,8 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from app.corpus import load_corpus
     from app.corpus_runner import run_corpus
-    from detectors.evaluation import PROFILES, ThresholdSweep, load_corpus, score_corpus
+    from app.params import parse_params
+    from detectors.evaluation import PROFILES, ThresholdSweep, score_corpus
 
     config = parse_params(args.param)
     if args.jobs is not None and args.jobs < 1:
@@ -140,58 +138,6 @@ def run(args: argparse.Namespace) -> int:
         _plot(args.plot, sweep, config.threshold, report, category_sweeps)
         console.print(f"plot written to {args.plot}")
     return 0
-
-
-def parse_params(pairs: list[str]) -> DetectorConfig:
-    """A ``DetectorConfig`` from ``key=value`` texts, each converted to its field's type.
-
-    >>> parse_params(["num_trees=50", "time_decay=1/1000"]).time_decay
-    0.001
-    """
-    from detectors.config import DetectorConfig
-
-    hints = typing.get_type_hints(DetectorConfig)
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        key, equals, text = pair.partition("=")
-        key = key.strip()
-        if not equals:
-            raise CliError(f"--param {pair!r}: expected KEY=VALUE")
-        if key not in hints:
-            raise CliError(
-                f"--param {key}: unknown detector parameter; known: {', '.join(sorted(hints))}"
-            )
-        values[key] = _convert(key, text.strip(), hints[key])
-    try:
-        return DetectorConfig(**values)
-    except (TypeError, ValueError) as error:
-        raise CliError(f"--param: {error}") from None
-
-
-def _convert(key: str, text: str, hint: Any) -> Any:
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if type(None) in options and text.lower() in {"none", "null"}:
-        return None
-    target = next(option for option in options if option is not type(None))
-    try:
-        if target is bool:
-            lowered = text.lower()
-            if lowered not in {"true", "false", "1", "0", "yes", "no"}:
-                raise ValueError(text)
-            return lowered in {"true", "1", "yes"}
-        if target is int:
-            return int(text)
-        if target is float:
-            # Fractions let decays be written as they are thought of: time_decay=1/2560.
-            return float(Fraction(text))
-        if target is str:
-            return text
-        import yaml
-
-        return yaml.safe_load(text)
-    except (ValueError, ZeroDivisionError):
-        name = getattr(target, "__name__", str(target))
-        raise CliError(f"--param {key}: {text!r} is not a valid {name}") from None
 
 
 def read_results(results_dir: Path, corpus: list[CorpusFile]) -> dict[str, np.ndarray]:
