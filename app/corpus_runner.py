@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 
+from app.progress import progress_bar
 from detectors.config import DetectorConfig
 from detectors.evaluation.corpus import CorpusFile
 from detectors.rcf import RcfDetector
@@ -58,13 +59,14 @@ def run_corpus(
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(corpus) or 1))
     ordered = sorted(corpus, key=lambda corpus_file: corpus_file.rows, reverse=True)
     scores: dict[str, np.ndarray] = {}
-    with _Progress(sum(f.rows for f in corpus), show_progress) as progress:
+    total_rows = sum(f.rows for f in corpus)
+    with progress_bar("running detector", total_rows, "rows", show_progress) as advance:
         if jobs == 1:
             for corpus_file in ordered:
                 scores[corpus_file.key] = score_series(
                     config, corpus_file.timestamps, corpus_file.values
                 )
-                progress.advance(corpus_file)
+                advance(corpus_file.rows)
         else:
             # spawn, not fork: the progress bar's refresh thread must not be forked mid-lock.
             context = multiprocessing.get_context("spawn")
@@ -75,45 +77,5 @@ def run_corpus(
                 for future in as_completed(futures):
                     corpus_file = futures[future]
                     scores[corpus_file.key] = future.result()
-                    progress.advance(corpus_file)
+                    advance(corpus_file.rows)
     return {corpus_file.key: scores[corpus_file.key] for corpus_file in corpus}
-
-
-class _Progress:
-    """A rich progress bar over rows, or nothing."""
-
-    def __init__(self, total_rows: int, enabled: bool) -> None:
-        self._bar = None
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("running detector"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("rows"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.description}"),
-            )
-            self._task = self._bar.add_task("", total=total_rows)
-
-    def __enter__(self) -> _Progress:
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def advance(self, corpus_file: CorpusFile) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=corpus_file.rows, description=corpus_file.key)
