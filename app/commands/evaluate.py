@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="read scores from DIR/<category>/<file>.csv (anomalyScore column) instead of "
         "running the detector",
     )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="score with the river baseline (an exponentially weighted z-score, "
+        "detectors/baseline.py) instead of the RCF detector, to compare the reports",
+    )
     parser.add_argument("--json", type=Path, metavar="OUT.json", help="also write the report")
     parser.add_argument(
         "--plot", type=Path, metavar="OUT.png", help="plot score against threshold per profile"
@@ -65,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from app.corpus import load_corpus
-    from app.corpus_runner import run_corpus
+    from app.corpus_runner import run_corpus, score_series_baseline
     from app.params import parse_params
     from detectors.evaluation import PROFILES, ThresholdSweep, score_corpus
 
@@ -78,9 +84,15 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     # Wide enough for the table when the output is a file or a pipe (80 columns would fold it).
     console = Console() if sys.stdout.isatty() else Console(width=140)
+    if args.results is not None and args.baseline:
+        raise CliError("--results and --baseline exclude each other")
     if args.results is not None:
         scores = read_results(args.results, corpus)
         source = f"scores from {args.results}"
+    elif args.baseline:
+        scores = run_corpus(corpus, config, jobs=args.jobs, show_progress=True,
+                            scorer=score_series_baseline)
+        source = "scores from the river baseline (EW z-score) per file"
     else:
         scores = run_corpus(corpus, config, jobs=args.jobs, show_progress=True)
         source = "scores from a fresh RcfDetector per file"
@@ -89,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
         "data": str(args.data),
         "labels": str(args.labels),
         "results": None if args.results is None else str(args.results),
-        "detector_config": None if args.results is not None else config.to_dict(),
+        "detector_config": None if args.results is not None or args.baseline
+        else config.to_dict(),
+        "baseline": "river EWMean/EWVar z-score" if args.baseline else None,
         "corpus": {
             "files": len(corpus),
             "rows": sum(f.rows for f in corpus),
