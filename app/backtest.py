@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from app.progress import progress_bar
+from contract import records as r
 from contract.records import epoch_seconds, parse_timestamp
 from detectors.config import DetectorConfig
 from detectors.rcf import RcfDetector
@@ -277,14 +278,14 @@ def output_columns(value_columns: Sequence[str]) -> list[str]:
     >>> output_columns(["a", "b"])[-4:]
     ['expectedValue_a', 'expectedValue_b', 'attribution_a', 'attribution_b']
     """
-    verdict = ["anomalyScore", "anomalyDecision", "modelStage", "anomalyConfidenceScore"]
+    verdict = [r.ANOMALY_SCORE, r.ANOMALY_DECISION, r.MODEL_STAGE, r.ANOMALY_CONFIDENCE_SCORE]
     if len(value_columns) == 1:
-        return ["timestamp", "value", *verdict, "expectedValue"]
+        return ["timestamp", "value", *verdict, r.EXPECTED_VALUE]
     return [
         "timestamp",
         *(f"value_{c}" for c in value_columns),
         *verdict,
-        *(f"expectedValue_{c}" for c in value_columns),
+        *(f"{r.EXPECTED_VALUE}_{c}" for c in value_columns),
         *(f"attribution_{c}" for c in value_columns),
     ]
 
@@ -328,8 +329,8 @@ class _ParquetWriter:
 
         types = {
             "timestamp": timestamp_type,
-            "anomalyDecision": pa.int8(),
-            "modelStage": pa.string(),
+            r.ANOMALY_DECISION: pa.int8(),
+            r.MODEL_STAGE: pa.string(),
         }
         self._schema = pa.schema([(name, types.get(name, pa.float64())) for name in header])
         self._writer = pq.ParquetWriter(path, self._schema)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.cli import CliError
+from contract.records import ANOMALY_SCORE
 
 if TYPE_CHECKING:
     import numpy as np
@@ -168,9 +169,9 @@ def read_results(results_dir: Path, corpus: list[CorpusFile]) -> dict[str, np.nd
         with handle:
             reader = csv.reader(handle)
             header = next(reader, [])
-            if "anomalyScore" not in header:
-                raise CliError(f"{path}:1: no 'anomalyScore' column (header: {header})")
-            column = header.index("anomalyScore")
+            if ANOMALY_SCORE not in header:
+                raise CliError(f"{path}:1: no {ANOMALY_SCORE!r} column (header: {header})")
+            column = header.index(ANOMALY_SCORE)
             values: list[float] = []
             for line, row in enumerate(reader, start=2):
                 try:
