@@ -213,7 +213,7 @@ def kpis(con: duckdb.DuckDBPyConnection, filters: Filters) -> Kpis:
             FROM anomalies WHERE {where} AND {when}
         )
         SELECT count(*) FROM flagged ANTI JOIN flagged AS before
-            ON before.timeseriesId = flagged.timeseriesId
+            ON before.{_TSID} = flagged.{_TSID}
             AND before.end_time = flagged.start_time""",
         params + when_params,
     )

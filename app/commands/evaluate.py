@@ -179,10 +179,10 @@ def read_results(results_dir: Path, corpus: list[CorpusFile]) -> dict[str, np.nd
                 except (IndexError, ValueError):
                     shown = row[column] if column < len(row) else ""
                     raise CliError(
-                        f"{path}:{line}: field 'anomalyScore': not a number: {shown!r}"
+                        f"{path}:{line}: field {ANOMALY_SCORE!r}: not a number: {shown!r}"
                     ) from None
                 if math.isinf(value):
-                    raise CliError(f"{path}:{line}: field 'anomalyScore': {value} is not finite")
+                    raise CliError(f"{path}:{line}: field {ANOMALY_SCORE!r}: {value} is not finite")
                 values.append(value)
         if len(values) != corpus_file.rows:
             raise CliError(
