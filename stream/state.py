@@ -78,11 +78,6 @@ def snapshot_header(payload: bytes) -> dict[str, Any]:
     return header
 
 
-def snapshot_offset(payload: bytes) -> int:
-    """The offset of a snapshot without decoding its model."""
-    return int(snapshot_header(payload)["offset"])
-
-
 def encode_checkpoint(offset: int, clock: dict[str, Any]) -> bytes:
     return json.dumps({"offset": offset, "clock": clock}, separators=(",", ":")).encode()
 
