@@ -241,6 +241,7 @@ def _produce(feed: Feed, args: argparse.Namespace) -> int:
         KafkaUnavailable,
         check_connection,
         create_topics,
+        produce_when_room,
         producer_config,
     )
     from common.kafka_security import security_from_args
@@ -283,14 +284,8 @@ def _produce(feed: Feed, args: argparse.Namespace) -> int:
             # Keyed by the entity: its records stay in order on one partition.
             key = "|".join(f"{k}={v}" for k, v in record.items() if k in dimension_names)
             payload = json.dumps(record, separators=(",", ":")).encode("utf-8")
-            while True:
-                try:
-                    producer.produce(
-                        args.topic, payload, key.encode("utf-8"), on_delivery=delivered
-                    )
-                    break
-                except BufferError:
-                    producer.poll(0.1)
+            produce_when_room(producer, args.topic, payload, key.encode("utf-8"),
+                              on_delivery=delivered, wait_s=0.1)
             producer.poll(0)
             if count % entities == 0:
                 advance(1)
