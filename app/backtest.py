@@ -7,10 +7,8 @@ are handed to the detector as missing data, and repeated or backward timestamps 
 in file order, because dropping or re-ordering rows would make the output impossible to line up
 with the input.
 
->>> parse_timestamp("2014-07-01 00:30:00"), parse_timestamp("2014-07-01T00:30:00+01:00")
-(1404174600.0, 1404171000.0)
->>> parse_timestamp("1404174600"), parse_timestamp("1404174600000")
-(1404174600.0, 1404174600.0)
+Timestamps are read by ``contract.records.parse_timestamp`` (ISO-8601 or epoch numbers).
+
 >>> parse_value(" 3.5 "), parse_value("")
 (3.5, nan)
 """
@@ -23,12 +21,12 @@ import os
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from app.progress import progress_bar
+from contract import records as r
+from contract.records import epoch_seconds, parse_timestamp
 from detectors.config import DetectorConfig
 from detectors.rcf import RcfDetector
 from detectors.result import ModelStage, Result
@@ -36,8 +34,6 @@ from detectors.result import ModelStage, Result
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
-# Epoch numbers at or above this are milliseconds: 1e11 s is the year 5138, 1e11 ms is 1973.
-_EPOCH_MILLIS_FROM = 1e11
 # Texts that mean "no value" in the CSV files people export from spreadsheets and pandas.
 _MISSING_TEXTS = frozenset({"", "nan", "na", "n/a", "null", "none"})
 _PROGRESS_EVERY = 512
@@ -85,34 +81,6 @@ class _PlotData:
     learning: array[int] = field(default_factory=lambda: array("b"))
 
 
-def epoch_seconds(number: float) -> float:
-    """Epoch seconds from epoch seconds or milliseconds (told apart by magnitude).
-
-    >>> epoch_seconds(1_500_000_000), epoch_seconds(1_500_000_000_000)
-    (1500000000.0, 1500000000.0)
-    """
-    number = float(number)
-    return number / 1000.0 if abs(number) >= _EPOCH_MILLIS_FROM else number
-
-
-def parse_timestamp(text: str) -> float:
-    """Epoch seconds from ``YYYY-mm-dd HH:MM:SS``, ISO-8601 (naive means UTC) or an epoch number.
-
-    Raises ``ValueError`` for anything else.
-    """
-    stripped = text.strip()
-    try:
-        number = float(stripped)
-    except ValueError:
-        moment = datetime.fromisoformat(stripped)
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return moment.timestamp()
-    if not math.isfinite(number):
-        raise ValueError(f"not a finite epoch: {text!r}")
-    return epoch_seconds(number)
-
-
 def parse_value(text: str) -> float:
     """A float, or NaN for a missing value (empty, NaN, NA, null, none). ``ValueError`` else."""
     try:
@@ -132,55 +100,6 @@ def input_format(path: Path) -> str:
         return "parquet"
     known = ", ".join(CSV_SUFFIXES + PARQUET_SUFFIXES)
     raise BacktestError(f"{path}: unknown file type {suffix or '(none)'!r}; use one of {known}")
-
-
-def config_from_params(params: Sequence[str]) -> DetectorConfig:
-    """A ``DetectorConfig`` from ``key=value`` overrides, each converted to its field's type.
-
-    >>> config_from_params(["num_trees=40", "time_decay=1/1024"]).num_trees
-    40
-    """
-    defaults = DetectorConfig().to_dict()
-    overrides: dict[str, Any] = {}
-    for item in params:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise BacktestError(f"--param {item!r}: expected key=value")
-        if key not in defaults:
-            raise BacktestError(
-                f"--param {item!r}: unknown detector parameter {key!r}; "
-                f"known: {', '.join(sorted(defaults))}"
-            )
-        overrides[key] = _convert(key, text.strip(), defaults[key])
-    try:
-        return DetectorConfig.from_dict({**defaults, **overrides})
-    except (TypeError, ValueError) as error:
-        raise BacktestError(f"--param: {error}") from None
-
-
-def _convert(key: str, text: str, default: Any) -> Any:
-    kind = type(default)
-    try:
-        if kind is bool:
-            lowered = text.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if kind is int:
-            return int(text)
-        if kind is float:
-            # Fractions let decay rates be written as they are thought of: 1/2560.
-            return float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise BacktestError(
-            f"--param {key}={text}: expected {kind.__name__}, got {text!r}"
-        ) from None
-    if default is None or kind is str:
-        return text
-    raise BacktestError(f"--param {key}: cannot set a parameter of type {kind.__name__}")
 
 
 def count_rows(path: Path) -> int:
@@ -359,14 +278,14 @@ def output_columns(value_columns: Sequence[str]) -> list[str]:
     >>> output_columns(["a", "b"])[-4:]
     ['expectedValue_a', 'expectedValue_b', 'attribution_a', 'attribution_b']
     """
-    verdict = ["anomalyScore", "anomalyDecision", "modelStage", "anomalyConfidenceScore"]
+    verdict = [r.ANOMALY_SCORE, r.ANOMALY_DECISION, r.MODEL_STAGE, r.ANOMALY_CONFIDENCE_SCORE]
     if len(value_columns) == 1:
-        return ["timestamp", "value", *verdict, "expectedValue"]
+        return ["timestamp", "value", *verdict, r.EXPECTED_VALUE]
     return [
         "timestamp",
         *(f"value_{c}" for c in value_columns),
         *verdict,
-        *(f"expectedValue_{c}" for c in value_columns),
+        *(f"{r.EXPECTED_VALUE}_{c}" for c in value_columns),
         *(f"attribution_{c}" for c in value_columns),
     ]
 
@@ -410,8 +329,8 @@ class _ParquetWriter:
 
         types = {
             "timestamp": timestamp_type,
-            "anomalyDecision": pa.int8(),
-            "modelStage": pa.string(),
+            r.ANOMALY_DECISION: pa.int8(),
+            r.MODEL_STAGE: pa.string(),
         }
         self._schema = pa.schema([(name, types.get(name, pa.float64())) for name in header])
         self._writer = pq.ParquetWriter(path, self._schema)

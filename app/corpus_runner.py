@@ -19,11 +19,13 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 
+from app.progress import progress_bar
+from detectors.baseline import RiverBaseline
 from detectors.config import DetectorConfig
 from detectors.evaluation.corpus import CorpusFile
 from detectors.rcf import RcfDetector
@@ -41,79 +43,57 @@ def score_series(config: DetectorConfig, timestamps: np.ndarray, values: np.ndar
     return scores
 
 
+def score_series_baseline(
+    config: DetectorConfig, timestamps: np.ndarray, values: np.ndarray
+) -> np.ndarray:
+    """The river baseline's 0–100 score of each row (``detectors.baseline.RiverBaseline``)."""
+    baseline = RiverBaseline()
+    return np.array(
+        [baseline.update(None if math.isnan(value) else value) for value in values.tolist()],
+        dtype=np.float64,
+    )
+
+
+Scorer = Callable[[DetectorConfig, np.ndarray, np.ndarray], np.ndarray]
+
+
 def run_corpus(
     corpus: Sequence[CorpusFile],
     config: DetectorConfig | None = None,
     jobs: int | None = None,
     show_progress: bool = False,
+    scorer: Scorer = score_series,
 ) -> dict[str, np.ndarray]:
     """Scores of every file, keyed like the labels (``"<category>/<file>.csv"``).
 
     ``jobs`` processes (default: one per CPU) share the files, largest first so that the long
     ones do not finish last; ``jobs=1`` runs in this process. ``show_progress`` draws a rich
     progress bar counting rows. Workers are spawned, so a script calling this with ``jobs > 1``
-    needs the usual ``if __name__ == "__main__":`` guard.
+    needs the usual ``if __name__ == "__main__":`` guard. ``scorer`` scores one file (a
+    module-level function, so that spawned workers can import it): the RCF detector by default,
+    ``score_series_baseline`` for the river baseline.
     """
     config = config or DetectorConfig()
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(corpus) or 1))
     ordered = sorted(corpus, key=lambda corpus_file: corpus_file.rows, reverse=True)
     scores: dict[str, np.ndarray] = {}
-    with _Progress(sum(f.rows for f in corpus), show_progress) as progress:
+    total_rows = sum(f.rows for f in corpus)
+    with progress_bar("running detector", total_rows, "rows", show_progress) as advance:
         if jobs == 1:
             for corpus_file in ordered:
-                scores[corpus_file.key] = score_series(
+                scores[corpus_file.key] = scorer(
                     config, corpus_file.timestamps, corpus_file.values
                 )
-                progress.advance(corpus_file)
+                advance(corpus_file.rows)
         else:
             # spawn, not fork: the progress bar's refresh thread must not be forked mid-lock.
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
                 futures = {
-                    pool.submit(score_series, config, f.timestamps, f.values): f for f in ordered
+                    pool.submit(scorer, config, f.timestamps, f.values): f for f in ordered
                 }
                 for future in as_completed(futures):
                     corpus_file = futures[future]
                     scores[corpus_file.key] = future.result()
-                    progress.advance(corpus_file)
+                    advance(corpus_file.rows)
     return {corpus_file.key: scores[corpus_file.key] for corpus_file in corpus}
-
-
-class _Progress:
-    """A rich progress bar over rows, or nothing."""
-
-    def __init__(self, total_rows: int, enabled: bool) -> None:
-        self._bar = None
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("running detector"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("rows"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.description}"),
-            )
-            self._task = self._bar.add_task("", total=total_rows)
-
-    def __enter__(self) -> _Progress:
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def advance(self, corpus_file: CorpusFile) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=corpus_file.rows, description=corpus_file.key)

@@ -39,7 +39,13 @@ from typing import IO, TYPE_CHECKING, Any
 import yaml
 
 from common.kafka_security import PLAINTEXT, KafkaSecurity, security_flags
-from contract.records import format_time, parse_time, timeseries_id
+from contract.records import (
+    DETECTION_PERIOD_START_TIME,
+    TIMESERIES_ID,
+    format_time,
+    parse_time,
+    timeseries_id,
+)
 
 if TYPE_CHECKING:
     from app.kafka_local import LocalKafka
@@ -863,8 +869,8 @@ def summary(workdir: Path) -> str:
     lake = workdir / "lake"
     counts = query(
         lake,
-        "SELECT count(*) AS n, count(DISTINCT timeseriesId) AS s,"
-        " epoch(max(detectionPeriodStartTime)) AS newest FROM scores",
+        f'SELECT count(*) AS n, count(DISTINCT "{TIMESERIES_ID}") AS s,'
+        f' epoch(max("{DETECTION_PERIOD_START_TIME}")) AS newest FROM scores',
     )
     row = counts.to_pylist()[0]
     documents = []

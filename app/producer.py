@@ -287,23 +287,17 @@ def send_records(
     """
     from confluent_kafka import KafkaException, Producer
 
-    from common.kafka_io import producer_config
+    from common.kafka_io import produce_when_room, producer_config
 
     report = DeliveryReport()
     producer = Producer(producer_config(bootstrap, security=security))
     unreported, reported_at = 0, time.monotonic()
     try:
         for record in records:
-            while True:
-                try:
-                    # No event time as Kafka timestamp: years-old times would fall under the
-                    # broker's time-based retention. The event time is in the JSON.
-                    producer.produce(topic, value=record.payload, key=record.key,
-                                     on_delivery=report.on_delivery)
-                    break
-                except BufferError:
-                    # The client's queue is full: let it drain, then retry this record.
-                    producer.poll(0.1)
+            # No event time as Kafka timestamp: years-old times would fall under the broker's
+            # time-based retention. The event time is in the JSON.
+            produce_when_room(producer, topic, value=record.payload, key=record.key,
+                              on_delivery=report.on_delivery, wait_s=0.1)
             producer.poll(0)
             unreported += 1
             # Progress bars need ~10 updates a second, not one per record.

@@ -1,4 +1,8 @@
-"""The one progress bar of the command-line tools: rich, on stderr, counting items."""
+"""The one progress bar of the command-line tools: rich, on stderr, counting items.
+
+>>> with progress_bar("scoring", total=3, enabled=False) as advance:
+...     advance(3)
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,12 @@ from contextlib import contextmanager
 
 @contextmanager
 def progress_bar(
-    label: str, total: int, unit: str = "", enabled: bool = True
+    label: str, total: int, unit: str = "", enabled: bool = True, transient: bool = False
 ) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (or nothing when disabled); yields ``advance(n)``."""
+    """A rich progress bar on stderr (or nothing when disabled); yields ``advance(n)``.
+
+    ``transient`` clears the bar when done (for commands whose output follows on the terminal).
+    """
     if not enabled:
         yield lambda n: None
         return
@@ -28,6 +35,6 @@ def progress_bar(
     if unit:
         columns.append(TextColumn(unit))
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    with Progress(*columns, console=Console(stderr=True), transient=transient) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detectors.evaluation import PROFILES, ThresholdSweep, load_corpus, score_corpus
+from app.corpus import load_corpus
+from detectors.evaluation import PROFILES, ThresholdSweep, score_corpus
 
 
 def main() -> None:

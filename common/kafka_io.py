@@ -93,6 +93,21 @@ class ClientLog:
 CLIENT_LOG = ClientLog(logging.getLogger("anomstream.kafka.client"))
 
 
+def produce_when_room(producer: Any, topic: str, *args: Any, wait_s: float = 0.05,
+                      **kwargs: Any) -> None:
+    """``producer.produce(topic, ...)``, waiting while the client's local queue is full.
+
+    A full queue (``BufferError``) is not a failure: librdkafka is sending; ``poll`` lets it
+    drain (and serves delivery callbacks) before the record is handed over again.
+    """
+    while True:
+        try:
+            producer.produce(topic, *args, **kwargs)
+            return
+        except BufferError:
+            producer.poll(wait_s)
+
+
 def client_config(bootstrap: str, security: KafkaSecurity = PLAINTEXT) -> dict[str, Any]:
     """What every client needs: where the cluster is, how to authenticate, where logs go.
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -245,13 +246,54 @@ def format_time(epoch_seconds: float) -> str:
 
 
 def parse_time(text: str) -> datetime:
-    """The aware UTC datetime of a record time written by ``format_time`` (or any ISO-8601).
+    """The aware datetime of an ISO-8601 text: the one ISO parser of the project.
+
+    Record times written by ``format_time``, input timestamps, label windows and CSV cells all
+    pass here; a time without a zone is UTC, ``Z`` (or ``z``) is UTC, surrounding blanks are
+    ignored. Raises ``ValueError`` for anything else (``TypeError`` for a non-string).
 
     >>> parse_time("1970-01-01T00:00:01.500Z").timestamp()
     1.5
+    >>> parse_time(" 1970-01-02 00:00:00 ").timestamp(), parse_time("1970-01-01T01:00+01:00").hour
+    (86400.0, 1)
     """
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if not isinstance(text, str):
+        raise TypeError(f"expected an ISO-8601 text, got {type(text).__name__}")
+    moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+# Epoch numbers at or above this are milliseconds: 1e11 s is the year 5138, 1e11 ms is 1973.
+_EPOCH_MILLIS_FROM = 1e11
+
+
+def epoch_seconds(number: float) -> float:
+    """Epoch seconds of an epoch number in seconds or, when too large for seconds, milliseconds.
+
+    >>> epoch_seconds(1_500_000_000), epoch_seconds(1_500_000_000_000)
+    (1500000000.0, 1500000000.0)
+    """
+    number = float(number)
+    return number / 1000.0 if abs(number) >= _EPOCH_MILLIS_FROM else number
+
+
+def parse_timestamp(text: str) -> float:
+    """Epoch seconds of ISO-8601 (``parse_time``) or of an epoch number (``epoch_seconds``).
+
+    Raises ``ValueError`` for anything else.
+
+    >>> parse_timestamp("2014-07-01 00:30:00"), parse_timestamp("2014-07-01T00:30:00+01:00")
+    (1404174600.0, 1404171000.0)
+    >>> parse_timestamp("1404174600"), parse_timestamp("1404174600000")
+    (1404174600.0, 1404174600.0)
+    """
+    try:
+        number = float(text)
+    except ValueError:
+        return parse_time(text).timestamp()
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite epoch: {text!r}")
+    return epoch_seconds(number)
 
 
 _DAY_MS = 86_400_000

@@ -26,6 +26,7 @@ import duckdb
 import pandas as pd
 import streamlit as st
 
+from contract import records as r
 from dashboard import LAKE_ENV, REFRESH_ENV, charts, queries
 from dashboard.queries import Filters, LakeExtent
 from sinks.lake import DEFAULT_LAKE, connect, refresh, visible_paths
@@ -290,10 +291,10 @@ def sidebar(
     bar.subheader("Series filters")
     everything = lake_now.catalog()
     detectors = bar.multiselect(
-        "Detector", sorted(everything["detectorName"].unique()),
+        "Detector", sorted(everything[r.DETECTOR_NAME].unique()),
         key="detector", bind="query-params", placeholder="All detectors",
     )
-    narrowed = everything[everything["detectorName"].isin(detectors)] if detectors else everything
+    narrowed = everything[everything[r.DETECTOR_NAME].isin(detectors)] if detectors else everything
     dimensions: list[tuple[str, tuple[str, ...]]] = []
     for column in lake.dimension_columns:
         values = sorted(narrowed[column].dropna().unique())
@@ -375,7 +376,7 @@ def series_panel(
     lake_now: Snapshot, filters: Filters, catalog: pd.DataFrame
 ) -> None:
     st.subheader("Series")
-    labels = dict(zip(catalog["timeseriesId"], catalog["label"], strict=True))
+    labels = dict(zip(catalog[r.TIMESERIES_ID], catalog["label"], strict=True))
     current = st.session_state.get(PICKER_KEY)
     if current and current not in labels:
         # Opened from a link or the table while the filters exclude it: still show it.
@@ -397,7 +398,7 @@ def series_panel(
         else:
             st.info("This series has no results in the selected time range.")
         return
-    measure = catalog.loc[catalog["timeseriesId"] == chosen, "measure"]
+    measure = catalog.loc[catalog[r.TIMESERIES_ID] == chosen, r.MEASURE]
     title = measure.iloc[0] if len(measure) else "value"
     st.altair_chart(charts.series_chart(points, title), width="stretch", key="series_chart")
     last = points.iloc[-1]
@@ -438,7 +439,7 @@ def anomalies_panel(
     if table.empty:
         st.info("No anomalies match these filters.")
         return
-    st.session_state[TABLE_IDS_KEY] = table["timeseriesId"].tolist()
+    st.session_state[TABLE_IDS_KEY] = table[r.TIMESERIES_ID].tolist()
     st.dataframe(
         table,
         key=TABLE_KEY,
@@ -447,20 +448,20 @@ def anomalies_panel(
         hide_index=True,
         height=320,
         column_order=[
-            "detectionPeriodStartTime", "label", "anomalyScore", "aggregatedMeasureValue",
-            "expectedValue", "anomalyConfidenceScore",
+            r.DETECTION_PERIOD_START_TIME, "label", r.ANOMALY_SCORE, r.AGGREGATED_MEASURE_VALUE,
+            r.EXPECTED_VALUE, r.ANOMALY_CONFIDENCE_SCORE,
         ],
         column_config={
-            "detectionPeriodStartTime": st.column_config.DatetimeColumn(
+            r.DETECTION_PERIOD_START_TIME: st.column_config.DatetimeColumn(
                 "Period start (UTC)", format="YYYY-MM-DD HH:mm", timezone="UTC"
             ),
             "label": st.column_config.TextColumn("Series", width="large"),
-            "anomalyScore": st.column_config.ProgressColumn(
+            r.ANOMALY_SCORE: st.column_config.ProgressColumn(
                 "Score", min_value=0, max_value=100, format="%.1f"
             ),
-            "aggregatedMeasureValue": st.column_config.NumberColumn("Value", format="%.4g"),
-            "expectedValue": st.column_config.NumberColumn("Expected", format="%.4g"),
-            "anomalyConfidenceScore": st.column_config.NumberColumn("Confidence", format="%.0f"),
+            r.AGGREGATED_MEASURE_VALUE: st.column_config.NumberColumn("Value", format="%.4g"),
+            r.EXPECTED_VALUE: st.column_config.NumberColumn("Expected", format="%.4g"),
+            r.ANOMALY_CONFIDENCE_SCORE: st.column_config.NumberColumn("Confidence", format="%.0f"),
         },
     )
 
@@ -500,8 +501,8 @@ def heatmap_panel(lake_now: Snapshot, filters: Filters) -> None:
 
 def open_picked_cell() -> None:
     picked = st.session_state[HEATMAP_KEY].selection.get(charts.PICK_PARAM) or []
-    if picked and picked[0].get("timeseriesId"):
-        st.session_state[PICKER_KEY] = picked[0]["timeseriesId"]
+    if picked and picked[0].get(r.TIMESERIES_ID):
+        st.session_state[PICKER_KEY] = picked[0][r.TIMESERIES_ID]
 
 
 def describe_range(filters: Filters) -> str:

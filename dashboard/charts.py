@@ -9,6 +9,8 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
+from contract import records as r
+
 SCORE_DOMAIN = (0, 100)
 # Legend entries of the series chart and their colours: the measured value is the ink, the
 # expectation is quiet; in the score panel the score is warm and its threshold dashed.
@@ -141,8 +143,8 @@ def series_chart(points: pd.DataFrame, measure: str, *, height: int = 360) -> al
 def heatmap_chart(cells: pd.DataFrame, *, row_height: int = 20) -> alt.Chart:
     """Maximum score per series (rows, hottest first) per UTC hour (columns); click a cell to
     open its series. ``cells`` has the columns of ``queries.heatmap``."""
-    order = cells.drop_duplicates("timeseriesId").sort_values("rank")["label"].tolist()
-    pick = alt.selection_point(name=PICK_PARAM, fields=["timeseriesId"], on="click")
+    order = cells.drop_duplicates(r.TIMESERIES_ID).sort_values("rank")["label"].tolist()
+    pick = alt.selection_point(name=PICK_PARAM, fields=[r.TIMESERIES_ID], on="click")
     return (
         alt.Chart(cells)
         .mark_rect(stroke="white", strokeWidth=0.5)

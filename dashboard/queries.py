@@ -24,12 +24,22 @@ from datetime import UTC, datetime
 import duckdb
 import pandas as pd
 
+from contract import records as r
 from contract.records import DIMENSION_PREFIX
 from sinks.lake import quote_identifier
 
 # A column name as an SQL identifier: dimension names come from the records, so anything. One
 # helper quotes every identifier the lake's views and the dashboard build.
 quote_name = quote_identifier
+
+# The record's fields as SQL identifiers: contract.records spells them, the queries quote them.
+_DETECTOR, _MEASURE, _TSID = map(quote_name, (r.DETECTOR_NAME, r.MEASURE, r.TIMESERIES_ID))
+_VALUE, _EXPECTED = quote_name(r.AGGREGATED_MEASURE_VALUE), quote_name(r.EXPECTED_VALUE)
+_SCORE, _THRESHOLD = quote_name(r.ANOMALY_SCORE), quote_name(r.ANOMALY_DECISION_THRESHOLD)
+_DECISION, _CONFIDENCE = quote_name(r.ANOMALY_DECISION), quote_name(r.ANOMALY_CONFIDENCE_SCORE)
+_STAGE, _NO_DATA = quote_name(r.MODEL_STAGE), quote_name(r.NO_DATA)
+_START = quote_name(r.DETECTION_PERIOD_START_TIME)
+_END = quote_name(r.DETECTION_PERIOD_END_TIME)
 
 
 def quote_text(text: str) -> str:
@@ -51,7 +61,7 @@ def label_sql(dimension_columns: list[str]) -> str:
     )
     # A series without dimensions (all NULL here) ends at its measure, without a dangling " · ".
     dims = f" || coalesce(' · ' || nullif(concat_ws(', ', {pairs}), ''), '')" if pairs else ""
-    return f"detectorName || ' · ' || measure{dims}"
+    return f"{_DETECTOR} || ' · ' || {_MEASURE}{dims}"
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ class Filters:
         clauses: list[str] = []
         params: list[object] = []
         if self.detectors:
-            clauses.append(f"detectorName IN ({_marks(self.detectors)})")
+            clauses.append(f"{_DETECTOR} IN ({_marks(self.detectors)})")
             params += self.detectors
         for column, values in self.dimensions:
             if not values:
@@ -86,10 +96,10 @@ class Filters:
         clauses: list[str] = []
         params: list[object] = []
         if self.start is not None:
-            clauses.append("detectionPeriodStartTime >= ?")
+            clauses.append(f"{_START} >= ?")
             params.append(self.start)
         if self.end is not None:
-            clauses.append("detectionPeriodStartTime < ?")
+            clauses.append(f"{_START} < ?")
             params.append(self.end)
         return " AND ".join(clauses) or "true", params
 
@@ -119,8 +129,7 @@ def extent(con: duckdb.DuckDBPyConnection) -> LakeExtent:
     # Epoch milliseconds, not TIMESTAMPTZ: DuckDB hands aware datetimes to Python through pytz.
     rows, first, last = _one(
         con,
-        "SELECT count(*), epoch_ms(min(detectionPeriodStartTime)), "
-        "epoch_ms(max(detectionPeriodStartTime)) FROM scores",
+        f"SELECT count(*), epoch_ms(min({_START})), epoch_ms(max({_START})) FROM scores",
     )
     first_start, last_start = _from_epoch_ms(first), _from_epoch_ms(last)
     return LakeExtent(int(rows), first_start, last_start, dimension_columns(con))
@@ -147,15 +156,15 @@ def series_catalog(con: duckdb.DuckDBPyConnection, filters: Filters) -> pd.DataF
     dim_select = "".join(f", any_value({quote_name(d)}) AS {quote_name(d)}" for d in dims)
     return _frame(
         con,
-        f"""SELECT timeseriesId, {label_sql(dims)} AS label, * EXCLUDE (timeseriesId)
+        f"""SELECT {_TSID}, {label_sql(dims)} AS label, * EXCLUDE ({_TSID})
         FROM (
-            SELECT timeseriesId, any_value(detectorName) AS detectorName,
-                   any_value(measure) AS measure{dim_select},
-                   CAST(arg_max(modelStage, detectionPeriodStartTime) AS VARCHAR) AS modelStage,
-                   arg_max(anomalyConfidenceScore, detectionPeriodStartTime)
-                       AS anomalyConfidenceScore,
-                   count(*) AS points, CAST(sum(anomalyDecision) AS BIGINT) AS anomalies
-            FROM scores WHERE {where} GROUP BY timeseriesId
+            SELECT {_TSID}, any_value({_DETECTOR}) AS {_DETECTOR},
+                   any_value({_MEASURE}) AS {_MEASURE}{dim_select},
+                   CAST(arg_max({_STAGE}, {_START}) AS VARCHAR) AS {_STAGE},
+                   arg_max({_CONFIDENCE}, {_START})
+                       AS {_CONFIDENCE},
+                   count(*) AS points, CAST(sum({_DECISION}) AS BIGINT) AS anomalies
+            FROM scores WHERE {where} GROUP BY {_TSID}
         ) ORDER BY label""",
         params,
     )
@@ -166,7 +175,7 @@ def matching(catalog: pd.DataFrame, filters: Filters) -> pd.DataFrame:
     answer as ``series_catalog(con, filters)`` without another pass over the lake."""
     keep = pd.Series(True, index=catalog.index)
     if filters.detectors:
-        keep &= catalog["detectorName"].isin(filters.detectors)
+        keep &= catalog[r.DETECTOR_NAME].isin(filters.detectors)
     for column, values in filters.dimensions:
         if values:
             keep &= catalog[column].isin(values)
@@ -186,10 +195,10 @@ def kpis(con: duckdb.DuckDBPyConnection, filters: Filters) -> Kpis:
         f"""SELECT count(*), coalesce(sum(alerting), 0), coalesce(sum(silent), 0),
                    coalesce(sum(anomalies), 0)
         FROM (
-            SELECT arg_max(anomalyDecision, detectionPeriodStartTime) AS alerting,
-                   arg_max({_no_data_sql(con)}, detectionPeriodStartTime) AS silent,
-                   sum(anomalyDecision) AS anomalies
-            FROM scores WHERE {where} AND {when} GROUP BY timeseriesId
+            SELECT arg_max({_DECISION}, {_START}) AS alerting,
+                   arg_max({_no_data_sql(con)}, {_START}) AS silent,
+                   sum({_DECISION}) AS anomalies
+            FROM scores WHERE {where} AND {when} GROUP BY {_TSID}
         )""",
         params + when_params,
     )
@@ -199,12 +208,12 @@ def kpis(con: duckdb.DuckDBPyConnection, filters: Filters) -> Kpis:
     (incidents,) = _one(
         con,
         f"""WITH flagged AS MATERIALIZED (
-            SELECT timeseriesId, detectionPeriodStartTime AS start_time,
-                   detectionPeriodEndTime AS end_time
+            SELECT {_TSID}, {_START} AS start_time,
+                   {_END} AS end_time
             FROM anomalies WHERE {where} AND {when}
         )
         SELECT count(*) FROM flagged ANTI JOIN flagged AS before
-            ON before.timeseriesId = flagged.timeseriesId
+            ON before.{_TSID} = flagged.{_TSID}
             AND before.end_time = flagged.start_time""",
         params + when_params,
     )
@@ -220,19 +229,19 @@ def kpis(con: duckdb.DuckDBPyConnection, filters: Filters) -> Kpis:
 def _no_data_sql(con: duckdb.DuckDBPyConnection) -> str:
     """``noData`` as 0/1; 0 for a lake written before results carried it."""
     names = {row[0] for row in con.sql("DESCRIBE scores").fetchall()}
-    return "coalesce(CAST(noData AS INTEGER), 0)" if "noData" in names else "0"
+    return f"coalesce(CAST({_NO_DATA} AS INTEGER), 0)" if r.NO_DATA in names else "0"
 
 
 ANOMALY_COLUMNS = (
-    "detectionPeriodStartTime",
+    r.DETECTION_PERIOD_START_TIME,
     "label",
-    "aggregatedMeasureValue",
-    "expectedValue",
-    "anomalyScore",
-    "anomalyConfidenceScore",
-    "detectorName",
-    "measure",
-    "timeseriesId",
+    r.AGGREGATED_MEASURE_VALUE,
+    r.EXPECTED_VALUE,
+    r.ANOMALY_SCORE,
+    r.ANOMALY_CONFIDENCE_SCORE,
+    r.DETECTOR_NAME,
+    r.MEASURE,
+    r.TIMESERIES_ID,
 )
 
 
@@ -253,11 +262,11 @@ def anomalies(con: duckdb.DuckDBPyConnection, filters: Filters, limit: int) -> A
     when, when_params = filters.time_sql()
     frame = _frame(
         con,
-        f"""SELECT detectionPeriodStartTime, {label_sql(dims)} AS label, aggregatedMeasureValue,
-               expectedValue, anomalyScore, anomalyConfidenceScore, detectorName, measure,
-               timeseriesId, count(*) OVER () AS total
-        FROM anomalies WHERE {where} AND {when} AND anomalyScore >= ?
-        ORDER BY detectionPeriodStartTime DESC, anomalyScore DESC, timeseriesId
+        f"""SELECT {_START}, {label_sql(dims)} AS label, {_VALUE},
+               {_EXPECTED}, {_SCORE}, {_CONFIDENCE}, {_DETECTOR}, {_MEASURE},
+               {_TSID}, count(*) OVER () AS total
+        FROM anomalies WHERE {where} AND {when} AND {_SCORE} >= ?
+        ORDER BY {_START} DESC, {_SCORE} DESC, {_TSID}
         LIMIT {int(limit)}""",
         [*params, *when_params, filters.min_score],
     )
@@ -277,20 +286,20 @@ def heatmap(con: duckdb.DuckDBPyConnection, filters: Filters, top: int) -> pd.Da
     return _frame(
         con,
         f"""WITH top AS (
-            SELECT timeseriesId,
-                   row_number() OVER (ORDER BY max(anomalyScore) DESC,
-                                      sum(anomalyDecision) DESC, timeseriesId) AS rank
+            SELECT {_TSID},
+                   row_number() OVER (ORDER BY max({_SCORE}) DESC,
+                                      sum({_DECISION}) DESC, {_TSID}) AS rank
             FROM scores WHERE {where} AND {when}
-            GROUP BY timeseriesId
+            GROUP BY {_TSID}
             QUALIFY rank <= {int(top)}
         )
-        SELECT timeseriesId, any_value({label_sql(dims)}) AS label,
-               time_bucket(INTERVAL 1 HOUR, detectionPeriodStartTime) AS hour,
-               max(anomalyScore) AS maxScore, CAST(sum(anomalyDecision) AS BIGINT) AS anomalies,
+        SELECT {_TSID}, any_value({label_sql(dims)}) AS label,
+               time_bucket(INTERVAL 1 HOUR, {_START}) AS hour,
+               max({_SCORE}) AS maxScore, CAST(sum({_DECISION}) AS BIGINT) AS anomalies,
                any_value(rank) AS rank
-        FROM scores JOIN top USING (timeseriesId)
+        FROM scores JOIN top USING ({_TSID})
         WHERE {where} AND {when}
-        GROUP BY timeseriesId, hour
+        GROUP BY {_TSID}, hour
         ORDER BY rank, hour""",
         params + when_params + params + when_params,
     )
@@ -305,13 +314,13 @@ def series_points(
     when, when_params = filters.time_sql()
     return _frame(
         con,
-        f"""SELECT detectionPeriodStartTime AS time, detectionPeriodEndTime AS "end",
-               aggregatedMeasureValue AS value,
-               expectedValue AS expected, anomalyScore AS score,
-               anomalyDecisionThreshold AS threshold, anomalyDecision AS anomaly,
+        f"""SELECT {_START} AS time, {_END} AS "end",
+               {_VALUE} AS value,
+               {_EXPECTED} AS expected, {_SCORE} AS score,
+               {_THRESHOLD} AS threshold, {_DECISION} AS anomaly,
                {_no_data_sql(con)} AS no_data,
-               anomalyConfidenceScore AS confidence, CAST(modelStage AS VARCHAR) AS stage
-        FROM scores WHERE timeseriesId = ? AND {when}
+               {_CONFIDENCE} AS confidence, CAST({_STAGE} AS VARCHAR) AS stage
+        FROM scores WHERE {_TSID} = ? AND {when}
         ORDER BY time""",
         [timeseries_id, *when_params],
     )
@@ -320,7 +329,7 @@ def series_points(
 def series_label(con: duckdb.DuckDBPyConnection, timeseries_id: str) -> str | None:
     """The label of one series, or None if the lake does not hold it."""
     rows = con.sql(
-        f"SELECT {label_sql(dimension_columns(con))} FROM scores WHERE timeseriesId = ? LIMIT 1",
+        f"SELECT {label_sql(dimension_columns(con))} FROM scores WHERE {_TSID} = ? LIMIT 1",
         params=[timeseries_id],
     ).fetchall()
     return str(rows[0][0]) if rows else None

@@ -53,14 +53,19 @@ import pyarrow as pa
 from common.retry import Backoff, retry
 from contract.records import (
     ANOMALY_CONFIDENCE_SCORE,
+    ANOMALY_DECISION,
     DAY_PARTITION,
+    DETECTION_PERIOD_START_TIME,
     DETECTOR_NAME,
     DIMENSION_LIST,
     DIMENSION_PREFIX,
+    KAFKA_OFFSET,
+    KAFKA_PARTITION,
     MEASURE,
     MODEL_STAGE,
     PROVENANCE_SCHEMA,
     RESULT_SCHEMA,
+    TIMESERIES_ID,
 )
 from sinks.lake_files import list_files, visible_files
 
@@ -146,8 +151,9 @@ def _create_views(connection: duckdb.DuckDBPyConnection, paths: list[Path]) -> N
         typed_nulls = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in BASE_COLUMNS)
         scores = f"SELECT {typed_nulls} WHERE false"
     connection.execute(f"CREATE OR REPLACE VIEW scores AS {scores}")
+    decision = quote_identifier(ANOMALY_DECISION)
     connection.execute(
-        "CREATE OR REPLACE VIEW anomalies AS SELECT * FROM scores WHERE anomalyDecision = 1"
+        f"CREATE OR REPLACE VIEW anomalies AS SELECT * FROM scores WHERE {decision} = 1"
     )
     columns = [row[0] for row in connection.execute("DESCRIBE scores").fetchall()]
     latest = [
@@ -159,6 +165,9 @@ def _create_views(connection: duckdb.DuckDBPyConnection, paths: list[Path]) -> N
         ANOMALY_CONFIDENCE_SCORE,
     ]
     # Dimension names come from the records: any text, quotes and SQL included.
+    tsid = quote_identifier(TIMESERIES_ID)
+    start = quote_identifier(DETECTION_PERIOD_START_TIME)
+    partition, offset = quote_identifier(KAFKA_PARTITION), quote_identifier(KAFKA_OFFSET)
     picks = ", ".join(f"l.{quote_identifier(c)}" for c in latest)
     # The latest row of each series joined to the per-series aggregates: several times faster
     # than arg_max over the nested dimensionList (bench/sink.py). Ties on the latest period
@@ -166,25 +175,25 @@ def _create_views(connection: duckdb.DuckDBPyConnection, paths: list[Path]) -> N
     connection.execute(
         f"""CREATE OR REPLACE VIEW series AS
 WITH per_series AS (
-  SELECT timeseriesId,
+  SELECT {tsid},
     count(*) AS points,
-    CAST(coalesce(sum(anomalyDecision), 0) AS BIGINT) AS anomalies,
-    min(detectionPeriodStartTime) AS firstDetectionPeriodStartTime,
-    max(detectionPeriodStartTime) AS lastDetectionPeriodStartTime
+    CAST(coalesce(sum({decision}), 0) AS BIGINT) AS anomalies,
+    min({start}) AS firstDetectionPeriodStartTime,
+    max({start}) AS lastDetectionPeriodStartTime
   FROM scores
-  GROUP BY timeseriesId
+  GROUP BY {tsid}
 ), latest AS (
   SELECT s.*
   FROM scores AS s
   JOIN per_series AS p
-    ON s.timeseriesId = p.timeseriesId
-   AND s.detectionPeriodStartTime = p.lastDetectionPeriodStartTime
+    ON s.{tsid} = p.{tsid}
+   AND s.{start} = p.lastDetectionPeriodStartTime
   QUALIFY row_number() OVER (
-    PARTITION BY s.timeseriesId ORDER BY s.kafkaPartition DESC, s.kafkaOffset DESC) = 1
+    PARTITION BY s.{tsid} ORDER BY s.{partition} DESC, s.{offset} DESC) = 1
 )
-SELECT p.timeseriesId, {picks}, p.points, p.anomalies,
+SELECT p.{tsid}, {picks}, p.points, p.anomalies,
   p.firstDetectionPeriodStartTime, p.lastDetectionPeriodStartTime
-FROM per_series AS p JOIN latest AS l ON l.timeseriesId = p.timeseriesId"""
+FROM per_series AS p JOIN latest AS l ON l.{tsid} = p.{tsid}"""
     )
 
 

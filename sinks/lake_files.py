@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.retry import Backoff, retry
 from contract.records import KAFKA_OFFSET
 
 OFFSET_DIGITS = 20
@@ -40,6 +40,8 @@ _COMPACTED_NAME = re.compile(
     r"^compacted\+(?P<topic>[^+/]+)\+(?P<partition>\d+)\+(?P<first>\d{20})-(?P<last>\d{20})\.parquet$"
 )
 _DAY_DIR = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
+# A listing raced by the compactor is repeated for a few seconds at most.
+_RELIST = Backoff(first_s=0.05, max_s=0.2, give_up_s=5.0)
 
 
 @dataclass(frozen=True)
@@ -214,21 +216,26 @@ def lake_end(lake: Path, topic: str, partition: int) -> int | None:
     Files of one partition hold disjoint, contiguous offset ranges, so the end is the larger of
     the last offset of the sink file that starts last and the ends of the compacted files.
     """
-    for _ in range(10):
+
+    def once() -> int | None:
         files = [f for f in list_files(lake) if f.topic == topic and f.partition == partition]
         ends = [f.last for f in files if f.last is not None]
         sink_files = [f for f in files if f.last is None]
-        try:
-            if sink_files:
-                newest = max(sink_files, key=lambda f: f.first)
-                ends.append(int(file_metadata(newest.path)["lastOffset"]))
-        except FileNotFoundError:
-            # The compactor deleted it between listing and reading: its rows are now in a
-            # compacted file, so list again.
-            time.sleep(0.05)
-            continue
+        if sink_files:
+            # FileNotFoundError: the compactor deleted it between listing and reading; its rows
+            # are now in a compacted file, so the next listing finds them.
+            newest = max(sink_files, key=lambda f: f.first)
+            ends.append(int(file_metadata(newest.path)["lastOffset"]))
         return max(ends) if ends else None
-    raise RuntimeError(f"the lake at {lake} keeps changing; cannot find where it ends")
+
+    try:
+        return retry(once, f"finding the end of {topic}/{partition} in the lake at {lake}",
+                     transient=lambda error: isinstance(error, FileNotFoundError),
+                     backoff=_RELIST)
+    except FileNotFoundError:
+        raise RuntimeError(
+            f"the lake at {lake} keeps changing; cannot find where it ends"
+        ) from None
 
 
 def remove_temp_files(directory: Path, prefix: str) -> int:

@@ -223,11 +223,6 @@ def _dimension_columns(
     return out
 
 
-def day_numbers(table: pa.Table) -> np.ndarray:
-    """Days since the epoch (UTC) of each row's period start time."""
-    return epoch_millis(table) // MS_PER_DAY
-
-
 def epoch_millis(table: pa.Table) -> np.ndarray:
     column = table.column(DETECTION_PERIOD_START_TIME).cast(pa.int64()).combine_chunks()
     return column.to_numpy(zero_copy_only=False)

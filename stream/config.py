@@ -19,7 +19,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -30,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from common.config import ConfigError, line_of, read_yaml, yaml_lines
 from common.durations import parse_duration_ms
 from common.kafka_security import PLAINTEXT, KafkaSecurity
 from detectors import DetectorConfig
@@ -233,33 +233,18 @@ class DetectConfig(_Strict):
         return sorted({spec.input for spec in self.detectors})
 
 
-class ConfigError(ValueError):
-    """A configuration file that cannot be used; the message names the file and the field."""
-
-
 def load_config(path: str | Path) -> DetectConfig:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from error
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where}: not valid YAML: {error}") from error
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with kafka, topics, detectors")
+    """The validated configuration in ``path``; ``ConfigError`` names the file, line and field."""
+    data, text = read_yaml(path, what="a mapping with kafka, topics, detectors")
     try:
         return DetectConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"{path}: {describe_errors(error, yaml.compose(text))}") from None
+        raise ConfigError(f"{path}: {describe_errors(error, yaml_lines(text))}") from None
 
 
-def describe_errors(error: ValidationError, root: yaml.Node | None = None) -> str:
+def describe_errors(error: ValidationError, lines: dict[tuple[Any, ...], int]) -> str:
     """One part per problem: ``line 12, detectors[0].interval: expected a duration ...``."""
-    lines = []
+    parts_out = []
     for item in error.errors():
         parts: list[str] = []
         for loc in item["loc"]:
@@ -269,28 +254,6 @@ def describe_errors(error: ValidationError, root: yaml.Node | None = None) -> st
                 parts.append(("." if parts else "") + str(loc))
         field = "".join(parts) or "(top level)"
         message = str(item["msg"]).removeprefix("Value error, ")
-        line = _line_of(root, item["loc"])
-        lines.append(f"{'' if line is None else f'line {line}, '}{field}: {message}")
-    return "; ".join(lines)
-
-
-def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
-    """The 1-based line of the deepest YAML node on the path ``loc`` (the field or its parent)."""
-    line = None
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            found = None
-            for key_node, value_node in node.value:
-                if key_node.value == key:
-                    found = (key_node, value_node)
-                    break
-            if found is None:
-                break
-            line = found[0].start_mark.line + 1
-            node = found[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
+        line = line_of(lines, tuple(item["loc"]))
+        parts_out.append(f"{'' if line is None else f'line {line}, '}{field}: {message}")
+    return "; ".join(parts_out)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 # Scoring one closed window takes tens of microseconds for a small forest: sub-ms buckets.
 SCORING_BUCKETS = (
@@ -115,7 +115,21 @@ class WorkerMetrics:
 
 
 class HealthServer:
-    """/metrics, /healthz (the loops are turning) and /readyz (partitions assigned and restored)."""
+    """/metrics, /healthz (the loops are turning) and /readyz (partitions assigned and restored).
+
+    /metrics is prometheus_client's own WSGI app (content negotiation and compression
+    included); the two probes are routes in front of it, on the same port, served by
+    prometheus_client's threading WSGI server.
+
+    >>> import urllib.request
+    >>> server = HealthServer(0, WorkerMetrics(), healthy=lambda: True, ready=lambda: False)
+    >>> server = server.start()
+    >>> urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz").read()
+    b'ok\\n'
+    >>> b"anomstream_" in urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics").read()
+    True
+    >>> server.stop()
+    """
 
     def __init__(
         self,
@@ -125,32 +139,25 @@ class HealthServer:
         ready: Callable[[], bool],
         host: str = "127.0.0.1",
     ) -> None:
-        registry = metrics.registry
+        metrics_app = make_wsgi_app(metrics.registry)
+        # path -> (the probe, its body when it passes, its body when it fails)
+        probes = {
+            "/healthz": (healthy, b"ok\n", b"stalled\n"),
+            "/readyz": (ready, b"ready\n", b"not ready\n"),
+        }
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.startswith("/metrics"):
-                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                elif self.path.startswith("/healthz"):
-                    ok = healthy()
-                    self._send(200 if ok else 503, b"ok\n" if ok else b"stalled\n")
-                elif self.path.startswith("/readyz"):
-                    ok = ready()
-                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-                else:
-                    self._send(404, b"try /metrics, /healthz or /readyz\n")
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path.startswith("/metrics"):
+                return metrics_app(environ, start_response)
+            for prefix, (probe, passed, failed) in probes.items():
+                if path.startswith(prefix):
+                    if probe():
+                        return _plain(start_response, "200 OK", passed)
+                    return _plain(start_response, "503 Service Unavailable", failed)
+            return _plain(start_response, "404 Not Found", b"try /metrics, /healthz or /readyz\n")
 
-            def _send(self, status: int, body: bytes, kind: str = "text/plain") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # scrapes every few seconds would drown the worker's own log
-
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = make_server(host, port, app, ThreadingWSGIServer, _QuietHandler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
@@ -163,6 +170,16 @@ class HealthServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _plain(start_response: Callable[..., Any], status: str, body: bytes) -> list[bytes]:
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would drown the worker's own log
 
 
 class Heartbeat:

@@ -21,10 +21,9 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from contract.records import timeseries_id
+from contract.records import parse_time, timeseries_id
 from stream.config import DetectorSpec
 
 # Dead-letter reasons (the ``reason`` header); stable names, counted in the metrics.
@@ -88,13 +87,11 @@ def parse_event_ms(value: Any) -> int:
             number = float(text)
         except ValueError:
             try:
-                moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+                moment = parse_time(text)
             except ValueError:
                 raise InvalidRecord(
                     BAD_TIMESTAMP, f"timestamp {value!r} is neither ISO-8601 nor epoch ms"
                 ) from None
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
             return round(moment.timestamp() * 1000)
     else:
         raise InvalidRecord(BAD_TIMESTAMP, f"timestamp has type {type(value).__name__}")

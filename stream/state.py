@@ -78,11 +78,6 @@ def snapshot_header(payload: bytes) -> dict[str, Any]:
     return header
 
 
-def snapshot_offset(payload: bytes) -> int:
-    """The offset of a snapshot without decoding its model."""
-    return int(snapshot_header(payload)["offset"])
-
-
 def encode_checkpoint(offset: int, clock: dict[str, Any]) -> bytes:
     return json.dumps({"offset": offset, "clock": clock}, separators=(",", ":")).encode()
 
@@ -105,7 +100,6 @@ class Series:
         "skip_below",
         "source",
         "spec",
-        "spec_index",
         "timeseries_id",
         "windows",
     )
@@ -113,7 +107,6 @@ class Series:
     def __init__(
         self,
         timeseries_id: str,
-        spec_index: int,
         spec: DetectorSpec,
         dimensions: dict[str, str],
         partition: int,
@@ -121,7 +114,6 @@ class Series:
         detector: Detector | None = None,
     ) -> None:
         self.timeseries_id = timeseries_id
-        self.spec_index = spec_index
         self.spec = spec
         self.dimensions = dimensions
         self.partition = partition
@@ -153,14 +145,12 @@ class Series:
         cls,
         snapshot: Snapshot,
         timeseries_id: str,
-        spec_index: int,
         spec: DetectorSpec,
         partition: int,
         max_fill: int,
     ) -> Series:
         series = cls(
             timeseries_id,
-            spec_index,
             spec,
             snapshot.dimensions,
             partition,

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from app.cli import main
-from detectors.evaluation import PROFILES, load_corpus, score_corpus
+from app.corpus import load_corpus
+from detectors.evaluation import PROFILES, score_corpus
 
 START = datetime(2024, 5, 1, tzinfo=UTC)
 
@@ -163,3 +164,28 @@ def test_the_default_detector_keeps_its_kpi_ops_figures(tmp_path: Path) -> None:
     assert standard["optimized"]["score"] >= 75.0, standard["optimized"]
     assert 65.0 <= standard["optimized"]["threshold"] <= 80.0, standard["optimized"]
     assert standard["deployed"]["score"] >= 73.5, standard["deployed"]
+
+
+def test_baseline_scores_the_corpus_with_the_river_baseline(corpus_dir, tmp_path, capsys):
+    data, labels = corpus_dir
+    out = tmp_path / "baseline.json"
+    argv = ["evaluate", "--data", str(data), "--labels", str(labels)]
+    assert main([*argv, "--baseline", "--jobs", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["baseline"] and report["detector_config"] is None
+    assert report["corpus"] == {"files": 2, "rows": 700, "windows": 2}
+    assert set(report["profiles"]) == set(PROFILES)
+    # Its scores are the baseline's own, scored by the same NAB rules as the detector's.
+    from app.corpus_runner import score_series_baseline
+    from detectors.config import DetectorConfig
+
+    corpus = load_corpus(data, labels)
+    scores = {f.key: score_series_baseline(DetectorConfig(), f.timestamps, f.values)
+              for f in corpus}
+    expected = score_corpus(scores, corpus, "standard")
+    assert report["profiles"]["standard"]["optimized"]["score"] == pytest.approx(expected.score)
+    # A 30-sigma spike is beyond any threshold's doubt, for a z-score too.
+    assert report["profiles"]["standard"]["optimized"]["files"]["ops/spike.csv"]["tp"] == 1
+    assert "river baseline" in capsys.readouterr().out
+    assert main([*argv, "--baseline", "--results", str(tmp_path)]) == 2
+    assert "exclude each other" in capsys.readouterr().err

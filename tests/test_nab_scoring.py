@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detectors.evaluation.corpus import CorpusFile, load_corpus
+from app.corpus import load_corpus
+from detectors.evaluation.corpus import CorpusFile
 from detectors.evaluation.nab import (
     PROFILES,
     Profile,

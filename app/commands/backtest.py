@@ -33,8 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.backtest import BacktestError, config_from_params, run_backtest
+    from app.backtest import BacktestError, run_backtest
     from app.cli import CliError
+    from app.params import parse_params
+
+    config = parse_params(args.param)
 
     try:
         summary = run_backtest(
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             timestamp_column=args.timestamp_column,
             value_columns=args.value_columns or ["value"],
-            config=config_from_params(args.param),
+            config=config,
             plot_path=args.plot,
             progress=not args.no_progress,
         )

@@ -13,18 +13,15 @@ import csv
 import json
 import math
 import sys
-import types
-import typing
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.cli import CliError
+from contract.records import ANOMALY_SCORE
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from detectors.config import DetectorConfig
     from detectors.evaluation import CorpusFile, CorpusScore, ThresholdSweep
 
 HELP = "Score the detector on a labelled corpus (NAB rules, three profiles)."
@@ -48,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="read scores from DIR/<category>/<file>.csv (anomalyScore column) instead of "
         "running the detector",
     )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="score with the river baseline (an exponentially weighted z-score, "
+        "detectors/baseline.py) instead of the RCF detector, to compare the reports",
+    )
     parser.add_argument("--json", type=Path, metavar="OUT.json", help="also write the report")
     parser.add_argument(
         "--plot", type=Path, metavar="OUT.png", help="plot score against threshold per profile"
@@ -68,8 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from app.corpus_runner import run_corpus
-    from detectors.evaluation import PROFILES, ThresholdSweep, load_corpus, score_corpus
+    from app.corpus import load_corpus
+    from app.corpus_runner import run_corpus, score_series_baseline
+    from app.params import parse_params
+    from detectors.evaluation import PROFILES, ThresholdSweep, score_corpus
 
     config = parse_params(args.param)
     if args.jobs is not None and args.jobs < 1:
@@ -80,9 +85,15 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     # Wide enough for the table when the output is a file or a pipe (80 columns would fold it).
     console = Console() if sys.stdout.isatty() else Console(width=140)
+    if args.results is not None and args.baseline:
+        raise CliError("--results and --baseline exclude each other")
     if args.results is not None:
         scores = read_results(args.results, corpus)
         source = f"scores from {args.results}"
+    elif args.baseline:
+        scores = run_corpus(corpus, config, jobs=args.jobs, show_progress=True,
+                            scorer=score_series_baseline)
+        source = "scores from the river baseline (EW z-score) per file"
     else:
         scores = run_corpus(corpus, config, jobs=args.jobs, show_progress=True)
         source = "scores from a fresh RcfDetector per file"
@@ -91,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
         "data": str(args.data),
         "labels": str(args.labels),
         "results": None if args.results is None else str(args.results),
-        "detector_config": None if args.results is not None else config.to_dict(),
+        "detector_config": None if args.results is not None or args.baseline
+        else config.to_dict(),
+        "baseline": "river EWMean/EWVar z-score" if args.baseline else None,
         "corpus": {
             "files": len(corpus),
             "rows": sum(f.rows for f in corpus),
@@ -142,58 +155,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_params(pairs: list[str]) -> DetectorConfig:
-    """A ``DetectorConfig`` from ``key=value`` texts, each converted to its field's type.
-
-    >>> parse_params(["num_trees=50", "time_decay=1/1000"]).time_decay
-    0.001
-    """
-    from detectors.config import DetectorConfig
-
-    hints = typing.get_type_hints(DetectorConfig)
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        key, equals, text = pair.partition("=")
-        key = key.strip()
-        if not equals:
-            raise CliError(f"--param {pair!r}: expected KEY=VALUE")
-        if key not in hints:
-            raise CliError(
-                f"--param {key}: unknown detector parameter; known: {', '.join(sorted(hints))}"
-            )
-        values[key] = _convert(key, text.strip(), hints[key])
-    try:
-        return DetectorConfig(**values)
-    except (TypeError, ValueError) as error:
-        raise CliError(f"--param: {error}") from None
-
-
-def _convert(key: str, text: str, hint: Any) -> Any:
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if type(None) in options and text.lower() in {"none", "null"}:
-        return None
-    target = next(option for option in options if option is not type(None))
-    try:
-        if target is bool:
-            lowered = text.lower()
-            if lowered not in {"true", "false", "1", "0", "yes", "no"}:
-                raise ValueError(text)
-            return lowered in {"true", "1", "yes"}
-        if target is int:
-            return int(text)
-        if target is float:
-            # Fractions let decays be written as they are thought of: time_decay=1/2560.
-            return float(Fraction(text))
-        if target is str:
-            return text
-        import yaml
-
-        return yaml.safe_load(text)
-    except (ValueError, ZeroDivisionError):
-        name = getattr(target, "__name__", str(target))
-        raise CliError(f"--param {key}: {text!r} is not a valid {name}") from None
-
-
 def read_results(results_dir: Path, corpus: list[CorpusFile]) -> dict[str, np.ndarray]:
     """The ``anomalyScore`` column of ``results_dir/<category>/<file>.csv`` for each file."""
     import numpy as np
@@ -208,9 +169,9 @@ def read_results(results_dir: Path, corpus: list[CorpusFile]) -> dict[str, np.nd
         with handle:
             reader = csv.reader(handle)
             header = next(reader, [])
-            if "anomalyScore" not in header:
-                raise CliError(f"{path}:1: no 'anomalyScore' column (header: {header})")
-            column = header.index("anomalyScore")
+            if ANOMALY_SCORE not in header:
+                raise CliError(f"{path}:1: no {ANOMALY_SCORE!r} column (header: {header})")
+            column = header.index(ANOMALY_SCORE)
             values: list[float] = []
             for line, row in enumerate(reader, start=2):
                 try:
@@ -218,10 +179,10 @@ def read_results(results_dir: Path, corpus: list[CorpusFile]) -> dict[str, np.nd
                 except (IndexError, ValueError):
                     shown = row[column] if column < len(row) else ""
                     raise CliError(
-                        f"{path}:{line}: field 'anomalyScore': not a number: {shown!r}"
+                        f"{path}:{line}: field {ANOMALY_SCORE!r}: not a number: {shown!r}"
                     ) from None
                 if math.isinf(value):
-                    raise CliError(f"{path}:{line}: field 'anomalyScore': {value} is not finite")
+                    raise CliError(f"{path}:{line}: field {ANOMALY_SCORE!r}: {value} is not finite")
                 values.append(value)
         if len(values) != corpus_file.rows:
             raise CliError(

@@ -234,13 +234,14 @@ def _produce(feed: Feed, args: argparse.Namespace) -> int:
     import time
 
     from confluent_kafka import KafkaException, Producer
-    from rich.progress import Progress
 
     from app.cli import CliError
+    from app.progress import progress_bar
     from common.kafka_io import (
         KafkaUnavailable,
         check_connection,
         create_topics,
+        produce_when_room,
         producer_config,
     )
     from common.kafka_security import security_from_args
@@ -268,8 +269,8 @@ def _produce(feed: Feed, args: argparse.Namespace) -> int:
     dimension_names = {name for series in feed.series for name in series.dimensions}
     began = time.monotonic()
     count = 0
-    with Progress(disable=args.no_progress, transient=True) as progress:
-        task = progress.add_task(f"{feed.name} -> {args.topic}", total=feed.spec.points)
+    label = f"{feed.name} -> {args.topic}"
+    with progress_bar(label, feed.spec.points, "points", not args.no_progress, True) as advance:
         for count, record in enumerate(feed.records(), start=1):
             step = (count - 1) // entities
             if args.speed > 0 and (count - 1) % entities == 0:
@@ -283,17 +284,11 @@ def _produce(feed: Feed, args: argparse.Namespace) -> int:
             # Keyed by the entity: its records stay in order on one partition.
             key = "|".join(f"{k}={v}" for k, v in record.items() if k in dimension_names)
             payload = json.dumps(record, separators=(",", ":")).encode("utf-8")
-            while True:
-                try:
-                    producer.produce(
-                        args.topic, payload, key.encode("utf-8"), on_delivery=delivered
-                    )
-                    break
-                except BufferError:
-                    producer.poll(0.1)
+            produce_when_room(producer, args.topic, payload, key.encode("utf-8"),
+                              on_delivery=delivered, wait_s=0.1)
             producer.poll(0)
             if count % entities == 0:
-                progress.update(task, completed=step + 1)
+                advance(1)
             if failures:
                 break
     remaining_messages = producer.flush(30.0)
@@ -313,7 +308,6 @@ def _evaluate(
     import sys
 
     from rich.console import Console
-    from rich.progress import Progress, TaskID
 
     from app.generators.evaluate import (
         evaluate_feed,
@@ -321,20 +315,17 @@ def _evaluate(
         render_table,
         write_markdown,
     )
+    from app.progress import progress_bar
 
     evaluations = []
-    with Progress(console=Console(stderr=True), disable=args.no_progress, transient=True) as bar:
-        for feed in feeds:
-            task = bar.add_task(f"evaluating {feed.name}", total=len(feed.series))
-
-            def advance(task: TaskID = task) -> None:
-                bar.advance(task)
-
+    for feed in feeds:
+        label = f"evaluating {feed.name}"
+        with progress_bar(label, len(feed.series), "series", not args.no_progress, True) as step:
             evaluations.append(
                 evaluate_feed(
                     feed,
                     tolerance=args.tolerance,
-                    advance=advance,
+                    advance=lambda: step(1),
                     measure_params=measure_params,
                 )
             )

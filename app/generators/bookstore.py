@@ -20,8 +20,6 @@ from app.generators.common import (
     series_rng,
 )
 
-DEFAULT_INTERVAL = 3600.0
-
 # item -> (units per even hour, units per odd hour, gets spikes)
 ITEMS: dict[str, tuple[float, float, bool]] = {
     "item-A": (20.0, 10.0, True),

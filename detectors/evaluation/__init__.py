@@ -1,6 +1,6 @@
 """Scoring detectors against labelled corpora (NAB rules); ``app.corpus_runner`` runs them."""
 
-from detectors.evaluation.corpus import CorpusFile, load_corpus
+from detectors.evaluation.corpus import CorpusFile
 from detectors.evaluation.nab import (
     PROFILES,
     CorpusScore,
@@ -18,7 +18,6 @@ __all__ = [
     "Profile",
     "Tally",
     "ThresholdSweep",
-    "load_corpus",
     "optimize_threshold",
     "score_corpus",
 ]

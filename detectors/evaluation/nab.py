@@ -40,7 +40,6 @@ import numpy as np
 
 from detectors.evaluation.corpus import CorpusFile
 
-PROBATION_FRACTION = 0.15
 PROBATION_CAP = 750
 # Raw scores that differ by less than this are ties; the highest tied threshold wins, because
 # among equally good thresholds the one that alerts least is the kinder one to deploy.
@@ -88,7 +87,7 @@ def probation_rows(rows: int) -> int:
     >>> probation_rows(4032), probation_rows(22695)
     (604, 750)
     """
-    return min(rows * 15 // 100, PROBATION_CAP)
+    return min(rows * 15 // 100, PROBATION_CAP)  # floor(0.15 N)
 
 
 def normalized_score(raw: float, windows: int, profile: Profile) -> float | None:

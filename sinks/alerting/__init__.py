@@ -1,0 +1,1 @@
+"""Threshold alerting on result records: rules, incidents, silences and delivery through apprise."""

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -23,14 +22,11 @@ from pydantic import (
     model_validator,
 )
 
+from common.config import ConfigError, read_yaml, yaml_lines
 from common.durations import parse_duration
 from common.kafka_security import PLAINTEXT, KafkaSecurity
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be used; the message names the file, the place and the fix."""
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -222,51 +218,20 @@ def _describe(error: ValidationError, path: Path, lines: dict[tuple[Any, ...], i
     return "invalid alert configuration:\n  " + "\n  ".join(problems)
 
 
-def _line_numbers(text: str) -> dict[tuple[Any, ...], int]:
-    """YAML path -> 1-based line, so that errors point at the line to edit."""
-    lines: dict[tuple[Any, ...], int] = {}
-
-    def walk(node: yaml.Node, here: tuple[Any, ...]) -> None:
-        lines.setdefault(here, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                lines[(*here, key.value)] = key.start_mark.line + 1
-                walk(value, (*here, key.value))
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                walk(item, (*here, index))
-
-    root = yaml.compose(text)
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AlertConfig:
     """Read and validate ``path``; raise ConfigError naming file, line and field on any problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(error, 'problem', error)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    data, text = read_yaml(path, what="a mapping of settings at the top level", empty_ok=True)
     data.update(overrides or {})
     try:
         config = AlertConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, path, _line_numbers(text))) from None
+        raise ConfigError(_describe(error, path, yaml_lines(text))) from None
     for index, receiver in enumerate(config.receivers):
         try:
             receiver.resolved_url()
         except ValueError as error:
-            line = _line_numbers(text).get(("receivers", index, "url"))
+            line = yaml_lines(text).get(("receivers", index, "url"))
             at = f"{path}:{line}" if line else str(path)
             raise ConfigError(f"{at}: receivers.{index}.url ({receiver.name}): {error}") from None
     return config

@@ -12,9 +12,6 @@ from contract import records as r
 from contract.records import dimensions_of, parse_time
 from sinks.alerting.config import Rule
 
-# Labels every series has besides its dimensions; they win over a dimension of the same name.
-RESERVED_LABELS = ("detector", "measure", "series")
-
 
 @dataclass(frozen=True)
 class Observation:

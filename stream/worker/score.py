@@ -260,7 +260,7 @@ class ScoreStage(CheckpointedStage):
             if live_output:
                 self._dead_letter_raw(value, headers, error.reason, error.detail)
             return None
-        return self._live(part, Series(tsid, index, spec, dimensions, part.number, self.max_fill))
+        return self._live(part, Series(tsid, spec, dimensions, part.number, self.max_fill))
 
     def _stored_series(self, part: Partition, tsid: str) -> Series | None:
         """A series not in memory, loaded from its snapshot; None if its detector is gone."""
@@ -277,7 +277,7 @@ class ScoreStage(CheckpointedStage):
         try:
             snapshot = decode_snapshot(payload)
             series = Series.from_snapshot(
-                snapshot, tsid, index, self.config.detectors[index], part.number, self.max_fill
+                snapshot, tsid, self.config.detectors[index], part.number, self.max_fill
             )
         except Exception as error:
             # Starting the series afresh would silently send it back to LEARNING.

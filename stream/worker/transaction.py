@@ -18,7 +18,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from common.kafka_io import consumer_config, producer_config
+from common.kafka_io import consumer_config, produce_when_room, producer_config
 from common.logs import DeadLetterLog, ThrottledLog
 from common.retry import Backoff, RebuildBudget, is_transient, retry
 from stream.config import DetectConfig
@@ -168,12 +168,7 @@ class Stage:
         partition: int = -1,
     ) -> None:
         self.begin()
-        while True:
-            try:
-                self.producer.produce(topic, value, key, partition=partition, headers=headers)
-                return
-            except BufferError:  # local queue full: let librdkafka send, then retry
-                self.producer.poll(0.05)
+        produce_when_room(self.producer, topic, value, key, partition=partition, headers=headers)
 
     def offsets_to_commit(self) -> list[TopicPartition]:
         raise NotImplementedError
