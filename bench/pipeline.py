@@ -12,7 +12,8 @@ interval, aggregation ``last`` so every point is scored exactly once):
 3. latency: points produced at a steady rate; for each, the time from producing it to the result
    it closes being readable by a read_committed consumer (p50, p99);
 4. restore: after a checkpoint, kill -9 of the worker with every series live, restart; times to
-   /readyz and until every series has produced its next result.
+   /readyz and until every series has produced its next result. ``--kill-at-once`` kills right
+   after the latency phase instead, when the replay since the last marker is longest.
 
 Besides: the worker's resident memory per live series (at the kill, over what it held when
 ready), the checkpoint's share of the worker's CPU (time in series snapshots over the worker's
@@ -413,9 +414,10 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
                 latencies.append((arrived - produced_at[(partition_of[name], step)]) * 1000)
         latencies.sort()
 
-        # Restore: once every partition has checkpointed, kill -9 with all series live.
+        # Restore: once every partition has checkpointed, kill -9 with all series live
+        # (--kill-at-once: right after the latency phase, the worst case for the replay).
         deadline = time.monotonic() + args.snapshot_interval + 120
-        while time.monotonic() < deadline:
+        while not args.kill_at_once and time.monotonic() < deadline:
             time.sleep(1.0)
             text = worker.metrics()
             if (metric_value(text, "anomstream_snapshot_age_seconds") == 0
@@ -510,6 +512,7 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         "replayed_records_after_restore": replayed,
         "restore_cpu_s_ready_to_all_scoring": round(restore_cpu_s, 2),
         "snapshot_interval_s": args.snapshot_interval,
+        "killed_at_once": args.kill_at_once,
         # Resident memory of the worker when it was ready (no series yet), at the kill (every
         # series live) and after the restore; per live series: the growth over the ready state.
         "rss_at_ready_mb": round(rss_at_ready / 2**20, 1),
@@ -552,6 +555,9 @@ def main() -> int:
     parser.add_argument("--params", default="{}",
                         help='detector parameters as JSON (default: production defaults)')
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "pipeline.json"))
+    parser.add_argument("--kill-at-once", action="store_true",
+                        help="kill -9 right after the latency phase instead of after a "
+                             "checkpoint (the longest replay)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (worker log)")
     parser.add_argument("--split-stages", action="store_true",
                         help="run the route and score stages as two processes (two cores)")

@@ -105,12 +105,24 @@ class WorkerSettings(_Strict):
     max_live_models: int = Field(default=10_000, ge=1)
     snapshot_interval: DurationMs = Field(default=30_000, ge=0)
     commit_interval: DurationMs = Field(default=100, ge=0)
-    # A checkpoint is spread over transactions, this many series snapshots per commit, so that
-    # snapshotting thousands of series never stalls scoring for seconds.
+    # A checkpoint round is spread over the transactions of the first half of the interval
+    # (paced by time), at least this many series snapshots per commit.
     snapshots_per_commit: int = Field(default=32, ge=1)
+    # A round snapshots a changed series only when that pays: it scored at least
+    # snapshot_min_changes windows since its last snapshot, or its unsaved changes are older
+    # than snapshot_max_age or more than snapshot_max_replay records of its partition back (the
+    # bound of the replay after a kill -9). A partition quiet since its last round is
+    # checkpointed whole.
+    snapshot_min_changes: int = Field(default=50, ge=1)
+    snapshot_max_age: DurationMs = Field(default=3_600_000, ge=0)
+    snapshot_max_replay: int = Field(default=100_000, ge=1)
     # Records per consume call. The score stage scores a batch's windows series by series, so
     # on a backlog a larger batch puts more windows of a series together (a warm forest).
     max_batch: int = Field(default=2000, ge=1)
+    # Closed windows scored before their results are produced; between such slices the
+    # transaction is committed once commit_interval has passed, so the results of a burst of
+    # windows (a partition's stream time closing every series at once) become readable in parts.
+    score_slice_windows: int = Field(default=500, ge=1)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     # Most empty intervals filled (missing, zero or previous) after a series' last record; beyond

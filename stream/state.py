@@ -92,6 +92,7 @@ class Series:
     """One live series: its spec, dimensions, windows and model, and what it last persisted."""
 
     __slots__ = (
+        "changes",
         "detector",
         "dimensions",
         "dirty",
@@ -101,6 +102,7 @@ class Series:
         "source",
         "spec",
         "timeseries_id",
+        "unsaved_from",
         "windows",
     )
 
@@ -122,6 +124,10 @@ class Series:
         )
         self.detector = detector or DETECTORS.create(spec.detector_config(), len(spec.measures))
         self.dirty = False  # changed since its last snapshot
+        # Since its last snapshot: the partition offset of the first record that changed it, and
+        # the windows it scored (what a replay would redo): the checkpoint rounds use both.
+        self.unsaved_from = 0
+        self.changes = 0
         self.record_prefix = b""  # the constant head of its result records, set by the worker
         # Records of its partition below this offset are already in the state (its snapshot is
         # newer than the partition's checkpoint): a replay must not apply them twice.

@@ -115,14 +115,18 @@ class SeriesWindows:
         next empty interval, until ``max_fill`` of them have been filled since its last record.
         """
         interval = self.interval_ms
-        candidates = [start + interval for start in self.open]
+        open_starts = self.open
+        # Called for every record and closed window: no list of candidates.
+        earliest = min(open_starts) + interval if open_starts else None
+        next_start = self.next_start_ms
         if (
-            self.empty is not EmptyIntervals.SKIP
-            and self.next_start_ms is not None
-            and self.next_start_ms < self._fill_horizon()
+            next_start is not None
+            and self.empty is not EmptyIntervals.SKIP
+            and next_start < self._fill_horizon()
+            and (earliest is None or next_start + interval < earliest)
         ):
-            candidates.append(self.next_start_ms + interval)
-        return min(candidates) if candidates else None
+            return next_start + interval
+        return earliest
 
     def _fill_horizon(self) -> int:
         """Empty intervals starting at or after this are not filled: ``max_fill`` past the end of

@@ -5,6 +5,7 @@ replays (docs/decisions/0002-exactly-once.md)."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -40,22 +41,33 @@ log = logging.getLogger("anomstream.worker")
 class Partition:
     """What the score stage holds for one owned repartition partition."""
 
-    __slots__ = ("checkpoint_offset", "checkpointed_at", "clock", "committed", "live",
-                 "next_offset", "number", "round_clock", "round_offset", "round_pending",
-                 "stored")
+    __slots__ = ("checkpoint_offset", "checkpoint_time", "checkpointed_at", "clock",
+                 "clock_points", "committed", "live", "next_offset", "number", "round_clock",
+                 "round_deadline", "round_from", "round_offset", "round_paced_at",
+                 "round_pending", "stored")
 
     def __init__(self, number: int, start: int, committed: int, clock: PartitionClock) -> None:
         self.number = number
         self.clock = clock  # stream time per input partition, after the records below next_offset
         self.next_offset = start  # one past the last record applied
         self.committed = committed  # records below were processed and committed already
-        self.checkpoint_offset = start
-        self.checkpointed_at = time.monotonic()
+        now = time.monotonic()
+        self.checkpoint_offset = start  # the committed marker: a restore replays from here
+        self.checkpoint_time = now  # when the partition was at that offset
+        self.checkpointed_at = now  # when the last round ended
+        # Where the partition was (offset, time, clock) when each round since the marker began:
+        # the offsets a later marker can take, with the clock it must then carry.
+        self.clock_points: list[tuple[int, float, dict[str, Any]]] = [
+            (start, now, clock.to_dict())
+        ]
         self.live: dict[str, Series] = {}
         self.stored: dict[str, bytes] = {}  # snapshots of series not in memory
+        self.round_from = start  # the offset at which the last round began
         self.round_offset: int | None = None  # offset of the checkpoint being written
         self.round_clock: dict[str, Any] = {}  # the clock at that offset
         self.round_pending: list[str] = []  # series still to snapshot in that checkpoint
+        self.round_deadline = 0.0  # the round's snapshots are paced to end by then
+        self.round_paced_at = 0.0  # the last commit that took some of them
 
 
 
@@ -73,6 +85,9 @@ class CheckpointedStage(Stage):
         self.max_fill = config.worker.max_fill_intervals
         self.snapshot_interval_s = config.worker.snapshot_interval_ms / 1000
         self.snapshots_per_commit = config.worker.snapshots_per_commit
+        self.snapshot_min_changes = config.worker.snapshot_min_changes
+        self.snapshot_max_age_s = config.worker.snapshot_max_age / 1000
+        self.snapshot_max_replay = config.worker.snapshot_max_replay
         # A jump of an input's stream time this long is the whole input pausing (PartitionClock).
         self.pause_ms = min(
             (spec.no_data_after for spec in config.detectors if spec.no_data_after), default=None
@@ -83,34 +98,86 @@ class CheckpointedStage(Stage):
     def prepare_commit(self, checkpoint: Iterable[int] = ()) -> None:
         """Snapshot work for this transaction.
 
-        A checkpoint of a partition is spread over several transactions (a round) so that no
-        commit stalls scoring for long: the round fixes its offset X when it starts and lists the
-        series changed so far; each commit snapshots up to ``snapshots_per_commit`` of them (each
-        snapshot carries its own, newer offset, so a replay from X skips what it holds); the
-        marker X is written with the last of them. Revoked partitions are checkpointed at once.
+        Every ``snapshot_interval`` a partition starts a checkpoint round at its next offset.
+        The round picks the changed series whose snapshot pays (``_begin_round``) and spreads
+        them over the commits of the first half of the interval, paced by time (``_quota``), so
+        that no commit stalls scoring for long and a round ends within its interval. Each
+        snapshot carries its own, newer offset, so a replay from the marker skips what it holds.
+        The marker written with the last of them (``_end_round``) is the latest round offset
+        below every change that is still in no snapshot. Revoked partitions are checkpointed
+        whole at once.
         """
         forced = [self.partitions[p] for p in checkpoint if p in self.partitions]
         for part in forced:
             self._checkpoint_now(part)
-        budget = self.snapshots_per_commit
         now = time.monotonic()
         for part in sorted(self.partitions.values(), key=lambda p: p.checkpointed_at):
             if part.round_offset is None:
                 if (part.next_offset <= part.checkpoint_offset
                         or now - part.checkpointed_at < self.snapshot_interval_s):
                     continue
-                part.round_offset = part.next_offset
-                part.round_clock = part.clock.to_dict()
-                part.round_pending = [t for t, series in part.live.items() if series.dirty]
-            while part.round_pending and budget > 0:
+                self._begin_round(part, now)
+            quota = self._quota(part, now)
+            while part.round_pending and quota > 0:
                 series = part.live.get(part.round_pending.pop())
                 # Gone: evicted (its snapshot was written then) or dropped with the partition.
                 if series is not None and series.dirty:
                     self._snapshot(part, series, "checkpoint")
-                    budget -= 1
-            if part.round_pending:
-                return
-            self._mark(part, part.round_offset, part.round_clock)
+                    quota -= 1
+            part.round_paced_at = now
+            if not part.round_pending:
+                self._end_round(part)
+
+    def _begin_round(self, part: Partition, now: float) -> None:
+        """Fix the round's offset and clock and choose the series to snapshot: those with at
+        least ``snapshot_min_changes`` windows scored since their last snapshot, those whose
+        first unsaved change lies before the replay floor (older than ``snapshot_max_age``, or
+        more than ``snapshot_max_replay`` records back), and every changed series of a partition
+        that has been quiet since its last round (quiet time is free)."""
+        offset = part.next_offset
+        quiet = offset == part.round_from
+        part.round_offset = offset
+        part.round_clock = part.clock.to_dict()
+        part.clock_points.append((offset, now, part.round_clock))
+        floor = next(
+            point_offset for point_offset, at, _clock in part.clock_points
+            if now - at <= self.snapshot_max_age_s
+            and offset - point_offset <= self.snapshot_max_replay
+        )
+        min_changes = self.snapshot_min_changes
+        part.round_pending = [
+            tsid for tsid, series in part.live.items()
+            if series.dirty and (quiet or series.changes >= min_changes
+                                 or series.unsaved_from < floor)
+        ]
+        part.round_from = offset
+        part.round_deadline = now + self.snapshot_interval_s / 2
+        part.round_paced_at = now
+
+    def _quota(self, part: Partition, now: float) -> int:
+        """Snapshots for this commit: the round's remaining ones spread evenly over the time
+        left until its deadline (all of them once it has passed)."""
+        pending = len(part.round_pending)
+        elapsed = now - part.round_paced_at
+        left = part.round_deadline - now
+        if left <= elapsed:
+            return pending
+        return max(self.snapshots_per_commit, math.ceil(pending * elapsed / left))
+
+    def _end_round(self, part: Partition) -> None:
+        """Write the marker: the latest round offset at or below the first unsaved change of
+        every series the rounds left out (their records from there on are replayed)."""
+        assert part.round_offset is not None
+        target = min(
+            (series.unsaved_from for series in part.live.values() if series.dirty),
+            default=part.round_offset,
+        )
+        target = min(target, part.round_offset)
+        marker = part.clock_points[0]
+        for point in part.clock_points:
+            if point[0] <= target:
+                marker = point
+        self._mark(part, marker)
 
     def _snapshot(self, part: Partition, series: Series, cause: str) -> bytes:
         began = time.perf_counter()
@@ -118,6 +185,7 @@ class CheckpointedStage(Stage):
         self.produce(self.config.topics.state, payload, series.timeseries_id,
                      partition=part.number)
         series.dirty = False
+        series.changes = 0
         self.metrics.snapshots.labels(cause).inc()
         self.metrics.snapshot_bytes.inc(len(payload))
         self.metrics.snapshot_seconds.observe(time.perf_counter() - began)
@@ -127,12 +195,17 @@ class CheckpointedStage(Stage):
         for series in part.live.values():
             if series.dirty:
                 self._snapshot(part, series, "checkpoint")
-        self._mark(part, part.next_offset, part.clock.to_dict())
+        part.round_from = part.next_offset
+        self._mark(part, (part.next_offset, time.monotonic(), part.clock.to_dict()))
 
-    def _mark(self, part: Partition, offset: int, clock: dict[str, Any]) -> None:
-        self.produce(self.config.topics.state, encode_checkpoint(offset, clock), CHECKPOINT_KEY,
-                     partition=part.number)
-        part.checkpoint_offset = offset
+    def _mark(self, part: Partition, point: tuple[int, float, dict[str, Any]]) -> None:
+        offset, at, clock = point
+        if offset > part.checkpoint_offset:
+            self.produce(self.config.topics.state, encode_checkpoint(offset, clock),
+                         CHECKPOINT_KEY, partition=part.number)
+            part.checkpoint_offset = offset
+            part.checkpoint_time = at
+        part.clock_points = [p for p in part.clock_points if p[0] >= part.checkpoint_offset]
         part.checkpointed_at = time.monotonic()
         part.round_offset = None
         part.round_pending = []

@@ -3,6 +3,7 @@ timeseriesId, so each series has one owner), bad records -> the dead-letter topi
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import threading
@@ -26,6 +27,12 @@ from stream.worker.topics import EVENT
 from stream.worker.transaction import Headers, Stage
 
 log = logging.getLogger("anomstream.worker")
+
+@functools.cache
+def _event_struct(count: int) -> struct.Struct:
+    """A repartitioned record's ``event`` header: event time (``EVENT``), then the values."""
+    return struct.Struct(EVENT.format + "d" * count)
+
 
 class RouteStage(Stage):
     name = "route"
@@ -75,12 +82,15 @@ class RouteStage(Stage):
     def process(self, messages: list[Any]) -> None:
         repartition = self.config.topics.repartition
         detectors = self.router.detectors
+        send = self.producer.produce
         forwarded = 0
         consumed: dict[str, int] = {}
         for message in messages:
             if message.error() is not None:
                 self.consumer_error(message)
                 continue
+            if not self.in_transaction:
+                self.begin()  # once per transaction, not per record
             topic, partition, offset = message.topic(), message.partition(), message.offset()
             value = message.value()
             try:
@@ -96,19 +106,19 @@ class RouteStage(Stage):
                 ("source_offset", str(offset)),
             ]
             for point in points:
-                event = EVENT.pack(point.event_ms) + struct.pack(
-                    f">{len(point.values)}d", *point.values
-                )
-                self.produce(
-                    repartition, value, point.timeseries_id,
-                    [("detector", detectors[point.detector].name), ("event", event), *source],
-                )
+                event = _event_struct(len(point.values)).pack(point.event_ms, *point.values)
+                headers = [("detector", detectors[point.detector].name), ("event", event),
+                           *source]
+                try:
+                    send(repartition, value, point.timeseries_id, headers=headers)
+                except BufferError:  # local queue full: ``produce`` waits for room
+                    self.produce(repartition, value, point.timeseries_id, headers)
             forwarded += len(points)
             if points:
                 self._tick(topic, partition, max(point.event_ms for point in points), source)
             if rejections:
                 first = rejections[0]
-                headers: Headers = [
+                headers = [
                     ("reason", first.reason),
                     ("detail", "; ".join(r.detail for r in rejections)),
                     *source,
@@ -118,7 +128,6 @@ class RouteStage(Stage):
                 self.produce(self.config.topics.dead_letter, value, message.key(), headers)
                 self.metrics.dead_letters.labels(first.reason).inc()
                 self.dead_letter_log.count(first.reason)
-            self.begin()
             self.offsets[(topic, partition)] = offset + 1
             consumed[topic] = consumed.get(topic, 0) + 1
         self._forwarded.inc(forwarded)

@@ -3,6 +3,7 @@ result record (``contract.records``), produced in the order the batch closed the
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import threading
@@ -81,7 +82,9 @@ class ScoreStage(CheckpointedStage):
         # Closed windows not yet scored, by series, and what the batch produces, in order:
         # result records (their windows) and dead letters.
         self._due: dict[Series, list[_Due]] = {}
+        self._due_windows = 0  # windows in _due
         self._outbox: list[_Due | _Output] = []
+        self.slice_windows = config.worker.score_slice_windows
 
     # -- processing ---------------------------------------------------------------------------
 
@@ -96,6 +99,7 @@ class ScoreStage(CheckpointedStage):
         """
         consumed = False
         ticks = 0
+        slice_windows = self.slice_windows
         for message in messages:
             if message.error() is not None:
                 self.consumer_error(message)
@@ -118,6 +122,13 @@ class ScoreStage(CheckpointedStage):
             # a function of the partition's records, so a replay closes the same windows.
             self._advance_clock(part, source, event_ms, message, headers, live_output)
             part.next_offset = offset + 1
+            if self._due_windows >= slice_windows:
+                # A slice: its results go out, and are committed (with the offsets up to this
+                # record, whose windows are all scored) once the commit interval has passed.
+                self._flush()
+                if (self.in_transaction and time.monotonic() - self.transaction_began
+                        >= self.commit_interval_s and not self.commit()):
+                    break  # aborted and rewound: the rest of the batch is fetched again
         self._flush()
         if not self.in_transaction and any(
             p.next_offset > p.committed for p in self.partitions.values()
@@ -137,14 +148,16 @@ class ScoreStage(CheckpointedStage):
         series = self._series(part, tsid, headers, message.value(), live_output)
         if series is None or message.offset() < series.skip_below:
             return
-        values = struct.unpack_from(f">{len(series.spec.measures)}d", event, 8)
+        values = _values_struct(len(series.spec.measures)).unpack_from(event, 8)
         try:
             closed = series.windows.add(event_ms, values)
         except LateRecord as late:
             if live_output:
                 self._dead_letter(message, headers, LATE, str(late))
             return
-        series.dirty = True
+        if not series.dirty:
+            series.dirty = True
+            series.unsaved_from = message.offset()
         series.source = source
         self._closed(part, series, closed, message, headers, live_output)
 
@@ -160,7 +173,9 @@ class ScoreStage(CheckpointedStage):
             if series is None:  # its detector was removed from the configuration
                 continue
             closed = series.windows.advance(clock.times[source] - series.spec.delay_ms)
-            series.dirty = True
+            if not series.dirty:
+                series.dirty = True
+                series.unsaved_from = message.offset()
             self._closed(part, series, closed, message, headers, live_output)
 
     def _closed(
@@ -170,16 +185,21 @@ class ScoreStage(CheckpointedStage):
         """Queue the windows that closed for scoring; schedule the series' next close."""
         spec = series.spec
         if closed:
+            series.changes += len(closed)
+            self._due_windows += len(closed)
             no_data_after = spec.no_data_after
-            since = part.clock.silent_since
-            due = [
-                _Due(
-                    series, window, message, headers,
-                    no_data_after is not None and window.records == 0
-                    and window.end_ms - since(series.source, window.last_data_ms) >= no_data_after,
-                )
-                for window in closed
-            ]
+            if no_data_after is None:
+                due = [_Due(series, window, message, headers, False) for window in closed]
+            else:
+                since = part.clock.silent_since
+                due = [
+                    _Due(
+                        series, window, message, headers,
+                        window.records == 0 and window.end_ms
+                        - since(series.source, window.last_data_ms) >= no_data_after,
+                    )
+                    for window in closed
+                ]
             pending = self._due.get(series)
             if pending is None:
                 self._due[series] = due
@@ -217,23 +237,32 @@ class ScoreStage(CheckpointedStage):
                 scored += 1
             self._windows[series.spec.name].inc(len(windows))
         self._due.clear()
+        self._due_windows = 0
+        if self._outbox:
+            self.begin()  # once for the batch, not per record
         output = self.config.topics.output
-        produce = self.produce
+        send = self.producer.produce
+        anomalies: dict[str, int] = {}
         for entry in self._outbox:
             if isinstance(entry, tuple):  # a dead letter
-                produce(*entry)
+                self.produce(*entry)
             elif entry.result is not None:
                 series = entry.series
-                produce(output,
-                        _result_record(series, entry.window, entry.result, entry.no_data),
-                        series.timeseries_id)
+                value = _result_record(series, entry.window, entry.result, entry.no_data)
+                try:
+                    send(output, value, series.timeseries_id)
+                except BufferError:  # local queue full: ``produce`` waits for room
+                    self.produce(output, value, series.timeseries_id)
                 if entry.result.anomaly_decision:
-                    self._anomalies[series.spec.name].inc()
+                    name = series.spec.name
+                    anomalies[name] = anomalies.get(name, 0) + 1
             else:
-                produce(*self._dead_letter_args(entry.message.value(), entry.headers,
-                                                UNEXPECTED, entry.error or ""))
+                self.produce(*self._dead_letter_args(entry.message.value(), entry.headers,
+                                                     UNEXPECTED, entry.error or ""))
         self._outbox.clear()
         self._results.inc(scored)
+        for name, count in anomalies.items():
+            self._anomalies[name].inc(count)
 
     def _series(
         self, part: Partition, tsid: str, headers: Headers, value: bytes | None,
@@ -343,7 +372,7 @@ class ScoreStage(CheckpointedStage):
         self.metrics.stored_series.set(sum(len(p.stored) for p in self.partitions.values()))
         # How old the state a restore would start from is: 0 when the checkpoint is current.
         self.metrics.snapshot_age.set(
-            max((now - p.checkpointed_at for p in unsaved), default=0.0)
+            max((now - p.checkpoint_time for p in unsaved), default=0.0)
         )
 
     # -- rebalances ----------------------------------------------------------------------------
@@ -351,7 +380,14 @@ class ScoreStage(CheckpointedStage):
     def forget(self) -> None:
         self._drop(list(self.partitions))
         self._due.clear()
+        self._due_windows = 0
         self._outbox.clear()
+
+
+@functools.cache
+def _values_struct(count: int) -> struct.Struct:
+    """The packed values of a repartitioned record (after its event time)."""
+    return struct.Struct(f">{count}d")
 
 
 def _record_prefix(series: Series) -> bytes:

@@ -187,7 +187,7 @@ class Stage:
         """Drop everything held for the assignment, as when partitions are lost."""
         raise NotImplementedError
 
-    def commit(self, checkpoint: Iterable[int] = ()) -> None:
+    def commit(self, checkpoint: Iterable[int] = ()) -> bool:
         """Commit the open transaction: what the batches since the last commit produced and the
         offsets they consumed become visible together, or not at all.
 
@@ -206,12 +206,14 @@ class Stage:
            for both ``run`` replaces the clients and restores.
         6. After success: count it and let the stage record its committed offsets
            (``committed``).
+
+        Returns False when the transaction was aborted (and the state rewound), else True.
         """
         # 1. Last writes of the transaction (snapshots, checkpoint markers).
         self.prepare_commit(checkpoint)
         # 2. No transaction open: nothing to commit.
         if not self.in_transaction:
-            return
+            return True
         offsets = self.offsets_to_commit()
         began = time.perf_counter()
         # The broker aborts a transaction older than transaction.timeout.ms on its own, so
@@ -258,13 +260,14 @@ class Stage:
             self.in_transaction = False
             self.metrics.transactions.labels(self.name, "aborted").inc()
             self.aborted()
-            return
+            return False
         # 6. Committed: the stage's own bookkeeping follows.
         self.in_transaction = False
         self.last_progress = time.monotonic()
         self.metrics.commit_seconds.labels(self.name).observe(time.perf_counter() - began)
         self.metrics.transactions.labels(self.name, "committed").inc()
         self.committed(offsets)
+        return True
 
     def _abort(self) -> None:
         producer = self.producer
