@@ -105,6 +105,7 @@ class DemoOptions:
     workdir: Path
     bootstrap: str | None = None
     duration: float | None = None
+    start: float | None = None  # epoch seconds of the first point; None: end at the wall time
     seed: int = 0
     points: int = 3000
     speed: float = 600.0
@@ -577,7 +578,10 @@ class Demo:
         # One clock for both feeds, set so that the last point's time is the wall time at which
         # the replay reaches it.
         span = options.points * INTERVAL_SECONDS
-        start = format_time((time.time() + span / options.speed - span) // 60 * 60)
+        first = options.start
+        if first is None:
+            first = (time.time() + span / options.speed - span) // 60 * 60
+        start = format_time(first)
         for feed, topic, sizing in (
             ("market", topics.market, ["--instruments", str(options.instruments)]),
             ("ops", topics.ops, ["--hosts", str(options.hosts)]),

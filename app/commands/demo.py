@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=600.0,
         help="replay speed: seconds of data per second (default: 600, ten 60 s points a second)",
     )
+    parser.add_argument(
+        "--start",
+        metavar="ISO",
+        help="time of the feeds' first point, ISO-8601 (default: so that the replay reaches the "
+        "current time as it ends); the feeds' values depend on the time of day",
+    )
     parser.add_argument("--instruments", type=int, default=4, help="market instruments (4)")
     parser.add_argument("--hosts", type=int, default=2, help="ops GPU hosts (2)")
     parser.add_argument("--workers", type=int, default=2, help="detection workers (2)")
@@ -62,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     from app.cli import CliError
     from app.demo import Demo, DemoError, DemoOptions, serve_webhook, summary
+    from contract.records import parse_time
 
     if args.action == "webhook":
         try:
@@ -85,8 +92,15 @@ def run(args: argparse.Namespace) -> int:
     if security != PLAINTEXT and not args.bootstrap:
         raise CliError("the security flags go with --bootstrap: the demo's own broker is "
                        "PLAINTEXT")
+    start = None
+    if args.start is not None:
+        try:
+            start = parse_time(args.start).timestamp()
+        except ValueError as error:
+            raise CliError(f"--start {args.start!r}: {error}") from None
     options = DemoOptions(
         workdir=args.workdir,
+        start=start,
         bootstrap=args.bootstrap,
         duration=args.duration,
         seed=args.seed,
