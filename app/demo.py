@@ -21,6 +21,7 @@ summary line counts pages per kind of injected anomaly against the labels (``inc
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -803,6 +804,19 @@ def notified(title: str, body: str) -> list[Notified]:
     return found
 
 
+def _open_at(items: list[Notified], moment: float) -> bool:
+    """Whether one series' alert messages show an incident paged before ``moment`` and not
+    resolved before it."""
+    resolved: dict[float, float] = {}
+    for n in items:
+        if n.kind == "RESOLVED":
+            resolved[n.incident_start] = min(n.start, resolved.get(n.incident_start, math.inf))
+    return any(
+        n.kind == "FIRING" and n.start < moment <= resolved.get(n.incident_start, math.inf)
+        for n in items
+    )
+
+
 def incident_report(
     labels: list[dict[str, Any]], messages: list[dict[str, str]], run_end: float
 ) -> tuple[dict[str, KindTally], int]:
@@ -839,16 +853,7 @@ def incident_report(
             items = by_series.get(series_id, [])
             if any(n.kind == "FIRING" and first <= n.start <= last + grace for n in items):
                 tally.paged += 1
-            elif any(
-                n.kind == "FIRING"
-                and n.start < first
-                and not any(
-                    r.kind == "RESOLVED" and r.start < first
-                    for r in items
-                    if r.incident_start == n.incident_start
-                )
-                for n in items
-            ):
+            elif _open_at(items, first):
                 tally.in_open_incident += 1
             elif first > run_end - TOO_LATE_INTERVALS * INTERVAL_SECONDS:
                 tally.too_late += 1

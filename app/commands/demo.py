@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     from app.cli import CliError
     from app.demo import Demo, DemoError, DemoOptions, serve_webhook, summary
-    from contract.records import parse_time
+    from app.generators.common import parse_start
 
     if args.action == "webhook":
         try:
@@ -95,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
     start = None
     if args.start is not None:
         try:
-            start = parse_time(args.start).timestamp()
+            start = parse_start(args.start)
         except ValueError as error:
-            raise CliError(f"--start {args.start!r}: {error}") from None
+            raise CliError(f"--start: {error}") from None
     options = DemoOptions(
         workdir=args.workdir,
         start=start,
