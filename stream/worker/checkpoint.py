@@ -42,8 +42,8 @@ class Partition:
     """What the score stage holds for one owned repartition partition."""
 
     __slots__ = ("checkpoint_offset", "checkpoint_time", "checkpointed_at", "clock",
-                 "clock_points", "committed", "live", "next_offset", "number", "round_clock",
-                 "round_deadline", "round_from", "round_offset", "round_paced_at",
+                 "clock_points", "committed", "live", "next_offset", "number", "replay_end",
+                 "round_clock", "round_deadline", "round_from", "round_offset", "round_paced_at",
                  "round_pending", "stored")
 
     def __init__(self, number: int, start: int, committed: int, clock: PartitionClock) -> None:
@@ -51,6 +51,8 @@ class Partition:
         self.clock = clock  # stream time per input partition, after the records below next_offset
         self.next_offset = start  # one past the last record applied
         self.committed = committed  # records below were processed and committed already
+        # Records below were replayed on this restore: what the next restore would replay again.
+        self.replay_end = committed
         now = time.monotonic()
         self.checkpoint_offset = start  # the committed marker: a restore replays from here
         self.checkpoint_time = now  # when the partition was at that offset
@@ -132,8 +134,11 @@ class CheckpointedStage(Stage):
         """Fix the round's offset and clock and choose the series to snapshot: those with at
         least ``snapshot_min_changes`` windows scored since their last snapshot, those whose
         first unsaved change lies before the replay floor (older than ``snapshot_max_age``, or
-        more than ``snapshot_max_replay`` records back), and every changed series of a partition
-        that has been quiet since its last round (quiet time is free)."""
+        more than ``snapshot_max_replay`` records back) or among the records replayed on this
+        restore (so that each restart that lives through one round moves the marker past what
+        it replayed: a worker restarted again and again does not replay ever more), and every
+        changed series of a partition that has been quiet since its last round (quiet time is
+        free)."""
         offset = part.next_offset
         quiet = offset == part.round_from
         part.round_offset = offset
@@ -144,6 +149,7 @@ class CheckpointedStage(Stage):
             if now - at <= self.snapshot_max_age_s
             and offset - point_offset <= self.snapshot_max_replay
         )
+        floor = max(floor, part.replay_end)
         min_changes = self.snapshot_min_changes
         part.round_pending = [
             tsid for tsid, series in part.live.items()
