@@ -6,7 +6,11 @@ this large has been: its *surprise*, ``-log10`` of the tail probability. Three k
 
 1. the forest's raw score, smoothed over the last ``score_window`` points;
 2. each variable's distance from its expected value (the frozen pre-incident expectation while
-   an incident lasts, so a stuck sensor keeps its distance);
+   an incident lasts, so a stuck sensor keeps its distance), judged twice: as it is, and in
+   units of the series' recent volatility, each against its own tail; its surprise is the mean
+   of the two. Where the volatility does not move the two agree; a move that is routine in a
+   volatile stretch (a busy market hour, a burst of bursts) counts for less, and one out of
+   line with a calm stretch for more (docs/decisions/0010);
 3. each variable's run of unchanged values, on a series that normally changes at every point,
    judged against the runs this series has made (a frozen price, a stuck sensor).
 
@@ -35,6 +39,9 @@ _LN10 = math.log(10.0)
 _MAX_SHAPE = 0.25  # heavier tails than this are not told apart by a moment estimate
 _REFIT = 8  # a tail's fit is refreshed every this many values (its moments move slowly)
 _CHANGING = 0.05  # a series whose points repeat more often than this cannot be stale
+# Recent volatility: the mean absolute deviation of about the last 50 points.
+_VOLATILITY_RATE = 0.02
+_TINY = 1e-12
 _AFTERGLOW = 0.7  # the surprise fades by this factor a point once its evidence is gone
 
 
@@ -217,7 +224,9 @@ class Calibrator:
         "_glow",
         "_last_deviations",
         "_look_elsewhere",
+        "_relative_tails",
         "_repeats",
+        "_volatility",
         "_window",
         "config",
         "stale",
@@ -228,6 +237,8 @@ class Calibrator:
         self._window: list[float] = []
         self._glow = 0.0  # the last point's surprise
         self._last_deviations = [0.0] * dimensions
+        self._volatility = [0.0] * dimensions
+        self._relative_tails = [Tail() for _ in range(dimensions)]
         self._forest_tail = Tail()
         self._deviation_tails = [Tail() for _ in range(dimensions)]
         self._repeats = [_Repeats() for _ in range(dimensions)]
@@ -287,13 +298,28 @@ class Calibrator:
                 if before < judged:
                     judged = before
             recent[index] = latest
+            floor = noise_floor * abs(expected[index])
+            # The same deviation in units of the recent volatility (of the points before this
+            # one, so that a jump does not excuse itself), against its own tail.
+            volatility = self._volatility[index]
+            unit = volatility if volatility > floor else floor
+            if unit <= 0.0:
+                unit = _TINY
+            relative_tail = self._relative_tails[index]
             if armed and tail.count >= p.score_warmup:
-                found = tail.surprise(judged, noise_floor * abs(expected[index]))
+                found = tail.surprise(judged, floor)
+                relative = relative_tail.surprise(judged / unit, floor / unit)
+                found = 0.5 * (found + relative)
                 found -= self._look_elsewhere
                 if found > surprise:
                     surprise = found
             if learn:
                 tail.learn(deviation, decay, clip)
+                relative_tail.learn(deviation / unit, decay, clip)
+                self._volatility[index] = (
+                    volatility + _VOLATILITY_RATE * (latest - volatility) if volatility
+                    else latest
+                )
         stale = 0.0
         for repeats, value in zip(self._repeats, values, strict=True):
             found = repeats.surprise(value, armed, decay, clip, p.rarity) - self._look_elsewhere
@@ -323,6 +349,8 @@ class Calibrator:
             "window": self._window,
             "glow": self._glow,
             "recent": self._last_deviations,
+            "volatility": self._volatility,
+            "relative": [t.to_state() for t in self._relative_tails],
             "forest": self._forest_tail.to_state(),
             "deviations": [t.to_state() for t in self._deviation_tails],
             "repeats": [r.to_state() for r in self._repeats],
@@ -334,10 +362,11 @@ class Calibrator:
         calibrator._window = list(state["window"])
         calibrator._glow = state["glow"]
         calibrator._last_deviations = list(state["recent"])
+        calibrator._volatility = list(state["volatility"])
         calibrator._forest_tail = Tail.from_state(state["forest"])
         calibrator._deviation_tails = [Tail.from_state(t) for t in state["deviations"]]
+        calibrator._relative_tails = [Tail.from_state(t) for t in state["relative"]]
         calibrator._repeats = [_Repeats.from_state(r) for r in state["repeats"]]
         dimensions = len(calibrator._repeats)
         calibrator._look_elsewhere = math.log10(dimensions) if dimensions > 1 else 0.0
-
         return calibrator

@@ -26,7 +26,7 @@ class DetectorConfig:
     seasonal_days: int = 8
     # Calibration (see detectors/calibration.py): a score of 70 means the point's evidence is
     # as rare, on this series' own history, as one point in 10 ** rarity.
-    rarity: float = 2.9
+    rarity: float = 2.8
     score_window: int = 3
     score_decay: float = 0.001
     score_warmup: int = 150

@@ -14,6 +14,11 @@ unchanged, so no series goes back to LEARNING. Format 3 (the first release) to 4
 Format 4 to 5 changes the encoding only (zstd instead of zlib, the daily references' buffers
 beside the JSON state instead of in it as hex; ``detectors.rcf``): the buffers become bytes.
 
+Format 5 to 6 judges each deviation also in units of the recent volatility (a second tail per
+variable, ``detectors.calibration``). The recent volatility starts as the deviation tail's
+long-run mean and the new tail as the deviation tail in those units, so both judge from the
+first point on, and alike until the volatility moves.
+
 >>> state = upgrade_state({"dimensions": 1, "steps": [60.0, 60.0], "fits": [[2.0, 3.0]],
 ...     "last_values": [5.0], "calibrator": {"window": [0.7], "stat": [0.7, 0.01, 500]}}, 3)
 >>> state["step"], state["scales"], state["calibrator"]["forest"][:2]
@@ -30,12 +35,42 @@ _HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)
 
 
 def upgrade_state(state: dict[str, Any], version: int) -> dict[str, Any]:
-    """The state of a format-``version`` snapshot in the current format (5)."""
+    """The state of a format-``version`` snapshot in the current format (6)."""
     if version == 3:
         state = _from_3(state)
     if version <= 4:
         state = _from_4(state)
+    if version <= 5:
+        state = _from_5(state)
     return state
+
+
+def _from_5(state: dict[str, Any]) -> dict[str, Any]:
+    """Relative deviation tails from the deviation tails.
+
+    >>> state = _from_5({"calibrator": {"deviations": [
+    ...     [400, 2.0, 0.4, 3.0, 18.0, 0.1, 0.4, 40.0]]}})
+    >>> state["calibrator"]["volatility"]
+    [2.0]
+    >>> state["calibrator"]["relative"]
+    [[400, 1.0, 0.4, 1.5, 4.5, 0.1, 0.4, 20.0]]
+    """
+    calibrator = dict(state["calibrator"])
+    volatility, relative = [], []
+    for tail in calibrator["deviations"]:
+        count, mean, over, size, shape_moment, *fit = tail
+        volatility.append(mean)
+        if mean > 0.0:
+            scaled = [count, 1.0, over, size / mean, shape_moment / (mean * mean)]
+            if fit:
+                shape, base, limit = fit
+                scaled += [shape, base, limit / mean]
+            relative.append(scaled)
+        else:  # nothing learned yet: the new tail learns with it
+            relative.append(list(tail))
+    calibrator["volatility"] = volatility
+    calibrator["relative"] = relative
+    return {**state, "calibrator": calibrator}
 
 
 def _from_4(state: dict[str, Any]) -> dict[str, Any]:

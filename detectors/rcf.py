@@ -33,9 +33,10 @@ if sys.version_info >= (3, 14):
 else:
     from backports import zstd
 
-SNAPSHOT_VERSION = 5
+SNAPSHOT_VERSION = 6
 _SNAPSHOT_MAGIC = b"ASD"
-# Format 5: zstd over [state JSON length, seasonal buffers length] + state JSON + the seasonal
+# Formats 5 and 6 (6 adds the relative deviation tails to the state): zstd over [state JSON
+# length, seasonal buffers length] + state JSON + the seasonal
 # buffers (float32) + the forest (krcf msgpack). zstd level 1 compresses a forest as well as zlib
 # level 6 did (formats 3 and 4) at a twentieth of the time; a worker snapshots every changed
 # series once per checkpoint interval, so this is most of a checkpoint's CPU.
@@ -438,7 +439,7 @@ def _read_snapshot(data: bytes) -> tuple[dict[str, Any], bytes]:
         offset += size
     if offset != buffers_length:
         raise ValueError("a detector snapshot's seasonal buffers do not match their sizes")
-    return state, body[start + buffers_length :]
+    return upgrade_state(state, version), body[start + buffers_length :]
 
 
 def _snapshot_version(data: bytes) -> int:

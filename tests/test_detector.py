@@ -283,42 +283,73 @@ def test_a_snapshot_of_the_previous_release_restores_without_relearning(name: st
     assert again.update(after, points[0]) == detector.update(after, points[0])
 
 
-def test_a_format_4_snapshot_continues_exactly_as_the_release_that_wrote_it() -> None:
-    """tests/data/detector-v4-univariate.snapshot: a 5-minute daily series 700 points in (its
-    daily reference in use), written by the release before format 5; the .next.json beside it
-    holds what that release's detector returned for the next 60 points (a +40 at the 31st)."""
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_format_4_or_5_snapshot_continues_as_the_release_that_wrote_it(version: int) -> None:
+    """tests/data/detector-v<version>-univariate.snapshot: a 5-minute daily series 700 points in
+    (its daily reference in use), written by the releases before format 5 and before format 6;
+    the .next.json beside each holds what that release's detector returned for the next 60
+    points (a +40 at the 31st). The forest, the daily reference and the confidence carry over
+    exactly; the calibration is format 6's (a relative deviation tail made from the deviation
+    tail), and it reports what that release reported."""
     data = Path(__file__).parent / "data"
-    detector = RcfDetector.from_bytes((data / "detector-v4-univariate.snapshot").read_bytes())
+    snapshot = (data / f"detector-v{version}-univariate.snapshot").read_bytes()
+    detector = RcfDetector.from_bytes(snapshot)
+    assert detector.model_stage is ModelStage.INFERENCE
     written: list[list[float]] = json.loads(
-        (data / "detector-v4-univariate.next.json").read_text()
+        (data / f"detector-v{version}-univariate.next.json").read_text()
     )
     start = 1_700_000_000
 
     def value(t: int) -> float:
         return 50 + 10 * math.sin(2 * math.pi * t / 288) + (t * 7 % 5) + (40.0 if t == 730 else 0)
 
-    resaved = RcfDetector.from_bytes(detector.to_bytes())  # format 5 from here on
-    for k, expected in enumerate(written):
+    resaved = RcfDetector.from_bytes(detector.to_bytes())  # format 6 from here on
+    reported = []
+    for k, (_score, raw, expected, confidence_then, _decision) in enumerate(written):
         t = 700 + k
         result = detector.update(start + 300.0 * t, value(t))
-        assert [result.anomaly_score, result.raw_score, result.expected_values[0],
-                result.confidence, result.anomaly_decision] == expected
+        assert (result.raw_score, result.confidence) == (raw, confidence_then)
+        if t < 730:
+            assert result.expected_values[0] == expected
+        if result.anomaly_decision:
+            reported.append(t)
         assert resaved.update(start + 300.0 * t, value(t)) == result
-    assert sum(row[4] for row in written) >= 1  # the +40 was reported
+    written_reports = [700 + k for k, row in enumerate(written) if row[4]]
+    assert written_reports[0] == reported[0] == 730  # the +40, and nothing before it
+    assert max(reported) < 735  # the incident ends within a few points, as it did
 
 
-def test_snapshot_format_5_keeps_the_daily_buffers_out_of_the_json() -> None:
+def test_snapshot_format_6_keeps_the_daily_buffers_out_of_the_json() -> None:
     """A minute series' 8 days of references travel as float32 bytes, not as hex text."""
     detector = RcfDetector()
     feed(detector, daily_series(2, step=MINUTE), step=MINUTE)
     snapshot = detector.to_bytes()
-    assert snapshot[:4] == b"ASD\x05"
+    assert snapshot[:4] == b"ASD\x06"
     body = zstd.decompress(snapshot[4:])
     header_length, buffers_length = struct.unpack_from(">II", body)
     assert buffers_length == 4 * 1440 * DetectorConfig().seasonal_days
     assert len(body[8 : 8 + header_length]) < 4000  # the JSON state holds no buffer
     restored = RcfDetector.from_bytes(snapshot)
     assert restored.to_bytes() == snapshot
+
+
+def test_a_lasting_volatile_regime_is_reported_at_its_onset_and_then_accepted() -> None:
+    """A calm series (noise 1) turns five times as volatile for good: its first moves are
+    reported, and once the volatility is the series' recent normal its moves are judged in
+    its units and are no longer reported (judged against the long calm alone, tens of them
+    were)."""
+    onsets, later = [], 0
+    for seed in range(4):
+        rng = random.Random(seed)
+        detector = RcfDetector(DetectorConfig(seed=seed))
+        results = [
+            detector.update(60.0 * t, 100 + rng.gauss(0, 5.0 if t >= 2000 else 1.0))
+            for t in range(4000)
+        ]
+        onsets.append(sum(r.anomaly_decision for r in results[2000:2030]))
+        later += sum(r.anomaly_decision for r in results[2030:])
+    assert min(onsets) >= 5, onsets
+    assert later <= 20, later  # of 7,880 points (40 judged against the calm tail alone)
 
 
 def test_no_alarm_on_a_clean_daily_cycle_including_its_first_day() -> None:
