@@ -20,10 +20,18 @@ ready), the checkpoint's share of the worker's CPU (time in series snapshots ove
 CPU time), and with ``--profile`` py-spy profiles of the worker (throughput phase; latency and
 checkpoint phase) summarised by ``bench/profile_summary.py`` into the result.
 
+``--workers N`` measures instead, in the same run and over the same points: one worker, then N
+workers (one process each) in one consumer group, each phase on fresh topics and a fresh group.
+The input is produced before the workers start, in a transaction committed once all are ready;
+points/s runs from that commit to the last result. Per phase: each worker's CPU time and the
+windows it scored, and the cores used by the workers, the broker (when the bench started it),
+the bench's result reader and the rest of the machine over the same interval.
+
 Prints a table and writes ``bench/results/pipeline.json``.
 
     .venv/bin/python bench/pipeline.py                   # starts its own broker
     .venv/bin/python bench/pipeline.py --bootstrap 127.0.0.1:9092 --series 200 --points 50
+    .venv/bin/python bench/pipeline.py --series 10000 --points 50 --workers 2
 """
 
 from __future__ import annotations
@@ -138,10 +146,16 @@ class ResultReader:
         self.consumer.close()
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (all threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class WorkerRun:
     """The worker: one process with both stages, or (``split``) one process per stage."""
 
-    def __init__(self, config: Path, log: Path, split: bool) -> None:
+    def __init__(self, config: Path, log: Path, split: bool, instance_id: str = "bench") -> None:
         self.started = time.perf_counter()
         self.ports: list[int] = []
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -150,7 +164,7 @@ class WorkerRun:
             with log.open("ab") as handle:
                 self.processes.append(subprocess.Popen(
                     [sys.executable, "-m", "app.cli", "detect", "--config", str(config),
-                     "--instance-id", "bench", "--stages", stages, "--metrics-port", str(port),
+                     "--instance-id", instance_id, "--stages", stages, "--metrics-port", str(port),
                      "--log-level", "WARNING"],
                     cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
                     env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -187,11 +201,7 @@ class WorkerRun:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the worker process(es) so far (all threads)."""
-        total = 0.0
-        for process in self.processes:
-            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+        return sum(process_cpu_seconds(process.pid) for process in self.processes)
 
     def metrics(self) -> str:
         texts = []
@@ -538,6 +548,157 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
     }
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine since boot, all cores (/proc/stat)."""
+    jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal; guest time is counted in user already.
+    busy = sum(jiffies[i] for i in (0, 1, 2, 5, 6, 7))
+    idle = jiffies[3] + jiffies[4]
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, idle / tick
+
+
+def produce_gated(bootstrap: str, topic: str, records: list[tuple[str, bytes]],
+                  label: str) -> Producer:
+    """Produce ``records`` in one open transaction; they become readable when it commits.
+
+    The workers read input read_committed: they can join their group and settle before any
+    of it is theirs, and then all start on it at once.
+    """
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
+                         "compression.type": "lz4", "queue.buffering.max.messages": 1_000_000,
+                         "transactional.id": f"bench-gate-{uuid.uuid4().hex[:8]}",
+                         # Producing and the workers' start fit well within it.
+                         "transaction.timeout.ms": 600_000})
+    producer.init_transactions(60)
+    producer.begin_transaction()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(label, total=len(records))
+        for i, (key, value) in enumerate(records):
+            producer.produce(topic, value, key)
+            if i % 5000 == 0:
+                producer.poll(0)
+                progress.update(task, completed=i)
+        producer.flush(60)
+    return producer
+
+
+def workers_phase(
+    bootstrap: str, workdir: Path, args: argparse.Namespace, n: int,
+    records: list[tuple[str, bytes]], broker_pid: int | None,
+) -> dict[str, Any]:
+    """``n`` workers (one process each, both stages) in one group, on fresh topics.
+
+    The input is on the broker before the workers start, in a transaction committed once all
+    of them are ready: no worker starts on every partition before the others have joined, and
+    the time runs from the commit to the last result. Besides the workers' CPU, the broker's,
+    this process's (the result reader) and the rest of the machine's over the same interval
+    show how much of the cores the workers had.
+    """
+    params: dict[str, Any] = json.loads(args.params)
+    config_path, input_topic, topics = pipeline_setup(
+        bootstrap, workdir, args, params, args.series)
+    gate = produce_gated(bootstrap, input_topic, records, f"producing the input of {n} worker(s)")
+    reader = ResultReader(bootstrap, topics["output"])
+    workers = [WorkerRun(config_path, workdir / f"workers{n}-{i}.log", False,
+                         instance_id=f"bench-{i}") for i in range(n)]
+    try:
+        for worker in workers:
+            worker.wait_ready()
+        load_before = os.getloadavg()
+        cpu_before = [worker.cpu_seconds() for worker in workers]
+        broker_before = process_cpu_seconds(broker_pid) if broker_pid else 0.0
+        bench_before = time.process_time()
+        busy_before, idle_before = machine_cpu_seconds()
+        began = time.perf_counter()
+        gate.commit_transaction(60)
+        expected = args.series * (args.points - 1)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"{n} worker(s)", total=expected)
+            deadline = time.monotonic() + 1800
+            while reader.count < expected and time.monotonic() < deadline:
+                progress.update(task, completed=reader.count)
+                time.sleep(0.1)
+        reader.wait_count(expected, 10)
+        wall_s = reader.last_at - began
+        cpu = [worker.cpu_seconds() - at for worker, at in zip(workers, cpu_before, strict=True)]
+        broker_s = process_cpu_seconds(broker_pid) - broker_before if broker_pid else None
+        bench_s = time.process_time() - bench_before
+        busy_after, idle_after = machine_cpu_seconds()
+        load_after = os.getloadavg()
+        texts = [worker.metrics() for worker in workers]
+    finally:
+        for worker in workers:
+            worker.stop()
+        reader.close()
+    others_s = (busy_after - busy_before) - sum(cpu) - (broker_s or 0.0) - bench_s
+    return {
+        "workers": n,
+        "points": expected,
+        "wall_s": round(wall_s, 2),
+        "points_per_s": round(expected / wall_s, 1),
+        "worker_cpu_s": [round(c, 2) for c in cpu],
+        "worker_cpu_us_per_point": round(1e6 * sum(cpu) / expected, 1),
+        # How evenly the group split the series: windows each worker scored.
+        "windows_scored_per_worker": [int(metric_value(text, "anomstream_windows_closed_total"))
+                                      for text in texts],
+        # Cores (CPU seconds per second of the interval) each party used; the CPU times are
+        # read up to the poll after the last result, a tenth of a second at most past it.
+        "cores_workers": round(sum(cpu) / wall_s, 2),
+        "cores_broker": round(broker_s / wall_s, 2) if broker_s is not None else None,
+        "cores_bench_reader": round(bench_s / wall_s, 2),
+        "cores_others": round(others_s / wall_s, 2),
+        "cores_idle": round((idle_after - idle_before) / wall_s, 2),
+        "broker_cpu_s": round(broker_s, 2) if broker_s is not None else None,
+        "load_average_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+    }
+
+
+def print_phases(phases: list[dict[str, Any]]) -> None:
+    table = Table(title="one worker against several, same input")
+    table.add_column("measure")
+    for phase in phases:
+        table.add_column(f"{phase['workers']} worker(s)", justify="right")
+    for key in phases[0]:
+        table.add_row(key, *(str(phase[key]) for phase in phases))
+    console.print(table)
+
+
+def run_workers(
+    args: argparse.Namespace, bootstrap: str, workdir: Path, broker_pid: int | None
+) -> dict[str, Any]:
+    """One worker, then ``--workers`` in one group, over the same points, each phase on fresh
+    topics and a fresh group (nothing of the first phase's state is reused by the second)."""
+    params: dict[str, Any] = json.loads(args.params)
+    names = [f"s{i:04d}" for i in range(args.series)]
+    values = series_values(args.series, args.points)
+    bulk = [(names[s], record(names[s], step, float(values[s, step])))
+            for step in range(args.points) for s in range(args.series)]
+    warm_broker(bootstrap, workdir, args, params)
+    phases = []
+    for n in (1, args.workers):
+        console.print(f"{n} worker(s): {args.series} series x {args.points} points ...")
+        phases.append(workers_phase(bootstrap, workdir, args, n, bulk, broker_pid))
+    one, many = phases
+    print_phases(phases)
+    return {
+        "series": args.series,
+        "points_per_series": args.points,
+        "partitions": PARTITIONS,
+        "detector_params": params,
+        "phases": {f"workers_{phase['workers']}": phase for phase in phases},
+        "speedup_points_per_s": round(many["points_per_s"] / one["points_per_s"], 3),
+        # points/s = workers' cores / CPU per point, so the speedup is the product of these two:
+        # how many more cores the workers got, and how much CPU a point cost more or less.
+        "worker_cores_ratio": round(many["cores_workers"] / one["cores_workers"], 3),
+        "cpu_per_point_efficiency": round(
+            one["worker_cpu_us_per_point"] / many["worker_cpu_us_per_point"], 3),
+        "broker_measured": broker_pid is not None,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", help="use this broker instead of starting one")
@@ -563,16 +724,26 @@ def main() -> int:
                         help="run the route and score stages as two processes (two cores)")
     parser.add_argument("--profile", metavar="DIR",
                         help="py-spy the worker; collapsed stacks and summaries go to DIR")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="instead of the phases above: points/s of one worker, then of N "
+                             "in one group, over the same input (N must divide the "
+                             f"{PARTITIONS} partitions)")
     args = parser.parse_args()
+    if args.workers and (args.workers < 2 or PARTITIONS % args.workers):
+        # An uneven split would measure the partition layout, not the workers.
+        parser.error(f"--workers must be 2 or more and divide {PARTITIONS}")
     tmp = tempfile.mkdtemp(prefix="bench-pipeline-")
     try:
         workdir = Path(tmp)
         console.print(f"work dir {workdir}")
         if args.bootstrap:
-            result = run(args, args.bootstrap, workdir)
+            # Another broker's pid is not ours to guess: its CPU is left out.
+            result = (run_workers(args, args.bootstrap, workdir, None) if args.workers
+                      else run(args, args.bootstrap, workdir))
         else:
             with LocalKafka(workdir / "kafka", port=free_port(), controller_port=free_port()) as k:
-                result = run(args, k.bootstrap, workdir)
+                result = (run_workers(args, k.bootstrap, workdir, k.running_pid())
+                          if args.workers else run(args, k.bootstrap, workdir))
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
