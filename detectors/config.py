@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+# What a detector has learned depends on these: a restored detector keeps the values it was
+# made with (a new forest size, sampling, seed, daily history or transform needs a new model).
+LEARNED_PARAMETERS = (
+    "num_trees",
+    "sample_size",
+    "shingle_size",
+    "warmup",
+    "time_decay",
+    "bounding_box_cache_fraction",
+    "seed",
+    "seasonal_days",
+    "transform",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,3 +100,21 @@ class DetectorConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def adopting(self, new: DetectorConfig) -> DetectorConfig:
+        """This configuration with every parameter of ``new`` that a detector can take up
+        without relearning (threshold, margins, calibration), keeping its learned ones.
+
+        >>> saved = DetectorConfig(num_trees=50, threshold=70.0)
+        >>> merged = saved.adopting(DetectorConfig(num_trees=30, threshold=85.0))
+        >>> merged.num_trees, merged.threshold
+        (50, 85.0)
+        >>> saved.learned_differences(DetectorConfig(num_trees=30))
+        ['num_trees']
+        """
+        learned = {name: getattr(self, name) for name in LEARNED_PARAMETERS}
+        return replace(new, **learned)
+
+    def learned_differences(self, other: DetectorConfig) -> list[str]:
+        """The learned parameters in which ``other`` differs from this configuration."""
+        return [name for name in LEARNED_PARAMETERS if getattr(self, name) != getattr(other, name)]

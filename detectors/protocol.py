@@ -37,6 +37,11 @@ class Detector(Protocol):
         missing point, a sequence one value per measure."""
         ...
 
+    @property
+    def config(self) -> DetectorConfig:
+        """The parameters it runs with."""
+        ...
+
     def to_bytes(self) -> bytes:
         """A snapshot from which ``DetectorFactory.restore`` rebuilds the same detector."""
         ...
@@ -47,7 +52,10 @@ class DetectorFactory(Protocol):
 
     def create(self, config: DetectorConfig, dimensions: int) -> Detector: ...
 
-    def restore(self, snapshot: bytes) -> Detector: ...
+    def restore(self, snapshot: bytes, config: DetectorConfig | None = None) -> Detector:
+        """The detector of ``snapshot``; with ``config``, running with its settings where the
+        model allows (``DetectorConfig.adopting``)."""
+        ...
 
 
 class RcfDetectors:
@@ -56,8 +64,8 @@ class RcfDetectors:
     def create(self, config: DetectorConfig, dimensions: int) -> Detector:
         return RcfDetector(config, dimensions)
 
-    def restore(self, snapshot: bytes) -> Detector:
-        return RcfDetector.from_bytes(snapshot)
+    def restore(self, snapshot: bytes, config: DetectorConfig | None = None) -> Detector:
+        return RcfDetector.from_bytes(snapshot, config)
 
 
 DETECTORS: DetectorFactory = RcfDetectors()

@@ -386,10 +386,16 @@ class RcfDetector:
         return _SNAPSHOT_MAGIC + bytes([SNAPSHOT_VERSION]) + compressed
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> RcfDetector:
-        """Restore a snapshot of this release or of an earlier one (``detectors.migration``)."""
+    def from_bytes(cls, data: bytes, config: DetectorConfig | None = None) -> RcfDetector:
+        """Restore a snapshot of this release or of an earlier one (``detectors.migration``).
+
+        With ``config``, the restored detector takes up its threshold, margins and calibration
+        (an operator's new settings), and keeps the parameters its model was learned with
+        (``DetectorConfig.adopting``).
+        """
         state, forest = _read_snapshot(data)
-        detector = cls(DetectorConfig.upgraded(state["config"]), state["dimensions"])
+        saved = DetectorConfig.upgraded(state["config"])
+        detector = cls(saved if config is None else saved.adopting(config), state["dimensions"])
         detector._forest = krcf.RandomCutForest.from_msgpack(forest)
         detector._calibrator = Calibrator.from_state(detector.config, state["calibrator"])
         if state["seasonal"] is not None:

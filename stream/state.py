@@ -155,13 +155,14 @@ class Series:
         partition: int,
         max_fill: int,
     ) -> Series:
+        # The configured threshold, margins and calibration apply to restored series too.
         series = cls(
             timeseries_id,
             spec,
             snapshot.dimensions,
             partition,
             max_fill,
-            DETECTORS.restore(snapshot.model),
+            DETECTORS.restore(snapshot.model, spec.detector_config()),
         )
         series.windows.restore(snapshot.windows)
         series.source = snapshot.source

@@ -398,3 +398,66 @@ def test_route_and_score_stages_in_separate_processes(
     for host in hosts:
         tsid = timeseries_id("cpu", "value", {"host": host})
         assert [r["anomalyScore"] for r in series[tsid]] == pytest.approx(expected[host])
+
+
+def test_restored_series_take_up_a_changed_threshold_and_keep_their_model(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """An operator raises a detector's threshold and its forest size, then restarts the worker:
+    the restored series report by the new threshold at once, keep the forest they learned (and
+    say so once in the log), and none goes back to LEARNING."""
+    hosts = ["p", "q"]
+    input_topic = f"retuned-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka_bootstrap, [input_topic], partitions=2)
+    topics = names("retuned")
+    steps = 400  # the restart at 300; the signal's spike at 351 scores between 70 and 90
+    points = {h: [(i * 1000, signal_value(k, i)) for i in range(steps)]
+              for k, h in enumerate(hosts)}
+    reference = reference_scores(points)
+    assert any(70 <= score < 90 for h in hosts for score in reference[h][300:])  # a test case
+
+    def detector(threshold: float, num_trees: int) -> dict[str, Any]:
+        return {"name": "cpu", "input": input_topic, "measure": "value", "dimensions": ["host"],
+                "aggregation": "last", "interval": "1s", "threshold": threshold,
+                "params": {**SMALL_MODEL, "num_trees": num_trees}}
+
+    def feed(part: slice) -> None:  # in time order, as a live feed comes
+        produce(kafka_bootstrap, input_topic, [
+            point(h, *points[h][i]) for i in range(steps)[part] for h in hosts
+        ])
+
+    path = tmp_path / "detect.yaml"
+    write_config(path, kafka_bootstrap, input_topic=input_topic,
+                 detectors=[detector(70.0, SMALL_MODEL["num_trees"])], **topics)
+    feed(slice(0, 300))
+    first = WorkerProcess(path, "retuned", tmp_path)
+    try:
+        first.wait_ready()
+        wait_for_results(kafka_bootstrap, topics["output"], 2 * 299, 120, [first])
+    finally:
+        assert first.stop() == 0, first.log()
+    write_config(path, kafka_bootstrap, input_topic=input_topic,
+                 detectors=[detector(90.0, SMALL_MODEL["num_trees"] + 2)], **topics)
+    feed(slice(300, steps))
+    second = WorkerProcess(path, "retuned", tmp_path)
+    try:
+        second.wait_ready()
+        got = wait_for_results(kafka_bootstrap, topics["output"], 2 * (steps - 1), 120, [second])
+        # Restored from the snapshots written at the stop, not replayed from the start.
+        assert second.metric("anomstream_records_in_total", stage="score") <= 2 * 100
+    finally:
+        assert second.stop() == 0, second.log()
+    for host, items in zip(hosts, (by_series(got)[timeseries_id("cpu", "value", {"host": h})]
+                                   for h in hosts), strict=True):
+        # Up to the restart exactly as an undisturbed detector; after it, the threshold also
+        # decides which points hold the expectation (incidents), so the scores may part.
+        assert [r["anomalyScore"] for r in items[:299]] == pytest.approx(reference[host][:299])
+        assert {r["anomalyDecisionThreshold"] for r in items[:299]} == {70.0}
+        assert {r["anomalyDecisionThreshold"] for r in items[299:]} == {90.0}
+        assert [r["anomalyDecision"] for r in items[299:]] == [
+            int(r["anomalyScore"] >= 90.0) for r in items[299:]
+        ]
+    assert_never_back_to_learning(got)
+    log = second.log_path.read_text(errors="replace")
+    notes = [line for line in log.splitlines() if "restored series keep" in line]
+    assert len(notes) == 1 and f"num_trees={SMALL_MODEL['num_trees']}" in notes[0], notes

@@ -352,6 +352,27 @@ def test_a_lasting_volatile_regime_is_reported_at_its_onset_and_then_accepted() 
     assert later <= 20, later  # of 7,880 points (40 judged against the calm tail alone)
 
 
+def test_a_restored_detector_takes_up_new_settings_and_keeps_its_model() -> None:
+    """An operator raises the threshold and changes the forest size: a detector restored with
+    the new configuration reports by the new threshold and keeps its 30-tree forest (a new size
+    would need a new model), continuing exactly as before otherwise."""
+    detector = RcfDetector(DetectorConfig())
+    feed(detector, daily_series(1, step=MINUTE), step=MINUTE)
+    snapshot = detector.to_bytes()
+    changed = DetectorConfig(threshold=95.0, num_trees=50)
+    restored = RcfDetector.from_bytes(snapshot, changed)
+    assert restored.config.threshold == 95.0
+    assert restored.config.num_trees == 30
+    assert restored.config.learned_differences(changed) == ["num_trees"]
+    as_saved = RcfDetector.from_bytes(snapshot)
+    spike = 1440 * MINUTE, 130.0
+    before, after = as_saved.update(*spike), restored.update(*spike)
+    assert (after.anomaly_score, after.raw_score) == (before.anomaly_score, before.raw_score)
+    assert before.anomaly_decision == 1 and before.threshold == 70.0
+    assert (after.anomaly_decision, after.threshold) == (int(after.anomaly_score >= 95.0), 95.0)
+    assert after.anomaly_score < 95.0  # so the new threshold is what decided
+
+
 def test_no_alarm_on_a_clean_daily_cycle_including_its_first_day() -> None:
     """New highs during the first day are not "outside everything seen": nothing is reported."""
     for seed in range(2):

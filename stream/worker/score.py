@@ -71,6 +71,7 @@ class ScoreStage(CheckpointedStage):
                          [config.topics.repartition])
         self.router = Router(config.detectors)
         self.max_live = config.worker.max_live_models
+        self._kept_noted: set[str] = set()  # detectors whose kept parameters were logged
         self._last_gauges = 0.0
         self._in = metrics.records_in.labels(self.name, config.topics.repartition)
         self._results = metrics.records_out.labels("result")
@@ -315,7 +316,21 @@ class ScoreStage(CheckpointedStage):
                 f"{part.number}) cannot be restored: {error}"
             ) from error
         series.skip_below = snapshot.offset
+        self._note_kept_parameters(series)
         return self._live(part, series)
+
+    def _note_kept_parameters(self, series: Series) -> None:
+        """Say once per detector when restored series keep learned parameters that the
+        configuration has changed since (their models were made with them)."""
+        spec = series.spec
+        kept = series.detector.config.learned_differences(spec.detector_config())
+        if kept and spec.name not in self._kept_noted:
+            self._kept_noted.add(spec.name)
+            shown = ", ".join(f"{name}={getattr(series.detector.config, name)!r}" for name in kept)
+            log.warning(
+                "detector %r: restored series keep %s, which their models were learned with; "
+                "series started from now on use the configured values", spec.name, shown,
+            )
 
     def _live(self, part: Partition, series: Series) -> Series:
         tsid = series.timeseries_id
