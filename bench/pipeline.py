@@ -117,11 +117,21 @@ def eviction_figures(
     args: argparse.Namespace, metrics_at_kill: str, spill_dir: Path
 ) -> dict[str, Any]:
     """What eviction leaves at the kill: series held as snapshots in the spill store (on disk,
-    not in the worker's memory) and the store's size."""
+    not in the worker's memory) and the store's size; the snapshots of every cause (the
+    checkpoint figures above divide by checkpoint snapshots only); clients the score stage
+    replaced (a burst of windows outliving the transaction time-out is fenced)."""
+    snapshots = metric_value(metrics_at_kill, "anomstream_snapshots_total")
+    seconds = metric_value(metrics_at_kill, "anomstream_snapshot_seconds_sum")
+    written = metric_value(metrics_at_kill, "anomstream_snapshot_bytes_total")
     return {
         "max_live_models": args.max_live_models,
         "stored_series_at_kill": metric_value(metrics_at_kill, "anomstream_stored_series"),
         "evictions_to_kill": metric_value(metrics_at_kill, "anomstream_evictions_total"),
+        "snapshots_all_causes_to_kill": snapshots,
+        "snapshot_ms_all_causes": round(1000 * seconds / snapshots, 3) if snapshots else None,
+        "snapshot_bytes_all_causes": round(written / snapshots) if snapshots else None,
+        "client_rebuilds_to_kill": metric_value(metrics_at_kill,
+                                                "anomstream_client_rebuilds_total"),
         "spill_store_mb_at_kill": round(
             sum(f.stat().st_size for f in spill_dir.glob("*.sqlite")) / 2**20, 1),
     }
