@@ -32,6 +32,9 @@ Prints a table and writes ``bench/results/pipeline.json``.
     .venv/bin/python bench/pipeline.py                   # starts its own broker
     .venv/bin/python bench/pipeline.py --bootstrap 127.0.0.1:9092 --series 200 --points 50
     .venv/bin/python bench/pipeline.py --series 10000 --points 50 --workers 2
+    # eviction: 100,000 series, 10,000 live models; no latency phase
+    .venv/bin/python bench/pipeline.py --series 100000 --points 5 --max-live-models 10000 \
+        --latency-points 0 --timeout-scale 6 --out bench/results/pipeline-100000-evict.json
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +106,43 @@ def detector_alone(values: np.ndarray, params: dict[str, Any]) -> tuple[float, f
         for detector, value in zip(detectors, row, strict=True):
             detector.update(float(step), value)
     return time.perf_counter() - began, time.process_time() - cpu, made_s
+
+
+def detector_alone_in_chunks(
+    values: np.ndarray, params: dict[str, Any], chunk: int
+) -> tuple[float, float, float]:
+    """``detector_alone`` over ``chunk`` series at a time, summed: with eviction
+    (``--max-live-models``) the series' detectors together would not fit in memory (100,000
+    default forests take ~23 GB), nor do they in the worker."""
+    total = (0.0, 0.0, 0.0)
+    for first in range(0, values.shape[0], chunk):
+        part = detector_alone(values[first:first + chunk], params)
+        total = (total[0] + part[0], total[1] + part[1], total[2] + part[2])
+    return total
+
+
+def eviction_figures(
+    args: argparse.Namespace, metrics_at_kill: str, spill_dir: Path
+) -> dict[str, Any]:
+    """What eviction leaves at the kill: series held as snapshots in the spill store (on disk,
+    not in the worker's memory) and the store's size; the snapshots of every cause (the
+    checkpoint figures above divide by checkpoint snapshots only); clients the score stage
+    replaced (a burst of windows outliving the transaction time-out is fenced)."""
+    snapshots = metric_value(metrics_at_kill, "anomstream_snapshots_total")
+    seconds = metric_value(metrics_at_kill, "anomstream_snapshot_seconds_sum")
+    written = metric_value(metrics_at_kill, "anomstream_snapshot_bytes_total")
+    return {
+        "max_live_models": args.max_live_models,
+        "stored_series_at_kill": metric_value(metrics_at_kill, "anomstream_stored_series"),
+        "evictions_to_kill": metric_value(metrics_at_kill, "anomstream_evictions_total"),
+        "snapshots_all_causes_to_kill": snapshots,
+        "snapshot_ms_all_causes": round(1000 * seconds / snapshots, 3) if snapshots else None,
+        "snapshot_bytes_all_causes": round(written / snapshots) if snapshots else None,
+        "client_rebuilds_to_kill": metric_value(metrics_at_kill,
+                                                "anomstream_client_rebuilds_total"),
+        "spill_store_mb_at_kill": round(
+            sum(f.stat().st_size for f in spill_dir.glob("*.sqlite")) / 2**20, 1),
+    }
 
 
 class ResultReader:
@@ -292,7 +333,9 @@ def pipeline_setup(
                   "transaction_timeout": 15000},
         "topics": topics,
         "worker": {"snapshot_interval": f"{args.snapshot_interval}s",
-                   "commit_interval": "100ms", "max_live_models": series * 2},
+                   "commit_interval": "100ms",
+                   "max_live_models": args.max_live_models or series * 2,
+                   "spill_dir": str(workdir / "spill")},
         "detectors": [{"name": "bench", "input": input_topic, "measure": "value",
                        "dimensions": ["series"], "aggregation": "last", "interval": "1s",
                        "params": params}],
@@ -338,8 +381,11 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
     latency_points = args.latency_points
     values = series_values(args.series, warm + latency_points + 2)
 
+    alone = (detector_alone if args.max_live_models is None
+             else partial(detector_alone_in_chunks, chunk=args.max_live_models))
+    load_at_start = os.getloadavg()
     console.print(f"detector alone: {args.series} series x {warm} points ...")
-    alone_runs = [detector_alone(values[:, :warm], params)]
+    alone_runs = [alone(values[:, :warm], params)]
     points = args.series * warm
 
     warm_broker(bootstrap, workdir, args, params)
@@ -365,7 +411,7 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         expected = args.series * (warm - 1)
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("pipeline throughput", total=expected)
-            deadline = time.monotonic() + 600
+            deadline = time.monotonic() + 600 * args.timeout_scale
             while reader.count < expected and time.monotonic() < deadline:
                 progress.update(task, completed=reader.count)
                 time.sleep(0.1)
@@ -440,6 +486,7 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
             profiles["steady"] = profiler.stop()
             profiler = None
         live = metric_value(before_kill, "anomstream_live_series")
+        evicted = eviction_figures(args, before_kill, workdir / "spill")
         snapshot_s = metric_value(before_kill, "anomstream_snapshot_seconds_sum")
         snapshots = metric_value(before_kill, 'anomstream_snapshots_total{cause="checkpoint"}')
         snapshot_bytes = metric_value(before_kill, "anomstream_snapshot_bytes_total")
@@ -456,7 +503,7 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
             producer.produce(input_topic, record(names[s], step, float(values[s, step])),
                              names[s])
         producer.flush(30)
-        reader.wait_count(before + args.series, 180)
+        reader.wait_count(before + args.series, 180 * args.timeout_scale)
         first_results_after = reader.last_at - restarted.started
         restore_cpu_s = restarted.cpu_seconds() - cpu_restart
         rss_after_restore = restarted.rss_bytes()
@@ -473,7 +520,7 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
     # Measured again after the pipeline: on a shared machine the faster of the two runs is the
     # fair (conservative) reference for the ratio.
     console.print("detector alone, again ...")
-    alone_runs.append(detector_alone(values[:, :warm], params))
+    alone_runs.append(alone(values[:, :warm], params))
     alone_rate = points / min(wall for wall, _cpu, _made in alone_runs)
     alone_cpu_per_point = min(cpu for _wall, cpu, _made in alone_runs) / points
     made_s = min(made for _wall, _cpu, made in alone_runs)
@@ -540,11 +587,14 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         "checkpoint_share_of_worker_cpu": round(snapshot_all_s / cpu_at_kill, 3)
         if cpu_at_kill else None,
         "commit_wall_s_ready_to_kill": round(commit_all_s, 2),
+        **evicted,
         "profiles": {phase: profile_summary.summarize(paths)
                      for phase, paths in profiles.items()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_1m": os.getloadavg()[0]},
+                    "load_average_1m": os.getloadavg()[0],
+                    "load_average_at_start": [round(x, 2) for x in load_at_start],
+                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
     }
 
 
@@ -722,6 +772,12 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (worker log)")
     parser.add_argument("--split-stages", action="store_true",
                         help="run the route and score stages as two processes (two cores)")
+    parser.add_argument("--max-live-models", type=int,
+                        help="the worker's max_live_models (default: twice --series, no "
+                             "eviction); the detector-alone reference then runs this many "
+                             "series at a time")
+    parser.add_argument("--timeout-scale", type=float, default=1.0,
+                        help="multiplies the throughput (600 s) and restore (180 s) time-outs")
     parser.add_argument("--profile", metavar="DIR",
                         help="py-spy the worker; collapsed stacks and summaries go to DIR")
     parser.add_argument("--workers", type=int, default=0, metavar="N",

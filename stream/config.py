@@ -15,6 +15,7 @@ so a typo in the YAML is reported before the worker touches Kafka.
 
 from __future__ import annotations
 
+import tempfile
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -123,6 +124,13 @@ class WorkerSettings(_Strict):
     # transaction is committed once commit_interval has passed, so the results of a burst of
     # windows (a partition's stream time closing every series at once) become readable in parts.
     score_slice_windows: int = Field(default=500, ge=1)
+    # The directory of the score stage's spill store: snapshots of the series it holds but not
+    # as live models (evicted, or restored and not yet seen), on disk instead of in memory
+    # (decision 0009). A cache, rebuilt from the state topic at every restore; put it on a disk,
+    # not a tmpfs, where a tmpfs /tmp would hold it in memory after all.
+    spill_dir: Path = Field(
+        default_factory=lambda: Path(tempfile.gettempdir()) / "anomstream-spill"
+    )
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     # Most empty intervals filled (missing, zero or previous) after a series' last record; beyond

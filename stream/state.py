@@ -72,10 +72,15 @@ def decode_snapshot(payload: bytes) -> Snapshot:
 def snapshot_header(payload: bytes) -> dict[str, Any]:
     """The header of a snapshot (detector, dimensions, windows, offset, source), without copying
     its model."""
+    header: dict[str, Any] = json.loads(snapshot_header_json(payload))
+    return header
+
+
+def snapshot_header_json(payload: bytes) -> bytes:
+    """The header of a snapshot as its JSON bytes (``snapshot_header`` parses them)."""
     (length,) = struct.unpack_from(">I", payload, len(_MAGIC))
     start = len(_MAGIC) + 4
-    header: dict[str, Any] = json.loads(payload[start : start + length])
-    return header
+    return payload[start : start + length]
 
 
 def encode_checkpoint(offset: int, clock: dict[str, Any]) -> bytes:

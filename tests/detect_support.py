@@ -61,7 +61,9 @@ def write_config(
             "state": state,
             "partitions": partitions,
         },
-        "worker": {"snapshot_interval": "1s", "commit_interval": "100ms", **(worker or {})},
+        # The spill store in the test's directory: a killed worker's file goes with it.
+        "worker": {"snapshot_interval": "1s", "commit_interval": "100ms",
+                   "spill_dir": str(path.parent / "spill"), **(worker or {})},
         "detectors": detectors
         or [
             {

@@ -11,11 +11,13 @@ import csv
 import json
 import math
 import random
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +191,60 @@ def test_bad_and_late_records_are_dead_lettered(kafka_bootstrap: str, tmp_path: 
         assert int(headers["source_offset"]) >= 0
         assert headers["detail"]
     # The good records' results are those of an undisturbed detector per host.
+    expected = reference_scores(good)
+    series = by_series(out)
+    for host in hosts:
+        tsid = timeseries_id("cpu", "value", {"host": host})
+        assert [r["anomalyScore"] for r in series[tsid]] == pytest.approx(expected[host])
+
+
+def test_series_beyond_max_live_models_wait_on_disk_and_restore_exactly(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    hosts = [f"d{k}" for k in range(6)]
+    input_topic = f"spilled-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka_bootstrap, [input_topic], partitions=2)
+    good = {h: [(i * 1000, signal_value(k, i)) for i in range(120)] for k, h in enumerate(hosts)}
+
+    def feed(steps: range) -> None:
+        produce(kafka_bootstrap, input_topic,
+                [point(h, *good[h][i]) for i in steps for h in hosts])
+
+    topics = names("spilled")
+    spill = tmp_path / "spill"
+    config = write_config(
+        tmp_path / "detect.yaml", kafka_bootstrap, input_topic=input_topic, **topics,
+        # Two live models for six series: four wait as snapshots in the spill store.
+        worker={"max_live_models": 2, "spill_dir": str(spill)},
+    )
+
+    def stored_rows() -> int:
+        (path,) = spill.glob("*.sqlite")
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return int(db.execute("SELECT count(*) FROM snapshot").fetchone()[0])
+
+    feed(range(60))
+    worker = WorkerProcess(config, "spilled-0", tmp_path)
+    worker.wait_ready()
+    wait_for_results(kafka_bootstrap, topics["output"], 6 * 59, 120, [worker])
+    wait_for(lambda: worker.metric("anomstream_stored_series") == 4, 20, "4 series stored")
+    assert worker.metric("anomstream_live_series") == 2
+    assert stored_rows() == 4  # on disk, not in the worker's memory
+    worker.kill()
+    feed(range(60, 120))
+    worker = WorkerProcess(config, "spilled-0", tmp_path)
+    try:
+        worker.wait_ready()
+        out = wait_for_results(kafka_bootstrap, topics["output"], 6 * 119, 120, [worker])
+        # The store left by the killed worker was replaced by one rebuilt from the state topic.
+        wait_for(lambda: worker.metric("anomstream_stored_series") == 4, 20, "4 series stored")
+        assert stored_rows() == 4
+        time.sleep(1.0)  # anything extra (a duplicate) would show up now
+        out = results(kafka_bootstrap, topics["output"])
+    finally:
+        assert worker.stop() == 0, worker.log()
+    assert not list(spill.glob("*.sqlite"))  # a cache: removed when the worker ends
+    assert len(out) == 6 * 119
     expected = reference_scores(good)
     series = by_series(out)
     for host in hosts:

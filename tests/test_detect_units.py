@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,10 @@ from stream.config import (
     parse_duration_ms,
 )
 from stream.routing import Router, parse_event_ms
-from stream.state import Series, decode_snapshot, encode_snapshot, snapshot_header
+from stream.state import Series, Snapshot, decode_snapshot, encode_snapshot, snapshot_header
 from stream.windowing import LateRecord, SeriesWindows
+from stream.worker.errors import WorkerError
+from stream.worker.spill import SpillStore
 
 
 def windows(aggregation: Aggregation = Aggregation.AVG, delay_ms: int = 0,
@@ -270,3 +273,37 @@ def test_detect_command_reports_config_errors_without_traceback(
     error = capsys.readouterr().err
     assert f"{path}: line 9, detectors[0].aggregation" in error
     assert "Traceback" not in error
+
+
+def snapshot_of(host: str, offset: int, model: bytes = b"model") -> bytes:
+    return encode_snapshot(Snapshot("cpu", {"host": host}, {}, model, offset))
+
+
+def test_spill_store_keeps_the_latest_snapshot_per_series_by_partition(tmp_path: Path) -> None:
+    store = SpillStore(tmp_path / "spill" / "score.sqlite")
+    store.put(0, "a", snapshot_of("a", 1))
+    store.put(0, "a", snapshot_of("a", 2))
+    store.put(0, "b", snapshot_of("b", 3))
+    store.put(1, "c", snapshot_of("c", 4))
+    assert (store.count(), store.count(0), store.count(1)) == (3, 2, 1)
+    assert decode_snapshot(store.get("a") or b"").offset == 2
+    assert sorted(json.loads(header)["offset"] for _tsid, header in store.headers(0)) == [2, 3]
+    assert store.take("b") == snapshot_of("b", 3)
+    assert store.take("b") is None
+    store.drop_partition(0)
+    assert (store.count(), store.get("a")) == (1, None)
+    store.close()
+    assert not (tmp_path / "spill" / "score.sqlite").exists()
+
+
+def test_spill_store_failures_stop_the_worker_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "a-file" / "score.sqlite"
+    with pytest.raises(WorkerError, match=re.escape(str(path))):
+        SpillStore(path)
+    full = tmp_path / "full.sqlite"
+    store = SpillStore(full)
+    # A disk with room for a few pages only: the write fails as on a full disk.
+    store.db.execute("PRAGMA max_page_count = 8")
+    with pytest.raises(WorkerError, match=re.escape(str(full)) + ".*full"):
+        store.put(0, "a", snapshot_of("a", 1, model=bytes(range(256)) * 400))

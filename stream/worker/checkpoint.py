@@ -4,6 +4,7 @@ replays (docs/decisions/0002-exactly-once.md)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -29,10 +30,10 @@ from stream.state import (
     Series,
     decode_checkpoint,
     encode_checkpoint,
-    snapshot_header,
 )
 from stream.windowing import PartitionClock, SeriesWindows
 from stream.worker.errors import WorkerError
+from stream.worker.spill import SpillStore, spill_path
 from stream.worker.topics import MAX_RECORD_BYTES
 from stream.worker.transaction import Stage
 
@@ -44,7 +45,7 @@ class Partition:
     __slots__ = ("checkpoint_offset", "checkpoint_time", "checkpointed_at", "clock",
                  "clock_points", "committed", "live", "next_offset", "number", "replay_end",
                  "round_clock", "round_deadline", "round_from", "round_offset", "round_paced_at",
-                 "round_pending", "stored")
+                 "round_pending")
 
     def __init__(self, number: int, start: int, committed: int, clock: PartitionClock) -> None:
         self.number = number
@@ -62,8 +63,7 @@ class Partition:
         self.clock_points: list[tuple[int, float, dict[str, Any]]] = [
             (start, now, clock.to_dict())
         ]
-        self.live: dict[str, Series] = {}
-        self.stored: dict[str, bytes] = {}  # snapshots of series not in memory
+        self.live: dict[str, Series] = {}  # the others are in the stage's spill store
         self.round_from = start  # the offset at which the last round began
         self.round_offset: int | None = None  # offset of the checkpoint being written
         self.round_clock: dict[str, Any] = {}  # the clock at that offset
@@ -84,6 +84,8 @@ class CheckpointedStage(Stage):
         self.spec_index = {spec.name: i for i, spec in enumerate(config.detectors)}
         self.partitions: dict[int, Partition] = {}
         self.lru: OrderedDict[str, Series] = OrderedDict()
+        # Snapshots of the owned series that are not live, on disk (decision 0009).
+        self.spill = SpillStore(spill_path(config.worker.spill_dir, group_id, instance_id))
         self.max_fill = config.worker.max_fill_intervals
         self.snapshot_interval_s = config.worker.snapshot_interval_ms / 1000
         self.snapshots_per_commit = config.worker.snapshots_per_commit
@@ -94,6 +96,12 @@ class CheckpointedStage(Stage):
         self.pause_ms = min(
             (spec.no_data_after for spec in config.detectors if spec.no_data_after), default=None
         )
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.spill.close()
 
     # -- commits and checkpoints --------------------------------------------------------------
 
@@ -261,6 +269,7 @@ class CheckpointedStage(Stage):
             if part is not None:
                 for tsid in part.live:
                     self.lru.pop(tsid, None)
+            self.spill.drop_partition(number)
 
     def _assign_restored(self, numbers: list[int]) -> None:
         began = time.monotonic()
@@ -282,7 +291,11 @@ class CheckpointedStage(Stage):
         if not numbers:
             return
         config = self.config
-        latest = read_state(config, numbers, config.kafka.transaction_timeout / 1000 + 60)
+        for number in numbers:  # rebuilt from the state topic, whatever the store held
+            self.spill.drop_partition(number)
+        markers = read_state(
+            config, numbers, config.kafka.transaction_timeout / 1000 + 60, self.spill
+        )
         committed = self._call(
             lambda: self.consumer.committed(
                 [TopicPartition(config.topics.repartition, n) for n in numbers], 60
@@ -291,8 +304,7 @@ class CheckpointedStage(Stage):
         )
         committed_by_partition = {tp.partition: tp.offset for tp in committed}
         for number in numbers:
-            entries = latest.get(number, {})
-            marker = entries.pop(CHECKPOINT_KEY, None)
+            marker = markers.get(number)
             low, _high = self._call(
                 partial(self.consumer.get_watermark_offsets,
                         TopicPartition(config.topics.repartition, number), 30, False),
@@ -307,14 +319,11 @@ class CheckpointedStage(Stage):
                     clock.restore(clock_state)
             committed_offset = max(committed_by_partition.get(number, -1), 0)
             part = Partition(number, start, committed_offset, clock)
-            part.stored = {
-                key.decode(): value for key, value in entries.items() if value is not None
-            }
             self._schedule_stored(part)
             self.partitions[number] = part
             log.info(
                 "score: partition %d: %d series restored, replay %d..%d suppressed",
-                number, len(part.stored), start, committed_offset,
+                number, self.spill.count(number), start, committed_offset,
             )
             if committed_offset > start:
                 self.metrics.replayed.inc(committed_offset - start)
@@ -322,8 +331,8 @@ class CheckpointedStage(Stage):
     def _schedule_stored(self, part: Partition) -> None:
         """Put the restored series on the partition's schedule, from their snapshots' headers
         (windows and source), so that the silent ones among them close on time too."""
-        for tsid, payload in part.stored.items():
-            header = snapshot_header(payload)
+        for tsid, header_json in self.spill.headers(part.number):
+            header = json.loads(header_json)
             index = self.spec_index.get(header["detector"])
             if index is None:
                 continue
@@ -337,9 +346,11 @@ class CheckpointedStage(Stage):
 
 
 def read_state(
-    config: DetectConfig, numbers: list[int], timeout_s: float
-) -> dict[int, dict[bytes, bytes | None]]:
-    """The latest committed value per key in partitions ``numbers`` of the state topic."""
+    config: DetectConfig, numbers: list[int], timeout_s: float, store: SpillStore
+) -> dict[int, bytes]:
+    """Read partitions ``numbers`` of the state topic (committed records) to their end: the
+    latest snapshot of each series goes into ``store`` (a tombstone removes it), and the latest
+    checkpoint marker per partition is returned."""
     topic = config.topics.state
     reader = Consumer(
         consumer_config(
@@ -349,7 +360,7 @@ def read_state(
             **{"enable.partition.eof": True, "fetch.max.bytes": MAX_RECORD_BYTES * 4},
         )
     )
-    latest: dict[int, dict[bytes, bytes | None]] = {n: {} for n in numbers}
+    markers: dict[int, bytes] = {}
     try:
         pending = set()
         for number in numbers:
@@ -361,7 +372,7 @@ def read_state(
             if high > low:
                 pending.add(number)
         if not pending:
-            return latest
+            return markers
         reader.assign([TopicPartition(topic, n, OFFSET_BEGINNING) for n in pending])
         deadline = time.monotonic() + timeout_s
         while pending:
@@ -371,17 +382,25 @@ def read_state(
                     f"{timeout_s:.0f} s (an open transaction of a dead worker?)"
                 )
             messages: list[Any] = reader.consume(1000, 0.5)
-            for message in messages:
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(message.partition())
+            with store.batch():
+                for message in messages:
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            pending.discard(message.partition())
+                            continue
+                        if error.fatal() or error.code() == KafkaError._FATAL:
+                            raise WorkerError(f"restoring from {topic}: {error}")
+                        # A broker moment (transport, leader moving): the deadline bounds it.
+                        log.warning("restoring from %s: %s", topic, error)
                         continue
-                    if error.fatal() or error.code() == KafkaError._FATAL:
-                        raise WorkerError(f"restoring from {topic}: {error}")
-                    # A broker moment (transport, leader moving): the deadline bounds the wait.
-                    log.warning("restoring from %s: %s", topic, error)
-                latest[message.partition()][message.key()] = message.value()
-        return latest
+                    key, value = message.key(), message.value()
+                    if key == CHECKPOINT_KEY:
+                        markers[message.partition()] = value
+                    elif value is None:
+                        store.delete(key.decode())
+                    else:
+                        store.put(message.partition(), key.decode(), value)
+        return markers
     finally:
         reader.close()

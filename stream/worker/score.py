@@ -281,7 +281,7 @@ class ScoreStage(CheckpointedStage):
                                       f"detector {detector_name!r} is no longer configured")
             return None
         spec = self.config.detectors[index]
-        payload = part.stored.pop(tsid, None)
+        payload = self.spill.take(tsid)
         if payload is not None:
             return self._load(part, tsid, payload, index)
         try:
@@ -294,13 +294,13 @@ class ScoreStage(CheckpointedStage):
 
     def _stored_series(self, part: Partition, tsid: str) -> Series | None:
         """A series not in memory, loaded from its snapshot; None if its detector is gone."""
-        payload = part.stored.get(tsid)
+        payload = self.spill.get(tsid)
         if payload is None:
             return None
         index = self.spec_index.get(snapshot_header(payload)["detector"])
         if index is None:
             return None
-        del part.stored[tsid]
+        self.spill.delete(tsid)
         return self._load(part, tsid, payload, index)
 
     def _load(self, part: Partition, tsid: str, payload: bytes, index: int) -> Series:
@@ -349,7 +349,7 @@ class ScoreStage(CheckpointedStage):
             self._snapshot(part, series, "eviction") if series.dirty
             else series.snapshot(part.next_offset)
         )
-        part.stored[series.timeseries_id] = payload
+        self.spill.put(part.number, series.timeseries_id, payload)
         del part.live[series.timeseries_id]
         del self.lru[series.timeseries_id]
         self.metrics.evictions.inc()
@@ -384,7 +384,7 @@ class ScoreStage(CheckpointedStage):
         if any(now - p.checkpointed_at >= self.snapshot_interval_s for p in unsaved):
             self.commit()  # a quiet partition still gets (and finishes) its checkpoint on time
         self.metrics.live_series.set(len(self.lru))
-        self.metrics.stored_series.set(sum(len(p.stored) for p in self.partitions.values()))
+        self.metrics.stored_series.set(self.spill.count())
         # How old the state a restore would start from is: 0 when the checkpoint is current.
         self.metrics.snapshot_age.set(
             max((now - p.checkpoint_time for p in unsaved), default=0.0)
