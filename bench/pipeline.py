@@ -305,6 +305,11 @@ def produce_all(bootstrap: str, topic: str, records: list[tuple[str, bytes]],
                 label: str) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
                          "compression.type": "lz4", "queue.buffering.max.messages": 1_000_000})
+    produce_with_progress(producer, topic, records, label)
+
+
+def produce_with_progress(producer: Producer, topic: str, records: list[tuple[str, bytes]],
+                          label: str) -> None:
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(label, total=len(records))
         for i, (key, value) in enumerate(records):
@@ -622,14 +627,7 @@ def produce_gated(bootstrap: str, topic: str, records: list[tuple[str, bytes]],
                          "transaction.timeout.ms": 600_000})
     producer.init_transactions(60)
     producer.begin_transaction()
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(label, total=len(records))
-        for i, (key, value) in enumerate(records):
-            producer.produce(topic, value, key)
-            if i % 5000 == 0:
-                producer.poll(0)
-                progress.update(task, completed=i)
-        producer.flush(60)
+    produce_with_progress(producer, topic, records, label)
     return producer
 
 
