@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
+import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -22,8 +25,9 @@ from stream.config import (
 from stream.routing import Router, parse_event_ms
 from stream.state import Series, Snapshot, decode_snapshot, encode_snapshot, snapshot_header
 from stream.windowing import LateRecord, SeriesWindows
-from stream.worker.errors import WorkerError
+from stream.worker.errors import TransactionLost, WorkerError
 from stream.worker.spill import SpillStore
+from stream.worker.transaction import Stage
 
 
 def windows(aggregation: Aggregation = Aggregation.AVG, delay_ms: int = 0,
@@ -307,3 +311,36 @@ def test_spill_store_failures_stop_the_worker_naming_the_file(tmp_path: Path) ->
     store.db.execute("PRAGMA max_page_count = 8")
     with pytest.raises(WorkerError, match=re.escape(str(full)) + ".*full"):
         store.put(0, "a", snapshot_of("a", 1, model=bytes(range(256)) * 400))
+
+
+def test_a_stage_drops_a_failure_and_what_its_frames_held_once_it_has_recovered() -> None:
+    """Stage.run replaces the clients after a lost transaction and loops again; the failed
+    batch's objects (here one model) must not stay alive through the failure's traceback until
+    the next failure (they did: memory grew at each client rebuild of a 100,000-series run)."""
+    class Model:
+        pass
+
+    class FakeStage(Stage):  # the real run loop; no clients
+        name = "score"
+
+        def __init__(self) -> None:
+            self.stop = threading.Event()
+            self.rebuilds = 0
+            self.alive_after_recovery: bool | None = None
+            self.held: weakref.ref[Model] | None = None
+
+        def _loop(self) -> None:
+            if self.held is None:
+                model = Model()  # what a failed batch's frame holds
+                self.held = weakref.ref(model)
+                raise TransactionLost("outlived transaction.timeout.ms")
+            gc.collect()
+            self.alive_after_recovery = self.held() is not None
+
+        def _rebuild(self, error: Exception) -> None:
+            self.rebuilds += 1
+
+    stage = FakeStage()
+    stage.run()
+    assert stage.rebuilds == 1
+    assert stage.alive_after_recovery is False

@@ -320,19 +320,25 @@ class Stage:
                 self._loop()
                 return
             except (KafkaException, TransactionLost) as error:
-                failure: Exception = error
-            while True:  # new clients, as often as the rebuild budget allows
-                if isinstance(failure, KafkaException) and is_transient(failure):
-                    # Retried for worker.retry_timeout in vain.
-                    raise WorkerError(f"{self.name}: Kafka unavailable: {failure}") from failure
-                if self.stop.is_set():
-                    raise WorkerError(f"{self.name}: stopped with a failed client: {failure}") \
-                        from failure
-                try:
-                    self._rebuild(failure)
-                    break
-                except (KafkaException, TransactionLost) as error:
-                    failure = error
+                # Recovered inside the handler, so that the error (and the frames of its
+                # traceback, with the batch and the models they held) is dropped before the
+                # loop runs again instead of living until the next failure.
+                self._recover(error)
+
+    def _recover(self, failure: Exception) -> None:
+        """New clients, as often as the rebuild budget allows."""
+        while True:
+            if isinstance(failure, KafkaException) and is_transient(failure):
+                # Retried for worker.retry_timeout in vain.
+                raise WorkerError(f"{self.name}: Kafka unavailable: {failure}") from failure
+            if self.stop.is_set():
+                raise WorkerError(f"{self.name}: stopped with a failed client: {failure}") \
+                    from failure
+            try:
+                self._rebuild(failure)
+                return
+            except (KafkaException, TransactionLost) as error:
+                failure = error
 
     def _loop(self) -> None:
         self.subscribe()
