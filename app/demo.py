@@ -747,12 +747,14 @@ TOO_LATE_INTERVALS = 30
 @dataclass(slots=True)
 class KindTally:
     """Of one kind of injected anomaly: labels that began inside the run, how many of them were
-    paged, how many of the others began while an incident of their series was still open (one
-    page per incident: the alerter does not page again) or too late in the run to tell
-    (``TOO_LATE_INTERVALS``), and how many were declared RESOLVED before the label ended."""
+    paged, how many of the others had their page still in the alerter's outbox when the demo
+    stopped, began while an incident of their series was still open (one page per incident: the
+    alerter does not page again) or too late in the run to tell (``TOO_LATE_INTERVALS``), and
+    how many were declared RESOLVED before the label ended."""
 
     labelled: int = 0
     paged: int = 0
+    queued: int = 0
     too_late: int = 0
     in_open_incident: int = 0
     resolved_early: int = 0
@@ -761,6 +763,7 @@ class KindTally:
         notes = [
             f"{count} {what}"
             for count, what in (
+                (self.queued, "still queued when the demo stopped"),
                 (self.in_open_incident, "inside an open incident"),
                 (self.too_late, "too late to tell"),
             )
@@ -818,18 +821,20 @@ def _open_at(items: list[Notified], moment: float) -> bool:
 
 
 def incident_report(
-    labels: list[dict[str, Any]], messages: list[dict[str, str]], run_end: float
+    labels: list[dict[str, Any]], messages: list[dict[str, str]], run_end: float,
+    queued: list[dict[str, str]] | None = None,
 ) -> tuple[dict[str, KindTally], int]:
     """Pages per kind of anomaly against the labels, and pages on anomaly-free series.
 
     ``labels`` are the feeds' label documents; ``messages`` the alert messages received (title,
     message); ``run_end`` the start of the newest result, so a label that began later is not
     counted. A label is paged when a FIRING of its series starts inside it (or within three
-    intervals after its last point: a score needs the point to be seen); one that is not and
-    began while an incident of its series was open (paged at its start, not yet resolved) is
-    inside an open incident; one that began within ``TOO_LATE_INTERVALS`` of ``run_end`` is
-    too late to tell; it was resolved early
-    when the RESOLVED of an incident that began inside it came before its last point.
+    intervals after its last point: a score needs the point to be seen); one that is not is
+    still queued if such a FIRING is among ``queued`` (the alerter's outbox, not delivered when
+    the demo stopped), else, if it began while an incident of its series was open (paged at its
+    start, not yet resolved), inside an open incident; else, if it began within
+    ``TOO_LATE_INTERVALS`` of ``run_end``, too late to tell. It was resolved early when the
+    RESOLVED of an incident that began inside it came before its last point.
     """
     tables = {row[1]: row for row in (*MARKET_DETECTORS, *OPS_DETECTORS)}
     grace = 3 * INTERVAL_SECONDS
@@ -837,6 +842,10 @@ def incident_report(
     for message in messages:
         for item in notified(message["title"], message["message"]):
             by_series.setdefault(item.series_id, []).append(item)
+    waiting: dict[str, list[Notified]] = {}
+    for message in queued or []:
+        for item in notified(message["title"], message["message"]):
+            waiting.setdefault(item.series_id, []).append(item)
     tallies: dict[str, KindTally] = {}
     labelled_series: set[str] = set()
     for document in labels:
@@ -853,6 +862,9 @@ def incident_report(
             items = by_series.get(series_id, [])
             if any(n.kind == "FIRING" and first <= n.start <= last + grace for n in items):
                 tally.paged += 1
+            elif any(n.kind == "FIRING" and first <= n.start <= last + grace
+                     for n in waiting.get(series_id, [])):
+                tally.queued += 1
             elif _open_at(items, first):
                 tally.in_open_incident += 1
             elif first > run_end - TOO_LATE_INTERVALS * INTERVAL_SECONDS:
@@ -867,6 +879,17 @@ def incident_report(
         for n in items if n.kind == "FIRING"
     )
     return tallies, quiet_pages
+
+
+def queued_messages(workdir: Path) -> list[dict[str, str]]:
+    """The notifications still in the alerter's outbox (saved with its state) when the demo
+    stopped: the alerter delivers them at its next start."""
+    from sinks.alerting.store import load
+
+    path = workdir / "alert-state" / "alerter-state.json"
+    if not path.exists():
+        return []
+    return [{"title": e["title"], "message": e["body"]} for e in load(path).outbox]
 
 
 def summary(workdir: Path) -> str:
@@ -894,7 +917,9 @@ def summary(workdir: Path) -> str:
         [json.loads(line) for line in alerts_path.read_text().splitlines()]
         if alerts_path.exists() else []
     )
-    tallies, quiet_pages = incident_report(documents, messages, row["newest"] or 0.0)
+    tallies, quiet_pages = incident_report(
+        documents, messages, row["newest"] or 0.0, queued_messages(workdir)
+    )
     per_kind = ", ".join(f"{kind} {tally}" for kind, tally in sorted(tallies.items()))
     early = sum(tally.resolved_early for tally in tallies.values())
     return (

@@ -23,9 +23,12 @@ from app.demo import (
     alert_config,
     detect_config,
     incident_report,
+    queued_messages,
 )
 from app.kafka_local import free_port
 from contract.records import format_time, parse_time, timeseries_id
+from sinks.alerting.notifier import OutboxEntry
+from sinks.alerting.store import Snapshot, save
 from sinks.lake import query
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +217,8 @@ def test_demo_from_a_fresh_clone(tmp_path: Path) -> None:
     documents = [json.loads((workdir / f"{feed}.labels.json").read_text()) for feed in FEEDS]
     newest = query(workdir / "lake", "SELECT epoch(max(detectionPeriodStartTime)) AS t FROM scores")
     run_end = newest.to_pylist()[0]["t"]
-    tallies, quiet_pages = incident_report(documents, messages, run_end)
+    tallies, quiet_pages = incident_report(documents, messages, run_end,
+                                           queued_messages(workdir))
     per_kind = ", ".join(f"{k} {t}" for k, t in sorted(tallies.items()))
     # Rich wraps the console line; compare with the whitespace joined again.
     printed = " ".join(output.split())
@@ -248,7 +252,10 @@ def test_incident_report_counts_pages_per_kind_against_the_labels() -> None:
     # Began while the incident paged at 13:00 was still open: no second page.
     inside = {**label, "kind": "price_jump", "start": f"{day}13:30:00.000Z",
               "end": f"{day}13:30:00.000Z"}
-    documents = [{"labels": [label, later, beyond, late, inside]}]
+    # Paged, but the page was still in the alerter's outbox when the demo stopped.
+    waiting = {**label, "kind": "latency_spike", "start": f"{day}16:00:00.000Z",
+               "end": f"{day}16:05:00.000Z"}
+    documents = [{"labels": [label, later, beyond, late, inside, waiting]}]
     series = timeseries_id("ops-gpu", "gpu_util", gpu)
     quiet = timeseries_id("ops-cpu", "cpu_util", {"host": "h1"})
 
@@ -267,18 +274,36 @@ def test_incident_report_counts_pages_per_kind_against_the_labels() -> None:
         message("FIRING", "11:00", "11:00", quiet),  # a series without labels
     ]
     run_end = parse_time(f"{day}20:00:00Z").timestamp()
-    tallies, quiet_pages = incident_report(documents, messages, run_end)
+    queued = [message("FIRING", "16:01", "16:01", series)]
+    tallies, quiet_pages = incident_report(documents, messages, run_end, queued)
     assert {
-        k: (t.labelled, t.paged, t.in_open_incident, t.too_late, t.resolved_early)
+        k: (t.labelled, t.paged, t.queued, t.in_open_incident, t.too_late, t.resolved_early)
         for k, t in tallies.items()
     } == {
-        "stuck_at_zero": (1, 1, 0, 0, 1), "under_utilisation": (1, 0, 0, 0, 0),
-        "stale_price": (1, 0, 0, 1, 0), "price_jump": (1, 0, 1, 0, 0),
+        "stuck_at_zero": (1, 1, 0, 0, 0, 1), "under_utilisation": (1, 0, 0, 0, 0, 0),
+        "stale_price": (1, 0, 0, 0, 1, 0), "price_jump": (1, 0, 0, 1, 0, 0),
+        "latency_spike": (1, 0, 1, 0, 0, 0),
     }
-    assert [str(tallies[k]) for k in ("under_utilisation", "stale_price", "price_jump")] == [
-        "0/1", "0/1 (1 too late to tell)", "0/1 (1 inside an open incident)"
+    assert [str(tallies[k]) for k in ("under_utilisation", "stale_price", "price_jump",
+                                      "latency_spike")] == [
+        "0/1", "0/1 (1 too late to tell)", "0/1 (1 inside an open incident)",
+        "0/1 (1 still queued when the demo stopped)",
     ]
     assert quiet_pages == 1
+
+
+def test_queued_messages_are_the_alerters_saved_outbox(tmp_path: Path) -> None:
+    """What the alerter had not delivered when the demo stopped, read from its saved state as
+    the alerter itself saves it."""
+    assert queued_messages(tmp_path) == []  # no alerter ran
+    entry = OutboxEntry(id=7, receiver="demo-webhook", title="[FIRING] demo-anomalies",
+                        body="- ops-gpu / gpu_util: gpu=0, host=h0", notify_type="warning",
+                        created=1.0)
+    (tmp_path / "alert-state").mkdir()
+    save(tmp_path / "alert-state" / "alerter-state.json", Snapshot(outbox=[entry.to_json()]))
+    assert queued_messages(tmp_path) == [
+        {"title": "[FIRING] demo-anomalies", "message": "- ops-gpu / gpu_util: gpu=0, host=h0"}
+    ]
 
 
 def test_webhook_only_mode_prints_posted_alerts_and_stops_on_sigterm(tmp_path: Path) -> None:
