@@ -323,8 +323,10 @@ class ScoreStage(CheckpointedStage):
         """Say once per detector when restored series keep learned parameters that the
         configuration has changed since (their models were made with them)."""
         spec = series.spec
+        if spec.name in self._kept_noted:
+            return
         kept = series.detector.config.learned_differences(spec.detector_config())
-        if kept and spec.name not in self._kept_noted:
+        if kept:
             self._kept_noted.add(spec.name)
             shown = ", ".join(f"{name}={getattr(series.detector.config, name)!r}" for name in kept)
             log.warning(
