@@ -321,8 +321,9 @@ class Calibrator:
                     else latest
                 )
         stale = 0.0
-        for repeats, value in zip(self._repeats, values, strict=True):
-            found = repeats.surprise(value, armed, decay, clip, p.rarity) - self._look_elsewhere
+        for index, repeats in enumerate(self._repeats):  # not zip(..., strict=True): slow
+            found = repeats.surprise(values[index], armed, decay, clip, p.rarity)
+            found -= self._look_elsewhere
             if found > stale:
                 stale = found
         self.stale = stale >= p.rarity
