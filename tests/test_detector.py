@@ -165,7 +165,9 @@ def test_a_gpu_stuck_at_zero_stays_reported_while_it_lasts(seed: int) -> None:
     assert [run for run in incidents(results) if run[1] >= 900] == [
         (1000, incidents(results)[-1][1])
     ]
-    assert incidents(results)[-1][1] <= 1014  # back under at the first normal interval
+    # Back under by the second normal interval: the forest's smoothed score still holds the
+    # outage's last points at the first one.
+    assert incidents(results)[-1][1] <= 1015
 
 
 @pytest.mark.parametrize("seed", range(3))
