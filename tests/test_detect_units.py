@@ -344,3 +344,16 @@ def test_a_stage_drops_a_failure_and_what_its_frames_held_once_it_has_recovered(
     stage.run()
     assert stage.rebuilds == 1
     assert stage.alive_after_recovery is False
+
+
+def test_score_processes_below_one_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.cli import main
+
+    assert main(["detect", "--config", str(write(tmp_path, GOOD)), "--score-processes", "0"]) == 2
+    assert "--score-processes must be 1 or more, got 0" in capsys.readouterr().err
+    path = write(tmp_path, GOOD + "worker: {score_processes: 0}\n")
+    assert main(["detect", "--config", str(path)]) == 2
+    assert "worker.score_processes: Input should be greater than or equal to 1" in (
+        capsys.readouterr().err)
