@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     metrics: HasRegistry = WorkerMetrics() if worker is None else worker.metrics
     if children is not None:
-        metrics = MergedMetrics(metrics.registry, instance_id, children)
+        metrics = MergedMetrics(metrics.registry, instance_id, children.families)
 
     def healthy() -> bool:
         return ((worker is None or worker.healthy())

@@ -25,7 +25,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -211,15 +211,25 @@ class ScoreProcesses:
         for child in self.children:
             status, text = child.get("/metrics")
             if status == 200:
-                yield from _labelled(text_string_to_metric_families(text), child.instance_id)
+                yield from process_families(text, child.instance_id)
+
+
+def process_families(text: str, process: str) -> Iterator[Metric]:
+    """The metric families of one process's /metrics text, labelled with the process."""
+    return _labelled(text_string_to_metric_families(text), process)
 
 
 def _labelled(families: Iterable[Metric], process: str) -> Iterator[Metric]:
+    """``families`` with each sample labelled with ``process``, without the ``_created``
+    samples: parsed back from text they are families of their own, which would not merge with
+    the samples of the same name inside the parent's counters."""
     for family in families:
+        if family.name.endswith("_created"):
+            continue
         family.samples = [
             Sample(s.name, {**s.labels, PROCESS_LABEL: process}, s.value, s.timestamp,
                    s.exemplar)
-            for s in family.samples
+            for s in family.samples if not s.name.endswith("_created")
         ]
         yield family
 
@@ -228,17 +238,20 @@ class MergedMetrics(Collector):
     """A registry for the parent's /metrics: its own metrics and its children's, merged by
     metric family (the same name twice in one exposition is invalid)."""
 
-    def __init__(self, own: CollectorRegistry, own_name: str, children: ScoreProcesses) -> None:
+    def __init__(
+        self, own: CollectorRegistry, own_name: str,
+        children: Callable[[], Iterable[Metric]],
+    ) -> None:
         self.own = own
         self.own_name = own_name
-        self.children = children
+        self.children = children  # the children's families, labelled (ScoreProcesses.families)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
         for family in [*_labelled(self.own.collect(), self.own_name),
-                       *self.children.families()]:
+                       *self.children()]:
             into = merged.get(family.name)
             if into is None:
                 merged[family.name] = family
