@@ -420,7 +420,9 @@ def warm_broker(
         reader.close()
 
 
-def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, bootstrap: str, workdir: Path, broker_pid: int | None
+) -> dict[str, Any]:
     params: dict[str, Any] = json.loads(args.params)
     profile_dir = Path(args.profile) if args.profile else None
     if profile_dir:
@@ -452,6 +454,7 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
                        score_processes=args.score_processes)
     try:
         ready_at = worker.wait_ready()
+        use = CoreUse([worker], broker_pid)
         cpu_at_ready = worker.cpu_seconds()
         rss_at_ready = worker.rss_bytes()
         profiles: dict[str, list[Path]] = {}
@@ -468,6 +471,7 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         reader.wait_count(expected, 10)
         pipeline_s = reader.last_at - ready_at
         pipeline_cpu_s = worker.cpu_seconds() - cpu_at_ready
+        use.end()
         if profiler is not None:
             profiles["throughput"] = profiler.stop()
             profiler = Profiler(worker, profiling / "steady.txt")
@@ -603,6 +607,9 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         "pipeline_worker_cpu_us_per_point": round(1e6 * pipeline_cpu_s / pipeline_points, 1),
         "pipeline_vs_detector_cpu_ratio": round(
             alone_cpu_per_point / (pipeline_cpu_s / pipeline_points), 3),
+        # points/s = the worker's cores / its CPU per point: the cores each party used during
+        # the throughput phase say how many the worker had.
+        "throughput_cores": use.cores(pipeline_s),
         "latency_rate_points_per_s": rate,
         "latency_samples": len(latencies),
         "latency_p50_ms": round(pct(0.50), 2),
@@ -663,6 +670,47 @@ def machine_cpu_seconds() -> tuple[float, float]:
     return busy / tick, idle / tick
 
 
+class CoreUse:
+    """CPU time from its making to ``end``: of the workers, the broker (when the bench started
+    it), this process (mostly the result reader) and the rest of the machine; ``cores`` divides
+    it by the wall time into the cores each used (CPU seconds per second)."""
+
+    def __init__(self, workers: list[WorkerRun], broker_pid: int | None) -> None:
+        self.workers, self.broker_pid = workers, broker_pid
+        self.load_before = os.getloadavg()[0]
+        self.workers_before = [worker.cpu_seconds() for worker in workers]
+        self.broker_before = process_cpu_seconds(broker_pid) if broker_pid else 0.0
+        self.bench_before = time.process_time()
+        self.busy_before, self.idle_before = machine_cpu_seconds()
+
+    def end(self) -> None:
+        self.worker_cpu_s = [worker.cpu_seconds() - before for worker, before
+                             in zip(self.workers, self.workers_before, strict=True)]
+        self.broker_s = (process_cpu_seconds(self.broker_pid) - self.broker_before
+                         if self.broker_pid else None)
+        self.bench_s = time.process_time() - self.bench_before
+        busy, idle = machine_cpu_seconds()
+        self.busy_s, self.idle_s = busy - self.busy_before, idle - self.idle_before
+        self.load_after = os.getloadavg()[0]
+
+    def cores(self, wall_s: float) -> dict[str, Any]:
+        workers_s = sum(self.worker_cpu_s)
+        others_s = self.busy_s - workers_s - (self.broker_s or 0.0) - self.bench_s
+        broker_s = self.broker_s
+        return {
+            # The CPU times are read up to the poll after the last result, a tenth of a
+            # second at most past it.
+            "cores_workers": round(workers_s / wall_s, 2),
+            "cores_broker": round(broker_s / wall_s, 2) if broker_s is not None else None,
+            "cores_bench_reader": round(self.bench_s / wall_s, 2),
+            "cores_others": round(others_s / wall_s, 2),
+            "cores_idle": round(self.idle_s / wall_s, 2),
+            "broker_cpu_s": round(broker_s, 2) if broker_s is not None else None,
+            "load_average_1m_before_after": [round(self.load_before, 2),
+                                             round(self.load_after, 2)],
+        }
+
+
 def produce_gated(bootstrap: str, topic: str, records: list[tuple[str, bytes]],
                   label: str) -> Producer:
     """Produce ``records`` in one open transaction; they become readable when it commits.
@@ -703,11 +751,7 @@ def workers_phase(
     try:
         for worker in workers:
             worker.wait_ready()
-        load_before = os.getloadavg()
-        cpu_before = [worker.cpu_seconds() for worker in workers]
-        broker_before = process_cpu_seconds(broker_pid) if broker_pid else 0.0
-        bench_before = time.process_time()
-        busy_before, idle_before = machine_cpu_seconds()
+        use = CoreUse(workers, broker_pid)
         began = time.perf_counter()
         gate.commit_transaction(60)
         expected = args.series * (args.points - 1)
@@ -719,36 +763,23 @@ def workers_phase(
                 time.sleep(0.1)
         reader.wait_count(expected, 10)
         wall_s = reader.last_at - began
-        cpu = [worker.cpu_seconds() - at for worker, at in zip(workers, cpu_before, strict=True)]
-        broker_s = process_cpu_seconds(broker_pid) - broker_before if broker_pid else None
-        bench_s = time.process_time() - bench_before
-        busy_after, idle_after = machine_cpu_seconds()
-        load_after = os.getloadavg()
+        use.end()
         texts = [worker.metrics() for worker in workers]
     finally:
         for worker in workers:
             worker.stop()
         reader.close()
-    others_s = (busy_after - busy_before) - sum(cpu) - (broker_s or 0.0) - bench_s
     return {
         "workers": n,
         "points": expected,
         "wall_s": round(wall_s, 2),
         "points_per_s": round(expected / wall_s, 1),
-        "worker_cpu_s": [round(c, 2) for c in cpu],
-        "worker_cpu_us_per_point": round(1e6 * sum(cpu) / expected, 1),
+        "worker_cpu_s": [round(c, 2) for c in use.worker_cpu_s],
+        "worker_cpu_us_per_point": round(1e6 * sum(use.worker_cpu_s) / expected, 1),
         # How evenly the group split the series: windows each worker scored.
         "windows_scored_per_worker": [int(metric_value(text, "anomstream_windows_closed_total"))
                                       for text in texts],
-        # Cores (CPU seconds per second of the interval) each party used; the CPU times are
-        # read up to the poll after the last result, a tenth of a second at most past it.
-        "cores_workers": round(sum(cpu) / wall_s, 2),
-        "cores_broker": round(broker_s / wall_s, 2) if broker_s is not None else None,
-        "cores_bench_reader": round(bench_s / wall_s, 2),
-        "cores_others": round(others_s / wall_s, 2),
-        "cores_idle": round((idle_after - idle_before) / wall_s, 2),
-        "broker_cpu_s": round(broker_s, 2) if broker_s is not None else None,
-        "load_average_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        **use.cores(wall_s),
     }
 
 
@@ -846,11 +877,11 @@ def main() -> int:
         if args.bootstrap:
             # Another broker's pid is not ours to guess: its CPU is left out.
             result = (run_workers(args, args.bootstrap, workdir, None) if args.workers
-                      else run(args, args.bootstrap, workdir))
+                      else run(args, args.bootstrap, workdir, None))
         else:
             with LocalKafka(workdir / "kafka", port=free_port(), controller_port=free_port()) as k:
                 result = (run_workers(args, k.bootstrap, workdir, k.running_pid())
-                          if args.workers else run(args, k.bootstrap, workdir))
+                          if args.workers else run(args, k.bootstrap, workdir, k.running_pid()))
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
