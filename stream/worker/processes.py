@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection
-from typing import Any
+from multiprocessing.context import SpawnProcess
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
@@ -81,19 +81,19 @@ def _score_process(
         server = HealthServer(0, worker.metrics, worker.healthy, worker.ready).start()
         report.send(("port", server.port))
         worker.start()
-        while not worker.wait(0.5):
-            pass
-        server.stop()
-    except BaseException as error:
+    except Exception as error:
         report.send(("error", f"cannot start: {str(error) or type(error).__name__}"))
         sys.exit(1)
+    while not worker.wait(0.5):
+        pass
+    server.stop()
     if worker.errors:
         report.send(("error", str(worker.errors[0])))
         sys.exit(1)
 
 
 class _Child:
-    def __init__(self, instance_id: str, process: Any, report: Connection) -> None:
+    def __init__(self, instance_id: str, process: SpawnProcess, report: Connection) -> None:
         self.instance_id = instance_id
         self.process = process
         self.report = report
