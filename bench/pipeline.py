@@ -20,6 +20,9 @@ ready), the checkpoint's share of the worker's CPU (time in series snapshots ove
 CPU time), and with ``--profile`` py-spy profiles of the worker (throughput phase; latency and
 checkpoint phase) summarised by ``bench/profile_summary.py`` into the result.
 
+``--score-processes N`` runs the worker's score stage in N child processes (``detect
+--score-processes``); the worker's CPU time and memory include them.
+
 ``--workers N`` measures instead, in the same run and over the same points: one worker, then N
 workers (one process each) in one consumer group, each phase on fresh topics and a fresh group.
 The input is produced before the workers start, in a transaction committed once all are ready;
@@ -32,6 +35,7 @@ Prints a table and writes ``bench/results/pipeline.json``.
     .venv/bin/python bench/pipeline.py                   # starts its own broker
     .venv/bin/python bench/pipeline.py --bootstrap 127.0.0.1:9092 --series 200 --points 50
     .venv/bin/python bench/pipeline.py --series 10000 --points 50 --workers 2
+    .venv/bin/python bench/pipeline.py --series 10000 --points 50 --score-processes 2
     # eviction: 100,000 series, 10,000 live models; no latency phase
     .venv/bin/python bench/pipeline.py --series 100000 --points 5 --max-live-models 10000 \
         --latency-points 0 --timeout-scale 6 --out bench/results/pipeline-100000-evict.json
@@ -193,10 +197,26 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class WorkerRun:
-    """The worker: one process with both stages, or (``split``) one process per stage."""
+def descendants(pid: int) -> list[int]:
+    """The pids of a process's children, theirs, and so on."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except OSError:  # the thread or the process ended meanwhile
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
 
-    def __init__(self, config: Path, log: Path, split: bool, instance_id: str = "bench") -> None:
+
+class WorkerRun:
+    """The worker: one process with both stages, or (``split``) one process per stage; with
+    ``score_processes`` above 1 its score stage runs in that many child processes (``detect
+    --score-processes``), whose CPU and memory count as the worker's."""
+
+    def __init__(self, config: Path, log: Path, split: bool, instance_id: str = "bench",
+                 score_processes: int = 1) -> None:
         self.started = time.perf_counter()
         self.ports: list[int] = []
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -206,7 +226,7 @@ class WorkerRun:
                 self.processes.append(subprocess.Popen(
                     [sys.executable, "-m", "app.cli", "detect", "--config", str(config),
                      "--instance-id", instance_id, "--stages", stages, "--metrics-port", str(port),
-                     "--log-level", "WARNING"],
+                     "--score-processes", str(score_processes), "--log-level", "WARNING"],
                     cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
                     env={**os.environ, "PYTHONPATH": str(ROOT)},
                 ))
@@ -231,18 +251,26 @@ class WorkerRun:
             time.sleep(0.02)
         raise TimeoutError("worker not ready")
 
+    def pids(self) -> list[int]:
+        """The worker's processes and their children (score processes)."""
+        return [pid for process in self.processes for pid in (process.pid,
+                                                              *descendants(process.pid))]
+
     def rss_bytes(self) -> int:
         """Resident memory of the worker process(es)."""
         total = 0
-        for process in self.processes:
-            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
         return total
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the worker process(es) so far (all threads)."""
-        return sum(process_cpu_seconds(process.pid) for process in self.processes)
+        """User + system CPU time of the worker process(es) so far (all threads).
+
+        A score process that ended (the pid gone) takes its CPU time with it: the worker's
+        processes all live from its start to its stop or kill."""
+        return sum(process_cpu_seconds(pid) for pid in self.pids())
 
     def metrics(self) -> str:
         texts = []
@@ -252,9 +280,16 @@ class WorkerRun:
         return "\n".join(texts)
 
     def kill(self) -> None:
+        children = [pid for process in self.processes for pid in descendants(process.pid)]
         for process in self.processes:
             process.send_signal(signal.SIGKILL)
             process.wait(30)
+        # The score processes die with their worker (PR_SET_PDEATHSIG): wait until they have.
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in children):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the worker's children {children} outlived its kill -9")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         for process in self.processes:
@@ -294,9 +329,17 @@ class Profiler:
 
 
 def metric_value(text: str, name: str) -> float:
+    """The sum of the samples of ``name`` (``metric`` or ``metric{label="value",...}``) whose
+    labels include the given ones: a worker with score processes labels each sample with its
+    process besides."""
+    base, _, wanted = name.partition("{")
+    required = [pair for pair in wanted.rstrip("}").split(",") if pair]
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith(base + " ") or (
+            line.startswith(base + "{")
+            and all(pair in line.partition("}")[0] for pair in required)
+        ):
             total += float(line.rpartition(" ")[2])
     return total
 
@@ -367,7 +410,8 @@ def warm_broker(
                  for step in range(points) for s in range(series)],
                 "warming the broker")
     reader = ResultReader(bootstrap, topics["output"])
-    worker = WorkerRun(config_path, workdir / "warmup-worker.log", args.split_stages)
+    worker = WorkerRun(config_path, workdir / "warmup-worker.log", args.split_stages,
+                       score_processes=args.score_processes)
     try:
         worker.wait_ready()
         reader.wait_count(series * (points - 1), 300)
@@ -376,7 +420,9 @@ def warm_broker(
         reader.close()
 
 
-def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, bootstrap: str, workdir: Path, broker_pid: int | None
+) -> dict[str, Any]:
     params: dict[str, Any] = json.loads(args.params)
     profile_dir = Path(args.profile) if args.profile else None
     if profile_dir:
@@ -404,9 +450,11 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
     produce_all(bootstrap, input_topic, bulk, "producing the throughput data")
 
     reader = ResultReader(bootstrap, topics["output"])
-    worker = WorkerRun(config_path, log, args.split_stages)
+    worker = WorkerRun(config_path, log, args.split_stages,
+                       score_processes=args.score_processes)
     try:
         ready_at = worker.wait_ready()
+        use = CoreUse([worker], broker_pid)
         cpu_at_ready = worker.cpu_seconds()
         rss_at_ready = worker.rss_bytes()
         profiles: dict[str, list[Path]] = {}
@@ -423,6 +471,7 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         reader.wait_count(expected, 10)
         pipeline_s = reader.last_at - ready_at
         pipeline_cpu_s = worker.cpu_seconds() - cpu_at_ready
+        use.end()
         if profiler is not None:
             profiles["throughput"] = profiler.stop()
             profiler = Profiler(worker, profiling / "steady.txt")
@@ -499,7 +548,8 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         commit_all_s = metric_value(before_kill, "anomstream_commit_seconds_sum")
         worker.kill()
         before = reader.count
-        restarted = WorkerRun(config_path, log, args.split_stages)
+        restarted = WorkerRun(config_path, log, args.split_stages,
+                              score_processes=args.score_processes)
         worker = restarted
         ready_after = restarted.wait_ready() - restarted.started
         cpu_restart = restarted.cpu_seconds()
@@ -533,7 +583,11 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
     pipeline_rate = pipeline_points / pipeline_s
     return {
         "series": args.series,
-        "worker_processes": 2 if args.split_stages else 1,
+        # Processes that run stages: one with both, or the route stage's and the score
+        # stage's (--split-stages), N of them with --score-processes N.
+        "worker_processes": (1 + args.score_processes
+                             if args.split_stages or args.score_processes > 1 else 1),
+        "score_processes": args.score_processes,
         "broker_warmup_pass": {"series": args.warmup_series, "points": args.warmup_points},
         "points_per_series": warm,
         "detector_params": params,
@@ -553,6 +607,9 @@ def run(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, An
         "pipeline_worker_cpu_us_per_point": round(1e6 * pipeline_cpu_s / pipeline_points, 1),
         "pipeline_vs_detector_cpu_ratio": round(
             alone_cpu_per_point / (pipeline_cpu_s / pipeline_points), 3),
+        # points/s = the worker's cores / its CPU per point: the cores each party used during
+        # the throughput phase say how many the worker had.
+        "throughput_cores": use.cores(pipeline_s),
         "latency_rate_points_per_s": rate,
         "latency_samples": len(latencies),
         "latency_p50_ms": round(pct(0.50), 2),
@@ -613,6 +670,47 @@ def machine_cpu_seconds() -> tuple[float, float]:
     return busy / tick, idle / tick
 
 
+class CoreUse:
+    """CPU time from its making to ``end``: of the workers, the broker (when the bench started
+    it), this process (mostly the result reader) and the rest of the machine; ``cores`` divides
+    it by the wall time into the cores each used (CPU seconds per second)."""
+
+    def __init__(self, workers: list[WorkerRun], broker_pid: int | None) -> None:
+        self.workers, self.broker_pid = workers, broker_pid
+        self.load_before = os.getloadavg()[0]
+        self.workers_before = [worker.cpu_seconds() for worker in workers]
+        self.broker_before = process_cpu_seconds(broker_pid) if broker_pid else 0.0
+        self.bench_before = time.process_time()
+        self.busy_before, self.idle_before = machine_cpu_seconds()
+
+    def end(self) -> None:
+        self.worker_cpu_s = [worker.cpu_seconds() - before for worker, before
+                             in zip(self.workers, self.workers_before, strict=True)]
+        self.broker_s = (process_cpu_seconds(self.broker_pid) - self.broker_before
+                         if self.broker_pid else None)
+        self.bench_s = time.process_time() - self.bench_before
+        busy, idle = machine_cpu_seconds()
+        self.busy_s, self.idle_s = busy - self.busy_before, idle - self.idle_before
+        self.load_after = os.getloadavg()[0]
+
+    def cores(self, wall_s: float) -> dict[str, Any]:
+        workers_s = sum(self.worker_cpu_s)
+        others_s = self.busy_s - workers_s - (self.broker_s or 0.0) - self.bench_s
+        broker_s = self.broker_s
+        return {
+            # The CPU times are read up to the poll after the last result, a tenth of a
+            # second at most past it.
+            "cores_workers": round(workers_s / wall_s, 2),
+            "cores_broker": round(broker_s / wall_s, 2) if broker_s is not None else None,
+            "cores_bench_reader": round(self.bench_s / wall_s, 2),
+            "cores_others": round(others_s / wall_s, 2),
+            "cores_idle": round(self.idle_s / wall_s, 2),
+            "broker_cpu_s": round(broker_s, 2) if broker_s is not None else None,
+            "load_average_1m_before_after": [round(self.load_before, 2),
+                                             round(self.load_after, 2)],
+        }
+
+
 def produce_gated(bootstrap: str, topic: str, records: list[tuple[str, bytes]],
                   label: str) -> Producer:
     """Produce ``records`` in one open transaction; they become readable when it commits.
@@ -653,11 +751,7 @@ def workers_phase(
     try:
         for worker in workers:
             worker.wait_ready()
-        load_before = os.getloadavg()
-        cpu_before = [worker.cpu_seconds() for worker in workers]
-        broker_before = process_cpu_seconds(broker_pid) if broker_pid else 0.0
-        bench_before = time.process_time()
-        busy_before, idle_before = machine_cpu_seconds()
+        use = CoreUse(workers, broker_pid)
         began = time.perf_counter()
         gate.commit_transaction(60)
         expected = args.series * (args.points - 1)
@@ -669,36 +763,23 @@ def workers_phase(
                 time.sleep(0.1)
         reader.wait_count(expected, 10)
         wall_s = reader.last_at - began
-        cpu = [worker.cpu_seconds() - at for worker, at in zip(workers, cpu_before, strict=True)]
-        broker_s = process_cpu_seconds(broker_pid) - broker_before if broker_pid else None
-        bench_s = time.process_time() - bench_before
-        busy_after, idle_after = machine_cpu_seconds()
-        load_after = os.getloadavg()
+        use.end()
         texts = [worker.metrics() for worker in workers]
     finally:
         for worker in workers:
             worker.stop()
         reader.close()
-    others_s = (busy_after - busy_before) - sum(cpu) - (broker_s or 0.0) - bench_s
     return {
         "workers": n,
         "points": expected,
         "wall_s": round(wall_s, 2),
         "points_per_s": round(expected / wall_s, 1),
-        "worker_cpu_s": [round(c, 2) for c in cpu],
-        "worker_cpu_us_per_point": round(1e6 * sum(cpu) / expected, 1),
+        "worker_cpu_s": [round(c, 2) for c in use.worker_cpu_s],
+        "worker_cpu_us_per_point": round(1e6 * sum(use.worker_cpu_s) / expected, 1),
         # How evenly the group split the series: windows each worker scored.
         "windows_scored_per_worker": [int(metric_value(text, "anomstream_windows_closed_total"))
                                       for text in texts],
-        # Cores (CPU seconds per second of the interval) each party used; the CPU times are
-        # read up to the poll after the last result, a tenth of a second at most past it.
-        "cores_workers": round(sum(cpu) / wall_s, 2),
-        "cores_broker": round(broker_s / wall_s, 2) if broker_s is not None else None,
-        "cores_bench_reader": round(bench_s / wall_s, 2),
-        "cores_others": round(others_s / wall_s, 2),
-        "cores_idle": round((idle_after - idle_before) / wall_s, 2),
-        "broker_cpu_s": round(broker_s, 2) if broker_s is not None else None,
-        "load_average_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        **use.cores(wall_s),
     }
 
 
@@ -770,6 +851,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (worker log)")
     parser.add_argument("--split-stages", action="store_true",
                         help="run the route and score stages as two processes (two cores)")
+    parser.add_argument("--score-processes", type=int, default=1, metavar="N",
+                        help="run the worker's score stage in N processes (detect "
+                             "--score-processes)")
     parser.add_argument("--max-live-models", type=int,
                         help="the worker's max_live_models (default: twice --series, no "
                              "eviction); the detector-alone reference then runs this many "
@@ -793,11 +877,11 @@ def main() -> int:
         if args.bootstrap:
             # Another broker's pid is not ours to guess: its CPU is left out.
             result = (run_workers(args, args.bootstrap, workdir, None) if args.workers
-                      else run(args, args.bootstrap, workdir))
+                      else run(args, args.bootstrap, workdir, None))
         else:
             with LocalKafka(workdir / "kafka", port=free_port(), controller_port=free_port()) as k:
                 result = (run_workers(args, k.bootstrap, workdir, k.running_pid())
-                          if args.workers else run(args, k.bootstrap, workdir))
+                          if args.workers else run(args, k.bootstrap, workdir, k.running_pid()))
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

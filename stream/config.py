@@ -131,6 +131,10 @@ class WorkerSettings(_Strict):
     spill_dir: Path = Field(
         default_factory=lambda: Path(tempfile.gettempdir()) / "anomstream-spill"
     )
+    # Processes running the score stage (the route stage stays in the worker's own): the score
+    # stage is one process on one core otherwise. Each is a member of the score group under an
+    # instance id derived from the worker's (docs/decisions/0011-score-processes.md).
+    score_processes: int = Field(default=1, ge=1)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     # Most empty intervals filled (missing, zero or previous) after a series' last record; beyond

@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -114,6 +114,13 @@ class WorkerMetrics:
         self.stage_lag[stage] = total
 
 
+class HasRegistry(Protocol):
+    """What /metrics serves: a worker's metrics, or several processes' merged."""
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+
 class HealthServer:
     """/metrics, /healthz (the loops are turning) and /readyz (partitions assigned and restored).
 
@@ -134,7 +141,7 @@ class HealthServer:
     def __init__(
         self,
         port: int,
-        metrics: WorkerMetrics,
+        metrics: HasRegistry,
         healthy: Callable[[], bool],
         ready: Callable[[], bool],
         host: str = "127.0.0.1",

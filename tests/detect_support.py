@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -85,14 +86,15 @@ class WorkerProcess:
     """``python -m app.cli detect`` in a subprocess, with its log and metrics port."""
 
     def __init__(self, config: Path, instance: str, log_dir: Path,
-                 stages: str = "route,score") -> None:
+                 stages: str = "route,score", score_processes: int = 1) -> None:
         self.instance = instance
         self.port = free_port()
         self.log_path = log_dir / f"worker-{instance}-{stages.replace(',', '-')}.log"
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "detect", "--config", str(config),
-             "--instance-id", instance, "--metrics-port", str(self.port), "--stages", stages],
+             "--instance-id", instance, "--metrics-port", str(self.port), "--stages", stages,
+             "--score-processes", str(score_processes)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -137,6 +139,20 @@ class WorkerProcess:
             self.process.kill()
             self.process.wait(30)
             raise AssertionError(f"worker {self.instance} ignored SIGTERM\n{self.log()}") from None
+
+    def children(self) -> list[int]:
+        """The pids of the worker's child processes: its score processes and multiprocessing's
+        resource tracker."""
+        pids = []
+        for task in Path(f"/proc/{self.process.pid}/task").glob("*"):
+            with contextlib.suppress(OSError):  # the thread or the process ended meanwhile
+                pids.extend(int(pid) for pid in (task / "children").read_text().split())
+        return pids
+
+    def score_processes(self) -> list[int]:
+        """The pids of the worker's score processes (multiprocessing's spawned children)."""
+        return [pid for pid in self.children()
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import threading
 import time
 import uuid
 from contextlib import closing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -517,3 +520,92 @@ def test_restored_series_take_up_a_changed_threshold_and_keep_their_model(
     log = second.log_path.read_text(errors="replace")
     notes = [line for line in log.splitlines() if "restored series keep" in line]
     assert len(notes) == 1 and f"num_trees={SMALL_MODEL['num_trees']}" in notes[0], notes
+
+
+def both_scoring(worker: WorkerProcess) -> bool:
+    return all(worker.metric("anomstream_records_in_total", stage="score",
+                             worker_process=f"{worker.instance}.score-{i}") > 0 for i in (0, 1))
+
+
+def all_gone(pids: list[int]) -> bool:
+    return not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def test_score_processes_kill_9_loses_and_duplicates_nothing(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """One worker, its score stage in two processes: they split the partitions, a kill -9 of
+    the worker takes them down with it, and the restarted worker's results are those of one
+    uninterrupted worker, each once."""
+    hosts = [f"h{k}" for k in range(8)]
+    input_topic = f"procs-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka_bootstrap, [input_topic], partitions=4)
+    topics = names("procs")
+    config = write_config(tmp_path / "detect.yaml", kafka_bootstrap, input_topic=input_topic,
+                          partitions=4, worker={"snapshots_per_commit": 1}, **topics)
+    kills = []
+    with PacedFeed(kafka_bootstrap, input_topic, hosts) as feed:
+        for attempt in range(3):
+            worker = WorkerProcess(config, "procs", tmp_path, score_processes=2)
+            worker.wait_ready()
+            children = worker.children()
+            if attempt == 0:
+                # Both score processes own partitions and score; /metrics carries both.
+                wait_for(partial(both_scoring, worker), 30, "both score processes scoring")
+            # The second life lasts through a checkpoint round, so that restores resume from
+            # snapshots as well as from the start.
+            delay = 4.0 if attempt == 1 else random.uniform(0.2, 2.5)
+            time.sleep(delay)
+            seen = len(results(kafka_bootstrap, topics["output"]))
+            worker.kill()
+            kills.append((attempt, round(delay, 2), seen))
+            # The kernel ends the children with the worker (PR_SET_PDEATHSIG).
+            wait_for(partial(all_gone, children), 10, "the score processes to die with the worker")
+        time.sleep(1.0)
+    print("kills (attempt, seconds after ready, results seen before):", kills)
+    assert any(seen > 0 for _, _, seen in kills), f"no kill came after the first results: {kills}"
+    expected = feed.expected_results
+    worker = WorkerProcess(config, "procs", tmp_path, score_processes=2)
+    try:
+        worker.wait_ready()
+        assert worker.get("/healthz")[0] == 200
+        got = wait_for_results(kafka_bootstrap, topics["output"], expected, 120, [worker])
+        time.sleep(1.0)  # anything extra (a duplicate) would show up now
+        got = results(kafka_bootstrap, topics["output"])
+    finally:
+        children = worker.children()
+        assert worker.stop() == 0, worker.log()
+    wait_for(partial(all_gone, children), 10, "the score processes to end with the worker")
+    reference = uninterrupted_run(kafka_bootstrap, tmp_path, input_topic, 4, expected)
+    assert_same_output(got, reference)
+    assert_never_back_to_learning(got)
+
+
+@pytest.mark.parametrize("failure", ["kill-9", "spill-dir"])
+def test_a_failing_score_process_stops_the_worker(
+    kafka_bootstrap: str, tmp_path: Path, failure: str
+) -> None:
+    """A score process that dies (kill -9) or fails (its spill store cannot be made) ends the
+    worker non-zero with the reason, instead of leaving it idle and healthy."""
+    input_topic = f"procfail-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka_bootstrap, [input_topic], partitions=2)
+    topics = names("procfail")
+    spill = tmp_path / "spill"
+    if failure == "spill-dir":
+        spill.write_text("a file where the spill directory should be")
+    config = write_config(tmp_path / "detect.yaml", kafka_bootstrap, input_topic=input_topic,
+                          worker={"spill_dir": str(spill)}, **topics)
+    worker = WorkerProcess(config, "procfail", tmp_path, score_processes=2)
+    try:
+        if failure == "kill-9":
+            worker.wait_ready()
+            os.kill(worker.score_processes()[0], signal.SIGKILL)
+            reason = "was killed by SIGKILL"
+        else:
+            reason = "the spill store"
+        assert worker.process.wait(60) == 1, worker.log()
+    finally:
+        if worker.process.poll() is None:
+            worker.kill()
+    log = worker.log()
+    assert "error: score process procfail.score-" in log and reason in log, log

@@ -9,6 +9,7 @@ import re
 import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -344,3 +345,54 @@ def test_a_stage_drops_a_failure_and_what_its_frames_held_once_it_has_recovered(
     stage.run()
     assert stage.rebuilds == 1
     assert stage.alive_after_recovery is False
+
+
+def test_score_processes_below_one_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.cli import main
+
+    assert main(["detect", "--config", str(write(tmp_path, GOOD)), "--score-processes", "0"]) == 2
+    assert "--score-processes must be 1 or more, got 0" in capsys.readouterr().err
+    path = write(tmp_path, GOOD + "worker: {score_processes: 0}\n")
+    assert main(["detect", "--config", str(path)]) == 2
+    assert "worker.score_processes: Input should be greater than or equal to 1" in (
+        capsys.readouterr().err)
+
+
+def test_merged_metrics_of_score_processes_are_one_valid_exposition() -> None:
+    """The worker's /metrics with score processes: each metric family once, every process's
+    samples in it, labelled with the process."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from stream.metrics import WorkerMetrics
+    from stream.worker.processes import MergedMetrics, process_families
+
+    own = WorkerMetrics()
+    own.records_in.labels("route", "in").inc(7)
+    children = []
+    for i in range(2):
+        child = WorkerMetrics()
+        child.records_in.labels("score", "rep").inc(5 + i)
+        child.scoring_seconds.observe(0.001)
+        children.append(generate_latest(child.registry).decode())
+
+    def families() -> list[Any]:
+        return [family for i, text in enumerate(children)
+                for family in process_families(text, f"w.score-{i}")]
+
+    text = generate_latest(MergedMetrics(own.registry, "w", families).registry).decode()
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(types) == len(set(types))
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+    assert samples[("anomstream_records_in_total", (
+        ("stage", "route"), ("topic", "in"), ("worker_process", "w")))] == 7
+    for i in range(2):
+        assert samples[("anomstream_records_in_total", (
+            ("stage", "score"), ("topic", "rep"), ("worker_process", f"w.score-{i}")))] == 5 + i
+        assert samples[("anomstream_scoring_seconds_count",
+                        (("worker_process", f"w.score-{i}"),))] == 1

@@ -13,7 +13,8 @@ batch produced (results, dead letters, repartitioned records, snapshots) and the
 consumed become visible together or not at all. State recovery (snapshots + replay with
 suppressed output) is explained in docs/decisions/0002-exactly-once.md and in ``checkpoint``.
 The worker's own topics are made by ``topics``; ``supervision`` runs the stages and says whether
-the worker is healthy.
+the worker is healthy; ``processes`` runs the score stage in child processes of the worker
+(docs/decisions/0011-score-processes.md).
 """
 
 from stream.worker.checkpoint import CheckpointedStage, Partition, read_state

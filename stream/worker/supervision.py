@@ -29,6 +29,14 @@ STAGES: dict[str, type[RouteStage] | type[ScoreStage]] = {
 }
 
 
+def check_stages(stages: tuple[str, ...]) -> tuple[str, ...]:
+    """The stage names, each once; ``WorkerError`` for none or an unknown one."""
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or not stages:
+        raise WorkerError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    return tuple(dict.fromkeys(stages))
+
+
 class Worker:
     """The stages of one worker instance (both by default), one thread each.
 
@@ -42,10 +50,7 @@ class Worker:
         instance_id: str | None = None,
         stages: tuple[str, ...] = tuple(STAGES),
     ) -> None:
-        unknown = sorted(set(stages) - set(STAGES))
-        if unknown or not stages:
-            raise WorkerError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-        self.stage_names = tuple(dict.fromkeys(stages))
+        self.stage_names = check_stages(stages)
         self.config = config
         self.instance_id = instance_id or config.kafka.instance_id or default_instance_id()
         self.metrics = WorkerMetrics()
