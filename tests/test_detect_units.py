@@ -396,3 +396,29 @@ def test_merged_metrics_of_score_processes_are_one_valid_exposition() -> None:
             ("stage", "score"), ("topic", "rep"), ("worker_process", f"w.score-{i}")))] == 5 + i
         assert samples[("anomstream_scoring_seconds_count",
                         (("worker_process", f"w.score-{i}"),))] == 1
+
+
+def test_a_worker_of_score_processes_only_runs_until_stopped() -> None:
+    """``--stages score --score-processes N``: the parent runs no stage of its own, so it waits
+    for a stop (or a child's failure) before it stops its children."""
+    from app.commands.detect import run_until_stopped
+
+    class Children:
+        stopped_with_stop_set: bool | None = None
+
+        def failure(self) -> str | None:
+            return None
+
+        def stop(self) -> None:
+            self.stopped_with_stop_set = stop.is_set()
+
+        def join(self, timeout_s: float) -> None:
+            pass
+
+    stop = threading.Event()
+    children = Children()
+    timer = threading.Timer(1.2, stop.set)
+    timer.start()
+    assert run_until_stopped(None, children, stop) == []  # type: ignore[arg-type]
+    timer.cancel()
+    assert children.stopped_with_stop_set is True

@@ -154,7 +154,8 @@ def run_until_stopped(worker: Worker | None, children: ScoreProcesses | None,
     that sits idle while reporting healthy would hide that it scores nothing."""
     errors: list[str] = []
     while True:
-        done = worker is None or worker.wait(0.5)
+        # Without stages of its own (``--stages score``) only a stop or a child ends the worker.
+        done = worker is not None and worker.wait(0.5)
         if worker is None:
             stop.wait(0.5)
         failure = None if children is None else children.failure()
