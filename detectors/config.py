@@ -41,8 +41,9 @@ class DetectorConfig:
     # Calibration (see detectors/calibration.py): a score of 70 means the point's evidence is
     # as rare, on this series' own history, as one point in 10 ** rarity.
     rarity: float = 2.8
-    # The forest's score is smoothed over this many points: one odd point of a noisy series
-    # does not report on its own (5 rather than 3: a fifth as many reports on Gaussian noise).
+    # The forest's score is smoothed over this many points before its tail judges it: the mean
+    # of 5 is closer to normal than that of 3, so its tail fits better (a fifth as many
+    # reports on Gaussian noise; docs/detector.md).
     score_window: int = 5
     score_decay: float = 0.001
     score_warmup: int = 150

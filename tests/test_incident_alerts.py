@@ -42,8 +42,8 @@ def assert_one_incident_per_outage(events: list[Event]) -> None:
         # Paged at the outage's start (the upward crossing), not intervals later.
         assert outage.start_s() <= page.start < outage.start_s() + 2 * STEP_S
         # Resolved only after the outage is over, and within four intervals of its end: three
-        # under the exit threshold (resolve_after), the first of which can still be the
-        # smoothed score's last point above it.
+        # under the exit threshold (resolve_after), and one for the smoothed score to fall
+        # under it.
         assert outage.end_s() < resolve.end <= outage.end_s() + 4 * STEP_S
         # The incident it reports on covers the outage.
         assert resolve.incident_start == page.incident_start

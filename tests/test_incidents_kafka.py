@@ -186,8 +186,8 @@ delivery: {{initial_backoff: 0.2s, max_backoff: 1s, timeout: 10s}}
     assert [p for p in pages(messages, "ops", gpu8) if p[2] > GAP.start] == []
     assert pages(messages, "silent", gpu8) == []
     # gpu-7 (last: it needs the detector of issue 11): one page per outage at its start,
-    # resolved within 4 intervals after it ends (3 under the exit threshold, the first of
-    # which can still be the smoothed score's last point above it).
+    # resolved within 4 intervals after it ends (3 under the exit threshold, and one for the
+    # smoothed score to fall under it).
     gpu_pages = pages(messages, "ops", gpu7)
     assert [kind for kind, _, _ in gpu_pages] == ["FIRING", "RESOLVED"] * len(OUTAGES), gpu_pages
     for outage, (page, resolve) in zip(OUTAGES, zip(gpu_pages[::2], gpu_pages[1::2],

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from common.kafka_security import security_from_args
     from stream.config import ConfigError, load_config
     from stream.metrics import HasRegistry, HealthServer, WorkerMetrics
-    from stream.worker import Worker, WorkerError, default_instance_id
+    from stream.worker import Worker, WorkerError, resolve_instance_id
     from stream.worker.processes import MergedMetrics, ScoreProcesses
     from stream.worker.supervision import check_stages
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         stages = check_stages(
             tuple(name.strip() for name in args.stages.split(",") if name.strip()))
-        instance_id = args.instance_id or config.kafka.instance_id or default_instance_id()
+        instance_id = resolve_instance_id(config, args.instance_id)
         children = None
         if config.worker.score_processes > 1 and "score" in stages:
             children = ScoreProcesses(config, instance_id, config.worker.score_processes,

@@ -21,7 +21,7 @@ from stream.worker.checkpoint import CheckpointedStage, Partition, read_state
 from stream.worker.errors import TransactionLost, WorkerError
 from stream.worker.route import RouteStage
 from stream.worker.score import ScoreStage
-from stream.worker.supervision import STAGES, Worker, default_instance_id
+from stream.worker.supervision import STAGES, Worker, resolve_instance_id
 from stream.worker.topics import MAX_RECORD_BYTES, ensure_topics
 from stream.worker.transaction import Stage
 
@@ -36,7 +36,7 @@ __all__ = [
     "TransactionLost",
     "Worker",
     "WorkerError",
-    "default_instance_id",
     "ensure_topics",
     "read_state",
+    "resolve_instance_id",
 ]

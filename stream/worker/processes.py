@@ -193,10 +193,6 @@ class ScoreProcesses:
                 if child.process.exitcode is None and child.process.pid is not None:
                     os.kill(child.process.pid, signal.SIGTERM)
 
-    def finished(self) -> bool:
-        with self._lock:
-            return all(child.process.exitcode is not None for child in self.children)
-
     def join(self, timeout_s: float) -> None:
         for child in self.children:
             child.process.join(timeout_s)

@@ -18,8 +18,9 @@ from stream.worker.transaction import Stage
 
 log = logging.getLogger("anomstream.worker")
 
-def default_instance_id() -> str:
-    return socket.gethostname()
+def resolve_instance_id(config: DetectConfig, instance_id: str | None = None) -> str:
+    """The worker's instance id: the one given, else ``kafka.instance_id``, else the host name."""
+    return instance_id or config.kafka.instance_id or socket.gethostname()
 
 
 
@@ -52,7 +53,7 @@ class Worker:
     ) -> None:
         self.stage_names = check_stages(stages)
         self.config = config
-        self.instance_id = instance_id or config.kafka.instance_id or default_instance_id()
+        self.instance_id = resolve_instance_id(config, instance_id)
         self.metrics = WorkerMetrics()
         self.stop = threading.Event()
         self.stages: list[Stage] = []
