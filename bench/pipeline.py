@@ -518,10 +518,13 @@ def run(
             produced_at[key] = min(at, produced_at.get(key, at))
         from contract.records import format_time
         latencies = []
+        by_step: dict[int, list[float]] = {}
         for name, step, _at in sent:
             arrived = reader.arrivals.get((name, format_time((step - 1) * STEP_MS / 1000)))
             if arrived is not None:
-                latencies.append((arrived - produced_at[(partition_of[name], step)]) * 1000)
+                latency = (arrived - produced_at[(partition_of[name], step)]) * 1000
+                latencies.append(latency)
+                by_step.setdefault(step, []).append(latency)
         latencies.sort()
 
         # Restore: once every partition has checkpointed, kill -9 with all series live
@@ -614,6 +617,13 @@ def run(
         "latency_samples": len(latencies),
         "latency_p50_ms": round(pct(0.50), 2),
         "latency_p99_ms": round(pct(0.99), 2),
+        # Per step of the latency phase (a burst of --series windows each): the first step
+        # closes the windows the throughput phase left open, right after its backlog.
+        "latency_by_step_ms": [
+            {"p0": round(s[0], 1), "p50": round(s[len(s) // 2], 1),
+             "p99": round(s[min(len(s) - 1, int(0.99 * len(s)))], 1), "max": round(s[-1], 1)}
+            for s in (sorted(v) for _step, v in sorted(by_step.items()))
+        ],
         # The price of exactly-once during the throughput phase: time inside transaction
         # commits (each stage commits every commit_interval while it has work).
         "commits_during_throughput": {

@@ -33,8 +33,14 @@ class Detector(Protocol):
     """One series' model: deterministic for its configuration and inputs, and serializable."""
 
     def update(self, timestamp: float, value: float | Sequence[float] | None) -> Result:
-        """Score the point at ``timestamp`` (seconds), then learn it; ``None`` (or NaN) is a
-        missing point, a sequence one value per measure."""
+        """Score the point at ``timestamp`` (seconds) and learn it; ``None`` (or NaN) is a
+        missing point, a sequence one value per measure. The learning may wait until the model
+        is next used or saved, or until ``learn_pending``."""
+        ...
+
+    def learn_pending(self) -> None:
+        """Learn what ``update`` has scored and not learned yet (nothing, if it has). The
+        runtime calls it when it is idle; results never depend on when it is called."""
         ...
 
     @property

@@ -103,6 +103,8 @@ class RcfDetector:
         self._pending: list[list[float]] = []
         self._has_margins = self.config.absolute_margin > 0.0 or self.config.ratio_margin > 0.0
         self._log = self.config.transform == "log"
+        # The point the forest has scored and not learned yet (``learn_pending``).
+        self._unlearned: list[float] | None = None
 
     def _new_forest(self) -> krcf.RandomCutForest:
         c = self.config
@@ -122,7 +124,34 @@ class RcfDetector:
 
     @property
     def model_stage(self) -> ModelStage:
+        self.learn_pending()
         return ModelStage.INFERENCE if self._forest.is_output_ready() else ModelStage.LEARNING
+
+    def learn_pending(self) -> None:
+        """Teach the forest the last point ``update`` scored, if it has not learned it yet.
+
+        ``update`` returns its result once the forest has scored the point, and leaves the
+        learning (about two thirds of the forest's work) until the forest is next used, or until
+        this is called. The forest sees the same calls in the same order either way, so the
+        results are the same; a worker that closes a burst of windows at once gets every result
+        out first and lets the models learn when it is idle.
+
+        >>> detector = RcfDetector(DetectorConfig(warmup=8))
+        >>> late = [detector.update(60.0 * t, float(t % 3)) for t in range(40)]
+        >>> eager = RcfDetector(DetectorConfig(warmup=8))
+        >>> now = []
+        >>> for t in range(40):
+        ...     now.append(eager.update(60.0 * t, float(t % 3)))
+        ...     eager.learn_pending()
+        >>> now == late
+        True
+        >>> eager.update(60.0 * 40, 9.0) == detector.update(60.0 * 40, 9.0)
+        True
+        """
+        point = self._unlearned
+        if point is not None:
+            self._unlearned = None
+            self._forest.update(point)
 
     @property
     def processed_data_points(self) -> int:
@@ -143,8 +172,11 @@ class RcfDetector:
         if self._scales is None or len(self._scales) > 1:
             raw = self._score_and_learn(point)
         else:  # a univariate series: the forest takes the point as it is (hot path)
+            if self._unlearned is not None:
+                self._forest.update(self._unlearned)
+                self._unlearned = None
             raw = self._forest.score(point)
-            self._forest.update(point)
+            self._unlearned = point
         c = self.config
         seen = self._seen = self._seen + 1
         self._observed_share += c.time_decay * (1.0 - self._observed_share)
@@ -192,8 +224,9 @@ class RcfDetector:
         if scales is None:
             return self._wait_for_scales(point)
         point = [x / scale for x, scale in zip(point, scales + scales, strict=True)]
+        self.learn_pending()
         raw = self._forest.score(point)
-        self._forest.update(point)
+        self._unlearned = point
         return raw
 
     def _wait_for_scales(self, point: list[float]) -> float:
@@ -353,6 +386,7 @@ class RcfDetector:
 
     def _attribution(self, point: list[float]) -> tuple[float, ...]:
         """Share of the score per variable (value and residual coordinates together)."""
+        self.learn_pending()  # of the forest that has learned the point, as it always was
         scales = self._scales or [1.0] * self.dimensions
         if len(scales) > 1:
             point = [x / scale for x, scale in zip(point, scales + scales, strict=True)]
@@ -365,6 +399,7 @@ class RcfDetector:
 
     def to_bytes(self) -> bytes:
         """A compact snapshot; ``from_bytes`` restores a detector that continues identically."""
+        self.learn_pending()
         seasonal = [r.to_state() for r in self._seasonal] if self._seasonal else None
         state: dict[str, Any] = {
             "dimensions": self.dimensions,

@@ -83,6 +83,31 @@ def test_same_seed_same_results_other_seed_other_raw_scores() -> None:
     assert [r.raw_score for r in first] != [r.raw_score for r in other]
 
 
+@pytest.mark.parametrize("dimensions", [1, 2])
+def test_when_the_forest_learns_a_scored_point_changes_no_result(dimensions: int) -> None:
+    """``update`` leaves the forest's learning of its point for later (``learn_pending``, or
+    the next use): learning at once, never, or at random moments gives the same results,
+    including the attribution of reports, and snapshots that continue the same."""
+    rng = random.Random(dimensions)
+    values = daily_series(3, noise=2.0)
+    values[700] += 300.0  # a report, whose attribution reads the forest
+    values[650] = math.nan  # a missing point reads the model stage
+    points = [v if dimensions == 1 else [v, rng.gauss(0.0, 1.0)] for v in values]
+    runs = []
+    for learn_when in (lambda: True, lambda: False, lambda: rng.random() < 0.5):
+        detector = RcfDetector(DetectorConfig(warmup=32), dimensions)
+        results = []
+        for i, point in enumerate(points):
+            results.append(detector.update(i * 300.0, point))
+            if learn_when():
+                detector.learn_pending()
+            if i == 500:  # a snapshot with the point unlearned, or learned
+                detector = RcfDetector.from_bytes(detector.to_bytes())
+        runs.append(results)
+    assert runs[0] == runs[1] == runs[2]
+    assert any(r.anomaly_decision and r.attribution for r in runs[0])
+
+
 @pytest.mark.parametrize("cut", [20, 300, 340, 700])
 def test_restored_snapshot_continues_exactly(cut: int) -> None:
     """Cut points (300-s steps): learning, before the daily reference, settling, after it."""

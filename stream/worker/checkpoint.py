@@ -121,12 +121,17 @@ class CheckpointedStage(Stage):
         for part in forced:
             self._checkpoint_now(part)
         now = time.monotonic()
+        bursting = self.bursting()
         for part in sorted(self.partitions.values(), key=lambda p: p.checkpointed_at):
             if part.round_offset is None:
                 if (part.next_offset <= part.checkpoint_offset
                         or now - part.checkpointed_at < self.snapshot_interval_s):
                     continue
                 self._begin_round(part, now)
+            if bursting and now < part.round_deadline:
+                # The burst's results go out first; its share of the round (pacing counts the
+                # time since the last paced commit) falls to the next commit after it.
+                continue
             quota = self._quota(part, now)
             while part.round_pending and quota > 0:
                 series = part.live.get(part.round_pending.pop())
@@ -137,6 +142,11 @@ class CheckpointedStage(Stage):
             part.round_paced_at = now
             if not part.round_pending:
                 self._end_round(part)
+
+    def bursting(self) -> bool:
+        """Whether the stage is scoring a burst of windows that closed together while it was
+        caught up with its input: their results wait on nothing else (no snapshots)."""
+        return False
 
     def _begin_round(self, part: Partition, now: float) -> None:
         """Fix the round's offset and clock and choose the series to snapshot: those with at

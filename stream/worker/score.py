@@ -8,6 +8,7 @@ import logging
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from contract.records import encode_head, encode_result
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
     from detectors.protocol import Result
 
 log = logging.getLogger("anomstream.worker")
+
+# How long an idle turn of the loop spends teaching the models the windows they have scored
+# (``ScoreStage.tick``): a record that arrives meanwhile waits at most this long.
+LEARN_BUDGET_S = 0.02
 
 class _Due:
     """A closed window waiting for its series' detector (``ScoreStage._flush``)."""
@@ -86,6 +91,12 @@ class ScoreStage(CheckpointedStage):
         self._due_windows = 0  # windows in _due
         self._outbox: list[_Due | _Output] = []
         self.slice_windows = config.worker.score_slice_windows
+        # Series whose model has scored windows it has not learned yet (``learn_pending``), and
+        # whether this turn of the loop closed any window: the models learn in idle turns.
+        self._unlearned: dict[Series, None] = {}
+        self._closed_windows = False
+        self._caught_up = False  # the last batch was not a full one: no backlog
+        self._max_batch = config.worker.max_batch
 
     # -- processing ---------------------------------------------------------------------------
 
@@ -101,6 +112,7 @@ class ScoreStage(CheckpointedStage):
         consumed = False
         ticks = 0
         slice_windows = self.slice_windows
+        self._caught_up = len(messages) < self._max_batch
         for message in messages:
             if message.error() is not None:
                 self.consumer_error(message)
@@ -215,12 +227,20 @@ class ScoreStage(CheckpointedStage):
         )
 
     def _flush(self) -> None:
-        """Score the pending windows series by series; produce the outbox in its order."""
+        """Score the pending windows series by series; produce the outbox in its order.
+
+        A model scores its windows here and learns the last of them later (``tick``), so the
+        results of a burst of windows closing together are out before the models learn.
+        """
         perf = time.perf_counter
         observe = self._scoring.observe
         scored = 0
         traced = False
+        unlearned = self._unlearned
+        if self._due:
+            self._closed_windows = True
         for series, windows in self._due.items():
+            unlearned[series] = None
             detector = series.detector
             for due in windows:
                 window = due.window
@@ -354,6 +374,7 @@ class ScoreStage(CheckpointedStage):
         self.spill.put(part.number, series.timeseries_id, payload)
         del part.live[series.timeseries_id]
         del self.lru[series.timeseries_id]
+        self._unlearned.pop(series, None)  # its snapshot has learned everything
         self.metrics.evictions.inc()
 
     def _dead_letter(
@@ -378,6 +399,9 @@ class ScoreStage(CheckpointedStage):
         return (self.config.topics.dead_letter, value, None, out)
 
     def tick(self) -> None:
+        if self._unlearned and not self._closed_windows:
+            self._learn_pending()
+        self._closed_windows = False  # a turn that closes none is idle
         now = time.monotonic()
         if now - self._last_gauges < 1.0:
             return
@@ -392,7 +416,32 @@ class ScoreStage(CheckpointedStage):
             max((now - p.checkpoint_time for p in unsaved), default=0.0)
         )
 
+    def bursting(self) -> bool:
+        return self._caught_up and self._closed_windows
+
+    def poll_timeout_s(self) -> float:
+        # Idle with models left to learn: learn (``tick``) between polls that do not wait.
+        return 0.0 if self._unlearned and not self._closed_windows else 0.05
+
+    def _learn_pending(self) -> None:
+        """Let the models learn their scored windows, for up to ``LEARN_BUDGET_S``.
+
+        A model left out learns before it is next used or saved; learning now, while the stage
+        has nothing else to do, takes that work off the next burst of windows.
+        """
+        unlearned = self._unlearned
+        deadline = time.monotonic() + LEARN_BUDGET_S
+        while unlearned and time.monotonic() < deadline:
+            for _ in range(min(len(unlearned), 32)):
+                series, _none = unlearned.popitem()  # from the end: O(1), order is irrelevant
+                series.detector.learn_pending()
+
     # -- rebalances ----------------------------------------------------------------------------
+
+    def _drop(self, numbers: Iterable[int]) -> None:
+        dropped = set(numbers)
+        super()._drop(dropped)
+        self._unlearned = {s: None for s in self._unlearned if s.partition not in dropped}
 
     def forget(self) -> None:
         self._drop(list(self.partitions))

@@ -345,7 +345,7 @@ class Stage:
         batch = self.config.worker.max_batch
         while not self.stop.is_set():
             self.heartbeat.beat()
-            messages = self.consumer.consume(batch, 0.05)
+            messages = self.consumer.consume(batch, self.poll_timeout_s())
             if messages:
                 self.process(messages)
             if self.in_transaction and (
@@ -397,6 +397,10 @@ class Stage:
 
     def tick(self) -> None:
         """Housekeeping once per loop turn."""
+
+    def poll_timeout_s(self) -> float:
+        """How long a loop turn waits for records: briefly, unless ``tick`` has work to do."""
+        return 0.05
 
     def close(self) -> None:
         self.producer.flush(10)
