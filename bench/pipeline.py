@@ -526,6 +526,11 @@ def run(
                 latencies.append(latency)
                 by_step.setdefault(step, []).append(latency)
         latencies.sort()
+        # The checkpoint's share while points arrive; the round the wait below brings (a quiet
+        # partition snapshots every changed series) is in the share up to the kill.
+        after_latency = worker.metrics()
+        cpu_after_latency = worker.cpu_seconds() - cpu_at_ready
+        snapshot_s_after_latency = metric_value(after_latency, "anomstream_snapshot_seconds_sum")
 
         # Restore: once every partition has checkpointed, kill -9 with all series live
         # (--kill-at-once: right after the latency phase, the worst case for the replay).
@@ -659,6 +664,8 @@ def run(
         "checkpoint_share_of_worker_cpu": round(snapshot_all_s / cpu_at_kill, 3)
         if cpu_at_kill else None,
         "commit_wall_s_ready_to_kill": round(commit_all_s, 2),
+        "checkpoint_share_ready_to_latency_end": round(
+            snapshot_s_after_latency / cpu_after_latency, 3) if cpu_after_latency else None,
         **evicted,
         "profiles": {phase: profile_summary.summarize(paths)
                      for phase, paths in profiles.items()},

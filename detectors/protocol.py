@@ -38,6 +38,11 @@ class Detector(Protocol):
         is next used or saved, or until ``learn_pending``."""
         ...
 
+    def prepare(self, timestamp: float, value: float | Sequence[float] | None) -> None:
+        """Score ahead the point ``update`` may get next (an open window); results never
+        depend on it. The runtime calls it when it is idle."""
+        ...
+
     def learn_pending(self) -> None:
         """Learn what ``update`` has scored and not learned yet (nothing, if it has). The
         runtime calls it when it is idle; results never depend on when it is called."""

@@ -108,6 +108,7 @@ class Series:
         "spec",
         "timeseries_id",
         "unsaved_from",
+        "window_records",
         "windows",
     )
 
@@ -138,6 +139,9 @@ class Series:
         # newer than the partition's checkpoint): a replay must not apply them twice.
         self.skip_below = 0
         self.source = ""  # input partition of its latest record: its windows close on its time
+        # Records in its last closed window that had any: an open window with as many is
+        # likely complete, and worth scoring ahead (``ScoreStage``). Not saved.
+        self.window_records = 0
 
     def snapshot(self, offset: int) -> bytes:
         return encode_snapshot(

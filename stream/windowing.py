@@ -128,6 +128,18 @@ class SeriesWindows:
             return next_start + interval
         return earliest
 
+    def upcoming(self) -> tuple[int, tuple[float, ...], int] | None:
+        """The start, values so far and records of the window that closes next, if it is an
+        open one (no empty interval comes first); None otherwise."""
+        if not self.open:
+            return None
+        start = min(self.open)
+        next_start = self.next_start_ms
+        if next_start is not None and next_start < start and self.empty is not EmptyIntervals.SKIP:
+            return None
+        acc = self.open[start]
+        return start, self._result(acc), int(acc[0])
+
     def _fill_horizon(self) -> int:
         """Empty intervals starting at or after this are not filled: ``max_fill`` past the end of
         the interval of the series' last record."""

@@ -79,6 +79,27 @@ def test_delay_keeps_windows_open_and_late_is_older_than_watermark() -> None:
     assert w.add(1100, (1.0,)) == []  # exactly at the watermark is on time
 
 
+def test_upcoming_is_the_next_window_to_close_while_it_is_open() -> None:
+    """What the score stage scores ahead: the open window that closes next, its aggregate so
+    far and its records; nothing when an empty interval closes first."""
+    w = windows(Aggregation.AVG, delay_ms=1500)
+    assert w.upcoming() is None
+    w.add(100, (1.0,))
+    w.add(1200, (7.0,))
+    w.add(300, (3.0,))
+    assert w.upcoming() == (0, (2.0,), 2)  # [0, 1000) before [1000, 2000)
+    closed = w.add(2600, (5.0,))  # watermark 1100 closes [0, 1000)
+    assert [(c.start_ms, c.values) for c in closed] == [(0, (2.0,))]
+    assert w.upcoming() == (1000, (7.0,), 1)
+    missing = windows(Aggregation.SUM, empty=EmptyIntervals.MISSING)
+    missing.add(0, (5.0,))
+    missing.add(3500, (1.0,))  # closes [0, 1000) and the empty [1000, 3000)
+    assert missing.upcoming() == (3000, (1.0,), 1)
+    missing.advance(4000)  # [3000, 4000) closed; [4000, 5000) is empty
+    missing.add(5100, (2.0,))  # the empty [4000, 5000) closes first
+    assert missing.upcoming() is None
+
+
 @pytest.mark.parametrize(
     ("empty", "expected"),
     [

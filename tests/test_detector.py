@@ -84,9 +84,10 @@ def test_same_seed_same_results_other_seed_other_raw_scores() -> None:
 
 
 @pytest.mark.parametrize("dimensions", [1, 2])
-def test_when_the_forest_learns_a_scored_point_changes_no_result(dimensions: int) -> None:
+def test_when_the_forest_learns_or_scores_ahead_changes_no_result(dimensions: int) -> None:
     """``update`` leaves the forest's learning of its point for later (``learn_pending``, or
-    the next use): learning at once, never, or at random moments gives the same results,
+    the next use), and ``prepare`` scores a point ahead: learning at once, never, or at random
+    moments, with points scored ahead right, wrong or not at all, gives the same results,
     including the attribution of reports, and snapshots that continue the same."""
     rng = random.Random(dimensions)
     values = daily_series(3, noise=2.0)
@@ -98,6 +99,9 @@ def test_when_the_forest_learns_a_scored_point_changes_no_result(dimensions: int
         detector = RcfDetector(DetectorConfig(warmup=32), dimensions)
         results = []
         for i, point in enumerate(points):
+            if rng.random() < 0.5:  # the window's value so far: the final one, or not yet
+                ahead = point if rng.random() < 0.7 else values[i] + 1.0
+                detector.prepare(i * 300.0, ahead)
             results.append(detector.update(i * 300.0, point))
             if learn_when():
                 detector.learn_pending()

@@ -94,6 +94,9 @@ class ScoreStage(CheckpointedStage):
         # Series whose model has scored windows it has not learned yet (``learn_pending``), and
         # whether this turn of the loop closed any window: the models learn in idle turns.
         self._unlearned: dict[Series, None] = {}
+        # Series whose open window got records: idle turns score it ahead (``prepare``) once it
+        # looks complete, so a burst of windows closing together only looks the score up.
+        self._upcoming: dict[Series, None] = {}
         self._closed_windows = False
         self._caught_up = False  # the last batch was not a full one: no backlog
         self._max_batch = config.worker.max_batch
@@ -172,6 +175,7 @@ class ScoreStage(CheckpointedStage):
             series.dirty = True
             series.unsaved_from = message.offset()
         series.source = source
+        self._upcoming[series] = None
         self._closed(part, series, closed, message, headers, live_output)
 
     def _advance_clock(
@@ -229,8 +233,8 @@ class ScoreStage(CheckpointedStage):
     def _flush(self) -> None:
         """Score the pending windows series by series; produce the outbox in its order.
 
-        A model scores its windows here and learns the last of them later (``tick``), so the
-        results of a burst of windows closing together are out before the models learn.
+        A caught-up stage leaves the learning of each model's last window for an idle turn
+        (``tick``), so the results of a burst of windows closing together go out first.
         """
         perf = time.perf_counter
         observe = self._scoring.observe
@@ -239,11 +243,15 @@ class ScoreStage(CheckpointedStage):
         unlearned = self._unlearned
         if self._due:
             self._closed_windows = True
+        # Under a backlog results wait anyway, and a model learns best right after it scored
+        # (its forest is in the caches): only a caught-up stage leaves the learning for later.
+        learn_now = not self._caught_up
         for series, windows in self._due.items():
-            unlearned[series] = None
             detector = series.detector
             for due in windows:
                 window = due.window
+                if window.records:
+                    series.window_records = window.records
                 began = perf()
                 try:
                     due.result = detector.update(window.start_ms / 1000, window.values)
@@ -256,6 +264,10 @@ class ScoreStage(CheckpointedStage):
                     continue
                 observe(perf() - began)
                 scored += 1
+            if learn_now:
+                detector.learn_pending()
+            else:
+                unlearned[series] = None
             self._windows[series.spec.name].inc(len(windows))
         self._due.clear()
         self._due_windows = 0
@@ -375,6 +387,7 @@ class ScoreStage(CheckpointedStage):
         del part.live[series.timeseries_id]
         del self.lru[series.timeseries_id]
         self._unlearned.pop(series, None)  # its snapshot has learned everything
+        self._upcoming.pop(series, None)
         self.metrics.evictions.inc()
 
     def _dead_letter(
@@ -399,7 +412,7 @@ class ScoreStage(CheckpointedStage):
         return (self.config.topics.dead_letter, value, None, out)
 
     def tick(self) -> None:
-        if self._unlearned and not self._closed_windows:
+        if (self._unlearned or self._upcoming) and not self._closed_windows:
             self._learn_pending()
         self._closed_windows = False  # a turn that closes none is idle
         now = time.monotonic()
@@ -421,20 +434,34 @@ class ScoreStage(CheckpointedStage):
 
     def poll_timeout_s(self) -> float:
         # Idle with models left to learn: learn (``tick``) between polls that do not wait.
-        return 0.0 if self._unlearned and not self._closed_windows else 0.05
+        busy = self._closed_windows
+        return 0.0 if (self._unlearned or self._upcoming) and not busy else 0.05
 
     def _learn_pending(self) -> None:
-        """Let the models learn their scored windows, for up to ``LEARN_BUDGET_S``.
+        """Let the models learn their scored windows and score their open ones ahead, for up to
+        ``LEARN_BUDGET_S``.
 
-        A model left out learns before it is next used or saved; learning now, while the stage
-        has nothing else to do, takes that work off the next burst of windows.
+        A model left out learns before it is next used or saved, and scores its next window
+        when it closes; doing it now, while the stage has nothing else to do, takes that work
+        off the next burst of windows.
         """
-        unlearned = self._unlearned
+        unlearned, upcoming = self._unlearned, self._upcoming
         deadline = time.monotonic() + LEARN_BUDGET_S
-        while unlearned and time.monotonic() < deadline:
-            for _ in range(min(len(unlearned), 32)):
-                series, _none = unlearned.popitem()  # from the end: O(1), order is irrelevant
-                series.detector.learn_pending()
+        while (upcoming or unlearned) and time.monotonic() < deadline:
+            for _ in range(32):  # popitem takes from the end: O(1), and order is irrelevant
+                if upcoming:
+                    series, _none = upcoming.popitem()
+                    unlearned.pop(series, None)  # prepare learns first
+                    window = series.windows.upcoming()
+                    if window is None or window[2] < series.window_records:
+                        series.detector.learn_pending()
+                    else:
+                        series.detector.prepare(window[0] / 1000, window[1])
+                elif unlearned:
+                    series, _none = unlearned.popitem()
+                    series.detector.learn_pending()
+                else:
+                    break
 
     # -- rebalances ----------------------------------------------------------------------------
 
@@ -442,6 +469,7 @@ class ScoreStage(CheckpointedStage):
         dropped = set(numbers)
         super()._drop(dropped)
         self._unlearned = {s: None for s in self._unlearned if s.partition not in dropped}
+        self._upcoming = {s: None for s in self._upcoming if s.partition not in dropped}
 
     def forget(self) -> None:
         self._drop(list(self.partitions))
