@@ -92,12 +92,11 @@ class ScoreStage(CheckpointedStage):
         self._outbox: list[_Due | _Output] = []
         self.slice_windows = config.worker.score_slice_windows
         # Series whose model has scored windows it has not learned yet (``learn_pending``), and
-        # whether this turn of the loop closed any window: the models learn in idle turns.
+        # series whose open window got records, to score ahead (``prepare``) once it looks
+        # complete: both wait for an idle turn of the loop, one that closed no window.
         self._unlearned: dict[Series, None] = {}
-        # Series whose open window got records: idle turns score it ahead (``prepare``) once it
-        # looks complete, so a burst of windows closing together only looks the score up.
         self._upcoming: dict[Series, None] = {}
-        self._closed_windows = False
+        self._closed_windows = False  # in this turn of the loop
         self._caught_up = False  # the last batch was not a full one: no backlog
         self._max_batch = config.worker.max_batch
 
