@@ -420,6 +420,11 @@ def warm_broker(
         reader.close()
 
 
+def percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values (the nearest rank below); -1 for none."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else -1
+
+
 def run(
     args: argparse.Namespace, bootstrap: str, workdir: Path, broker_pid: int | None
 ) -> dict[str, Any]:
@@ -577,9 +582,6 @@ def run(
         worker.stop()
         reader.close()
 
-    def pct(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else -1
-
     # Measured again after the pipeline: on a shared machine the faster of the two runs is the
     # fair (conservative) reference for the ratio.
     console.print("detector alone, again ...")
@@ -620,13 +622,13 @@ def run(
         "throughput_cores": use.cores(pipeline_s),
         "latency_rate_points_per_s": rate,
         "latency_samples": len(latencies),
-        "latency_p50_ms": round(pct(0.50), 2),
-        "latency_p99_ms": round(pct(0.99), 2),
+        "latency_p50_ms": round(percentile(latencies, 0.50), 2),
+        "latency_p99_ms": round(percentile(latencies, 0.99), 2),
         # Per step of the latency phase (a burst of --series windows each): the first step
         # closes the windows the throughput phase left open, right after its backlog.
         "latency_by_step_ms": [
-            {"p0": round(s[0], 1), "p50": round(s[len(s) // 2], 1),
-             "p99": round(s[min(len(s) - 1, int(0.99 * len(s)))], 1), "max": round(s[-1], 1)}
+            {"p0": round(s[0], 1), "p50": round(percentile(s, 0.50), 1),
+             "p99": round(percentile(s, 0.99), 1), "max": round(s[-1], 1)}
             for s in (sorted(v) for _step, v in sorted(by_step.items()))
         ],
         # The price of exactly-once during the throughput phase: time inside transaction

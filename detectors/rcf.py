@@ -180,7 +180,9 @@ class RcfDetector:
         if observed is None:
             return
         values = [_to_log(v) for v in observed] if self._log else observed
-        point = values + (self._residuals(values) or self._deviations(values))
+        daily = self._daily(values)
+        residuals = None if daily is None else [residual for residual, _expected in daily]
+        point = values + (residuals or self._deviations(values))
         self.learn_pending()
         self._prepared = (point, self._forest.score(point))
 
@@ -203,10 +205,7 @@ class RcfDetector:
         if self._scales is None or len(self._scales) > 1:
             raw = self._score_and_learn(point)
         else:  # a univariate series: the forest takes the point as it is (hot path)
-            if self._unlearned is not None:
-                self._forest.update(self._unlearned)
-                self._unlearned = None
-                self._prepared = None
+            self.learn_pending()
             prepared = self._prepared
             if prepared is not None and prepared[0] == point:
                 raw = prepared[1]
@@ -340,20 +339,16 @@ class RcfDetector:
     def _compare(self, values: list[float]) -> tuple[list[float] | None, list[float]]:
         """Daily residuals (None before a full day, or where a gap left no reference) and the
         expected values of this point."""
-        seasonal = self._seasonal
-        if seasonal is None or not seasonal[0].ready:
+        compared = self._daily(values)
+        if compared is None:
             return None, self._expected(values)
         means = self._mean_values or values
         residuals, expected = [], []
         learn = not self._holding
         fits = self._fits
         # Indexed, not zip(..., strict=True): a keyword argument makes zip slow (hot path).
-        for index, ref in enumerate(seasonal):
+        for index, (residual, daily) in enumerate(compared):
             value, mean, fit = values[index], means[index], fits[index]
-            compared = ref.compare(value)
-            if compared is None:
-                return None, self._expected(values)
-            residual, daily = compared
             residuals.append(residual)
             expected.append(_better(daily, mean, fit))
             if learn:  # an incident must not teach "follow the level"
@@ -368,18 +363,20 @@ class RcfDetector:
         self._residual_age += 1
         return residuals, expected
 
-    def _residuals(self, values: list[float]) -> list[float] | None:
-        """The daily residuals of ``_compare``, without its learning (``prepare``)."""
+    def _daily(self, values: list[float]) -> list[tuple[float, float]] | None:
+        """Each variable's (residual, expected value) against its daily references; None
+        before a full day, or where a gap left no reference (the variables' references fill
+        and empty together)."""
         seasonal = self._seasonal
         if seasonal is None or not seasonal[0].ready:
             return None
-        residuals = []
+        compared = []
         for index, ref in enumerate(seasonal):
-            compared = ref.compare(values[index])
-            if compared is None:
+            pair = ref.compare(values[index])
+            if pair is None:
                 return None
-            residuals.append(compared[0])
-        return residuals
+            compared.append(pair)
+        return compared
 
     def _expected(self, values: Sequence[float]) -> list[float]:
         """Expected values without a daily comparison: before a full day, or imputed."""

@@ -24,9 +24,8 @@ def resolve_instance_id(config: DetectConfig, instance_id: str | None = None) ->
     return instance_id or config.kafka.instance_id or socket.gethostname()
 
 
-
-# The cyclic collector's full passes scan every object of every live model (over a million at
-# 10,000 series, about 80 ms a pass) and find a few cycles each: they took 7 % of a score
+# The cyclic collector's full passes scan every object of every live model (about 80 ms a pass
+# at 10,000 series) and found 6 objects to collect in a whole run: they took 7-8 % of a score
 # process's CPU (bench/pipeline.py, 10,000 series, 2 score processes). The worker runs one
 # after 1,000 passes of the middle generation instead of 10; the young ones are unchanged.
 FULL_COLLECTION_AFTER = 1000
