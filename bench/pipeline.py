@@ -16,9 +16,10 @@ interval, aggregation ``last`` so every point is scored exactly once):
    after the latency phase instead, when the replay since the last marker is longest.
 
 Besides: the worker's resident memory per live series (at the kill, over what it held when
-ready), the checkpoint's share of the worker's CPU (time in series snapshots over the worker's
-CPU time), and with ``--profile`` py-spy profiles of the worker (throughput phase; latency and
-checkpoint phase) summarised by ``bench/profile_summary.py`` into the result.
+ready), the checkpoint's share of the worker's CPU (the CPU time of series snapshots over the
+worker's CPU time; their wall time too, which other processes on the cores stretch), and with
+``--profile`` py-spy profiles of the worker (throughput phase; latency and checkpoint phase)
+summarised by ``bench/profile_summary.py`` into the result.
 
 ``--score-processes N`` runs the worker's score stage in N child processes (``detect
 --score-processes``); the worker's CPU time and memory include them.
@@ -535,7 +536,8 @@ def run(
         # partition snapshots every changed series) is in the share up to the kill.
         after_latency = worker.metrics()
         cpu_after_latency = worker.cpu_seconds() - cpu_at_ready
-        snapshot_s_after_latency = metric_value(after_latency, "anomstream_snapshot_seconds_sum")
+        snapshot_cpu_s_after_latency = metric_value(after_latency,
+                                                    "anomstream_snapshot_cpu_seconds_total")
 
         # Restore: once every partition has checkpointed, kill -9 with all series live
         # (--kill-at-once: right after the latency phase, the worst case for the replay).
@@ -557,7 +559,7 @@ def run(
         snapshot_s = metric_value(before_kill, "anomstream_snapshot_seconds_sum")
         snapshots = metric_value(before_kill, 'anomstream_snapshots_total{cause="checkpoint"}')
         snapshot_bytes = metric_value(before_kill, "anomstream_snapshot_bytes_total")
-        snapshot_all_s = metric_value(before_kill, "anomstream_snapshot_seconds_sum")
+        snapshot_cpu_s = metric_value(before_kill, "anomstream_snapshot_cpu_seconds_total")
         commit_all_s = metric_value(before_kill, "anomstream_commit_seconds_sum")
         worker.kill()
         before = reader.count
@@ -641,6 +643,8 @@ def run(
         "checkpoint_snapshots": int(snapshots),
         "snapshot_ms_per_series": round(1000 * snapshot_s / snapshots, 3) if snapshots
         else None,
+        "snapshot_cpu_ms_per_series": round(1000 * snapshot_cpu_s / snapshots, 3) if snapshots
+        else None,
         "snapshot_bytes_per_series": round(snapshot_bytes / snapshots) if snapshots else None,
         "live_series_at_kill": live,
         "restore_to_ready_s": round(ready_after, 3),
@@ -658,16 +662,17 @@ def run(
         # bound, the whole resident memory per series an upper one.)
         "rss_per_live_series_kb": round((rss_at_kill - rss_at_ready) / max(live, 1) / 1024, 1),
         "rss_per_live_series_upper_kb": round(rss_at_kill / max(live, 1) / 1024, 1),
-        # From ready to the kill: the worker's CPU, and the time its score stage spent taking
-        # snapshots (checkpoints; evictions, none here) and inside transaction commits (mostly
-        # waiting for the broker, so not CPU).
+        # From ready to the kill: the worker's CPU, the CPU and wall time its score stage spent
+        # taking snapshots (checkpoints; evictions, none here), its wall time inside
+        # transaction commits (mostly waiting for the broker, so not CPU).
         "worker_cpu_s_ready_to_kill": round(cpu_at_kill, 1),
-        "snapshot_s_ready_to_kill": round(snapshot_all_s, 2),
-        "checkpoint_share_of_worker_cpu": round(snapshot_all_s / cpu_at_kill, 3)
+        "snapshot_cpu_s_ready_to_kill": round(snapshot_cpu_s, 2),
+        "snapshot_wall_s_ready_to_kill": round(snapshot_s, 2),
+        "checkpoint_share_of_worker_cpu": round(snapshot_cpu_s / cpu_at_kill, 3)
         if cpu_at_kill else None,
         "commit_wall_s_ready_to_kill": round(commit_all_s, 2),
         "checkpoint_share_ready_to_latency_end": round(
-            snapshot_s_after_latency / cpu_after_latency, 3) if cpu_after_latency else None,
+            snapshot_cpu_s_after_latency / cpu_after_latency, 3) if cpu_after_latency else None,
         **evicted,
         "profiles": {phase: profile_summary.summarize(paths)
                      for phase, paths in profiles.items()},

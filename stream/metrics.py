@@ -80,6 +80,12 @@ class WorkerMetrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
             registry=r,
         )
+        # CPU, not wall time: the checkpoint's share of the worker's CPU, whatever else the
+        # machine runs meanwhile.
+        self.snapshot_cpu_seconds = Counter(
+            "anomstream_snapshot_cpu_seconds",
+            "CPU time of the snapshotting thread spent in series snapshots", registry=r,
+        )
         self.snapshot_bytes = Counter(
             "anomstream_snapshot_bytes", "Bytes of series snapshots written", registry=r
         )

@@ -459,6 +459,40 @@ def test_route_and_score_stages_in_separate_processes(
         assert [r["anomalyScore"] for r in series[tsid]] == pytest.approx(expected[host])
 
 
+def test_a_feed_that_pauses_between_bursts_is_checkpointed_once_it_stops(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Bars: every series' record of an interval arrives in one burst, 3 s apart, against
+    checkpoint rounds every second. Those pauses are the feed's rhythm, not quiet: the rounds
+    leave the series (8 windows each, under snapshot_min_changes) to later, instead of
+    snapshotting every series after every burst. Once the feed stops for longer than its
+    pauses, the checkpoint catches up with the end of the input all the same."""
+    hosts = [f"b{k}" for k in range(6)]
+    bursts = 8
+    input_topic = f"bars-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka_bootstrap, [input_topic], partitions=2)
+    topics = names("bars")
+    config = write_config(tmp_path / "detect.yaml", kafka_bootstrap, input_topic=input_topic,
+                          **topics)
+    worker = WorkerProcess(config, "bars", tmp_path)
+    try:
+        worker.wait_ready()
+        for step in range(bursts):
+            produce(kafka_bootstrap, input_topic,
+                    [point(h, step * 1000, signal_value(k, step)) for k, h in enumerate(hosts)])
+            time.sleep(3.0)
+        wait_for_results(kafka_bootstrap, topics["output"], len(hosts) * (bursts - 1), 60,
+                         [worker])
+        wait_for(lambda: worker.metric("anomstream_snapshot_age_seconds") == 0, 60,
+                 "the checkpoint at the end of the input")
+        snapshots = worker.metric("anomstream_snapshots_total", cause="checkpoint")
+    finally:
+        assert worker.stop() == 0, worker.log()
+    # At most the round before the feed's first pause was known, and the one at its end; a
+    # round per burst would be about bursts x hosts.
+    assert len(hosts) <= snapshots <= 2 * len(hosts)
+
+
 def test_restored_series_take_up_a_changed_threshold_and_keep_their_model(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:

@@ -39,15 +39,76 @@ from stream.worker.transaction import Stage
 
 log = logging.getLogger("anomstream.worker")
 
+# A partition is quiet once its silence is this many times the longest pause its feed made
+# lately: a feed of one-minute bars is not quiet in the half minute after its burst.
+QUIET_PAUSE_FACTOR = 2.0
+
+
+class Pauses:
+    """The pauses of one partition's feed, and whether its silence now is longer than they are.
+
+    A checkpoint round snapshots every changed series of a quiet partition, so that a restore
+    replays nothing (``CheckpointedStage._begin_round``). Quiet is a silence of at least
+    ``floor_s`` and of ``QUIET_PAUSE_FACTOR`` times the longest pause of the last ``horizon_s``
+    (that part capped at ``horizon_s``): a feed that sends all its records once per interval,
+    with an interval longer than ``floor_s``, pauses between its bursts without being quiet.
+
+    >>> pauses = Pauses(0, floor_s=30, horizon_s=3600)
+    >>> for second, offset in [(0, 10), (0.5, 20), (60, 30), (60.5, 40), (120, 50)]:
+    ...     pauses.heard(offset, second)  # one-minute bars, each a burst of two batches
+    >>> pauses.quiet(150), pauses.quiet(215), pauses.quiet(241)
+    (False, False, True)
+    >>> steady = Pauses(0, floor_s=30, horizon_s=3600)
+    >>> for tenth in range(1, 100):
+    ...     steady.heard(tenth, tenth / 10)  # a record every 100 ms, then silence
+    >>> steady.quiet(29.9 + 9.9), steady.quiet(30 + 9.9)
+    (False, True)
+    """
+
+    __slots__ = ("floor_s", "heard_at", "horizon_s", "longest_at", "longest_s", "offset")
+
+    def __init__(self, offset: int, floor_s: float, horizon_s: float) -> None:
+        self.floor_s = floor_s
+        self.horizon_s = horizon_s
+        self.offset = offset  # the partition's next offset when it last moved
+        # When that was seen; None before it first moved: a pause is between two moves, not
+        # from an assignment to the feed's first record.
+        self.heard_at: float | None = None
+        self.longest_s = 0.0  # the longest pause lately, and when it, or one like it, ended
+        self.longest_at = 0.0
+
+    def heard(self, offset: int, now: float) -> None:
+        """Note the partition's next offset at ``now``: a pause ends where it moved."""
+        if offset == self.offset:
+            return
+        if self.heard_at is not None:
+            pause = now - self.heard_at
+            if pause >= self.longest_s or now - self.longest_at > self.horizon_s:
+                self.longest_s, self.longest_at = pause, now
+            elif pause >= self.longest_s / QUIET_PAUSE_FACTOR:
+                self.longest_at = now  # the feed still pauses that long: keep the longest
+        self.offset, self.heard_at = offset, now
+
+    def quiet(self, now: float) -> bool:
+        """Whether the silence since the feed last moved is longer than its pauses."""
+        if self.heard_at is None:
+            return True
+        usual = self.longest_s if now - self.longest_at <= self.horizon_s else 0.0
+        wait = max(self.floor_s, min(QUIET_PAUSE_FACTOR * usual, self.horizon_s))
+        return now - self.heard_at >= wait
+
+
 class Partition:
     """What the score stage holds for one owned repartition partition."""
 
     __slots__ = ("checkpoint_offset", "checkpoint_time", "checkpointed_at", "clock",
-                 "clock_points", "committed", "live", "next_offset", "number", "replay_end",
-                 "round_clock", "round_deadline", "round_from", "round_offset", "round_paced_at",
+                 "clock_points", "committed", "live", "next_offset", "number", "pauses",
+                 "replay_end", "round_clock", "round_deadline", "round_offset", "round_paced_at",
                  "round_pending")
 
-    def __init__(self, number: int, start: int, committed: int, clock: PartitionClock) -> None:
+    def __init__(
+        self, number: int, start: int, committed: int, clock: PartitionClock, pauses: Pauses
+    ) -> None:
         self.number = number
         self.clock = clock  # stream time per input partition, after the records below next_offset
         self.next_offset = start  # one past the last record applied
@@ -64,7 +125,7 @@ class Partition:
             (start, now, clock.to_dict())
         ]
         self.live: dict[str, Series] = {}  # the others are in the stage's spill store
-        self.round_from = start  # the offset at which the last round began
+        self.pauses = pauses  # of the feed: when the partition is quiet
         self.round_offset: int | None = None  # offset of the checkpoint being written
         self.round_clock: dict[str, Any] = {}  # the clock at that offset
         self.round_pending: list[str] = []  # series still to snapshot in that checkpoint
@@ -123,6 +184,7 @@ class CheckpointedStage(Stage):
         now = time.monotonic()
         bursting = self.bursting()
         for part in sorted(self.partitions.values(), key=lambda p: p.checkpointed_at):
+            part.pauses.heard(part.next_offset, now)
             if part.round_offset is None:
                 if (part.next_offset <= part.checkpoint_offset
                         or now - part.checkpointed_at < self.snapshot_interval_s):
@@ -155,10 +217,9 @@ class CheckpointedStage(Stage):
         more than ``snapshot_max_replay`` records back) or among the records replayed on this
         restore (so that each restart that lives through one round moves the marker past what
         it replayed: a worker restarted again and again does not replay ever more), and every
-        changed series of a partition that has been quiet since its last round (quiet time is
-        free)."""
+        changed series of a quiet partition (``Pauses``: quiet time is free)."""
         offset = part.next_offset
-        quiet = offset == part.round_from
+        quiet = part.pauses.quiet(now)
         part.round_offset = offset
         part.round_clock = part.clock.to_dict()
         part.clock_points.append((offset, now, part.round_clock))
@@ -174,7 +235,6 @@ class CheckpointedStage(Stage):
             if series.dirty and (quiet or series.changes >= min_changes
                                  or series.unsaved_from < floor)
         ]
-        part.round_from = offset
         part.round_deadline = now + self.snapshot_interval_s / 2
         part.round_paced_at = now
 
@@ -204,7 +264,9 @@ class CheckpointedStage(Stage):
         self._mark(part, marker)
 
     def _snapshot(self, part: Partition, series: Series, cause: str) -> bytes:
-        began = time.perf_counter()
+        # Learning the scored windows is the scoring's work, due anyway: not the snapshot's.
+        series.detector.learn_pending()
+        began, cpu = time.perf_counter(), time.thread_time()
         payload = series.snapshot(part.next_offset)
         self.produce(self.config.topics.state, payload, series.timeseries_id,
                      partition=part.number)
@@ -212,6 +274,7 @@ class CheckpointedStage(Stage):
         series.changes = 0
         self.metrics.snapshots.labels(cause).inc()
         self.metrics.snapshot_bytes.inc(len(payload))
+        self.metrics.snapshot_cpu_seconds.inc(time.thread_time() - cpu)
         self.metrics.snapshot_seconds.observe(time.perf_counter() - began)
         return payload
 
@@ -219,7 +282,6 @@ class CheckpointedStage(Stage):
         for series in part.live.values():
             if series.dirty:
                 self._snapshot(part, series, "checkpoint")
-        part.round_from = part.next_offset
         self._mark(part, (part.next_offset, time.monotonic(), part.clock.to_dict()))
 
     def _mark(self, part: Partition, point: tuple[int, float, dict[str, Any]]) -> None:
@@ -328,7 +390,8 @@ class CheckpointedStage(Stage):
                 if clock_state is not None:
                     clock.restore(clock_state)
             committed_offset = max(committed_by_partition.get(number, -1), 0)
-            part = Partition(number, start, committed_offset, clock)
+            pauses = Pauses(start, self.snapshot_interval_s, self.snapshot_max_age_s)
+            part = Partition(number, start, committed_offset, clock, pauses)
             self._schedule_stored(part)
             self.partitions[number] = part
             log.info(
