@@ -10,7 +10,10 @@ interval, aggregation ``last`` so every point is scored exactly once):
    (``python -m app.cli detect``) starts; points/s = points / (last result readable - worker
    ready). Route, repartition, windows, scoring, results and transactions are all inside;
 3. latency: points produced at a steady rate; for each, the time from producing it to the result
-   it closes being readable by a read_committed consumer (p50, p99);
+   it closes being readable by a read_committed consumer (p50, p99). The first step (one point
+   per series) follows the throughput backlog at once, while the worker still finishes its
+   models' learning; its latency is printed apart (``latency_after_backlog_ms``), p50 and p99
+   are over the ``--latency-points`` steps after it, at the steady rate;
 4. restore: after a checkpoint, kill -9 of the worker with every series live, restart; times to
    /readyz and until every series has produced its next result. ``--kill-at-once`` kills right
    after the latency phase instead, when the replay since the last marker is longest.
@@ -29,7 +32,9 @@ workers (one process each) in one consumer group, each phase on fresh topics and
 The input is produced before the workers start, in a transaction committed once all are ready;
 points/s runs from that commit to the last result. Per phase: each worker's CPU time and the
 windows it scored, and the cores used by the workers, the broker (when the bench started it),
-the bench's result reader and the rest of the machine over the same interval.
+the bench's result reader and the rest of the machine over the same interval. The pair of
+phases runs ``--repeats`` times (one, N, one, N, ...): the speedup is that of the summed wall
+times, so a slower or faster spell of the machine falls on both sides.
 
 Prints a table and writes ``bench/results/pipeline.json``.
 
@@ -435,8 +440,9 @@ def run(
         profile_dir.mkdir(parents=True, exist_ok=True)
     names = [f"s{i:04d}" for i in range(args.series)]
     warm = args.points
-    latency_points = args.latency_points
-    values = series_values(args.series, warm + latency_points + 2)
+    # The step right after the backlog, then the steady ones (none of either with 0).
+    latency_steps = 1 + args.latency_points if args.latency_points else 0
+    values = series_values(args.series, warm + latency_steps + 2)
 
     alone = (detector_alone if args.max_live_models is None
              else partial(detector_alone_in_chunks, chunk=args.max_live_models))
@@ -506,7 +512,7 @@ def run(
         began = time.perf_counter()
         n = 0
         sent: list[tuple[str, int, float]] = []
-        for step in range(warm, warm + latency_points):
+        for step in range(warm, warm + latency_steps):
             for s in range(args.series):
                 due = began + n / rate
                 pause = due - time.perf_counter()
@@ -523,15 +529,17 @@ def run(
             key = (partition_of[name], step)
             produced_at[key] = min(at, produced_at.get(key, at))
         from contract.records import format_time
-        latencies = []
+        latencies = []  # at the steady rate: after the step that follows the backlog
         by_step: dict[int, list[float]] = {}
         for name, step, _at in sent:
             arrived = reader.arrivals.get((name, format_time((step - 1) * STEP_MS / 1000)))
             if arrived is not None:
                 latency = (arrived - produced_at[(partition_of[name], step)]) * 1000
-                latencies.append(latency)
+                if step > warm:
+                    latencies.append(latency)
                 by_step.setdefault(step, []).append(latency)
         latencies.sort()
+        after_backlog = sorted(by_step.get(warm, []))
         # The checkpoint's share while points arrive; the round the wait below brings (a quiet
         # partition snapshots every changed series) is in the share up to the kill.
         after_latency = worker.metrics()
@@ -568,7 +576,7 @@ def run(
         worker = restarted
         ready_after = restarted.wait_ready() - restarted.started
         cpu_restart = restarted.cpu_seconds()
-        step = warm + latency_points
+        step = warm + latency_steps
         for s in range(args.series):
             producer.produce(input_topic, record(names[s], step, float(values[s, step])),
                              names[s])
@@ -626,8 +634,13 @@ def run(
         "latency_samples": len(latencies),
         "latency_p50_ms": round(percentile(latencies, 0.50), 2),
         "latency_p99_ms": round(percentile(latencies, 0.99), 2),
-        # Per step of the latency phase (a burst of --series windows each): the first step
-        # closes the windows the throughput phase left open, right after its backlog.
+        # The step right after the throughput backlog: its burst closes the windows the backlog
+        # left open, and meets models that have not finished learning the backlog's last points.
+        "latency_after_backlog_ms": {
+            "p50": round(percentile(after_backlog, 0.50), 1),
+            "p99": round(percentile(after_backlog, 0.99), 1),
+            "max": round(after_backlog[-1], 1) if after_backlog else None},
+        # Per step of the latency phase (a burst of --series windows each), that one first.
         "latency_by_step_ms": [
             {"p0": round(s[0], 1), "p50": round(percentile(s, 0.50), 1),
              "p99": round(percentile(s, 0.99), 1), "max": round(s[-1], 1)}
@@ -829,23 +842,38 @@ def run_workers(
             for step in range(args.points) for s in range(args.series)]
     warm_broker(bootstrap, workdir, args, params)
     phases = []
-    for n in (1, args.workers):
-        console.print(f"{n} worker(s): {args.series} series x {args.points} points ...")
-        phases.append(workers_phase(bootstrap, workdir, args, n, bulk, broker_pid))
-    one, many = phases
+    for repeat in range(args.repeats):
+        for n in (1, args.workers):
+            console.print(f"{n} worker(s), pass {repeat + 1} of {args.repeats}: "
+                          f"{args.series} series x {args.points} points ...")
+            phases.append(workers_phase(bootstrap, workdir, args, n, bulk, broker_pid))
     print_phases(phases)
+    ones, manys = phases[0::2], phases[1::2]
+
+    def total(group: list[dict[str, Any]], key: str) -> float:
+        return sum(phase[key] for phase in group)
+
+    def cpu_us(group: list[dict[str, Any]]) -> float:
+        return 1e6 * sum(sum(phase["worker_cpu_s"]) for phase in group) / total(group, "points")
+
+    def cores(group: list[dict[str, Any]]) -> float:
+        return sum(phase["cores_workers"] * phase["wall_s"] for phase in group) / total(
+            group, "wall_s")
+
     return {
         "series": args.series,
         "points_per_series": args.points,
         "partitions": PARTITIONS,
         "detector_params": params,
-        "phases": {f"workers_{phase['workers']}": phase for phase in phases},
-        "speedup_points_per_s": round(many["points_per_s"] / one["points_per_s"], 3),
+        "repeats": args.repeats,
+        "phases": phases,
+        "speedup_points_per_s": round(total(ones, "wall_s") / total(manys, "wall_s"), 3),
+        "speedup_per_pass": [round(one["wall_s"] / many["wall_s"], 3)
+                             for one, many in zip(ones, manys, strict=True)],
         # points/s = workers' cores / CPU per point, so the speedup is the product of these two:
         # how many more cores the workers got, and how much CPU a point cost more or less.
-        "worker_cores_ratio": round(many["cores_workers"] / one["cores_workers"], 3),
-        "cpu_per_point_efficiency": round(
-            one["worker_cpu_us_per_point"] / many["worker_cpu_us_per_point"], 3),
+        "worker_cores_ratio": round(cores(manys) / cores(ones), 3),
+        "cpu_per_point_efficiency": round(cpu_us(ones) / cpu_us(manys), 3),
         "broker_measured": broker_pid is not None,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -858,7 +886,8 @@ def main() -> int:
     parser.add_argument("--series", type=int, default=1000)
     parser.add_argument("--points", type=int, default=100, help="points per series (throughput)")
     parser.add_argument("--latency-points", type=int, default=3,
-                        help="points per series produced at a steady rate (latency)")
+                        help="points per series produced at a steady rate (latency), after "
+                             "the one that follows the backlog (0: no latency phase)")
     parser.add_argument("--latency-rate", type=float, default=500.0, help="points/s")
     parser.add_argument("--snapshot-interval", type=float, default=30.0,
                         help="seconds (the worker's default)")
@@ -886,6 +915,8 @@ def main() -> int:
                         help="multiplies the throughput (600 s) and restore (180 s) time-outs")
     parser.add_argument("--profile", metavar="DIR",
                         help="py-spy the worker; collapsed stacks and summaries go to DIR")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="with --workers: passes of one worker then N (default 2)")
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="instead of the phases above: points/s of one worker, then of N "
                              "in one group, over the same input (N must divide the "
@@ -894,6 +925,8 @@ def main() -> int:
     if args.workers and (args.workers < 2 or PARTITIONS % args.workers):
         # An uneven split would measure the partition layout, not the workers.
         parser.error(f"--workers must be 2 or more and divide {PARTITIONS}")
+    if args.repeats < 1:
+        parser.error("--repeats must be 1 or more")
     tmp = tempfile.mkdtemp(prefix="bench-pipeline-")
     try:
         workdir = Path(tmp)
@@ -913,7 +946,7 @@ def main() -> int:
     table.add_column("measure")
     table.add_column("value", justify="right")
     for key, value in result.items():
-        if not isinstance(value, dict):
+        if not isinstance(value, dict) and key != "phases":  # phases: printed above
             table.add_row(key, str(value))
     console.print(table)
     out = Path(args.out)
