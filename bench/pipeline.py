@@ -278,6 +278,11 @@ class WorkerRun:
         processes all live from its start to its stop or kill."""
         return sum(process_cpu_seconds(pid) for pid in self.pids())
 
+    def cpu_seconds_by_process(self) -> dict[int, float]:
+        """The same per process: the worker's first (the route stage, with the score stage
+        unless it runs in children), then its children."""
+        return {pid: process_cpu_seconds(pid) for pid in self.pids()}
+
     def metrics(self) -> str:
         texts = []
         for port in self.ports:
@@ -468,6 +473,7 @@ def run(
         ready_at = worker.wait_ready()
         use = CoreUse([worker], broker_pid)
         cpu_at_ready = worker.cpu_seconds()
+        cpu_by_process_at_ready = worker.cpu_seconds_by_process()
         rss_at_ready = worker.rss_bytes()
         profiles: dict[str, list[Path]] = {}
         profiler = Profiler(worker, profile_dir / "throughput.txt") if profile_dir else None
@@ -483,6 +489,8 @@ def run(
         reader.wait_count(expected, 10)
         pipeline_s = reader.last_at - ready_at
         pipeline_cpu_s = worker.cpu_seconds() - cpu_at_ready
+        cpu_by_process = {pid: cpu - cpu_by_process_at_ready.get(pid, 0.0)
+                          for pid, cpu in worker.cpu_seconds_by_process().items()}
         use.end()
         if profiler is not None:
             profiles["throughput"] = profiler.stop()
@@ -627,6 +635,9 @@ def run(
         "pipeline_worker_cpu_us_per_point": round(1e6 * pipeline_cpu_s / pipeline_points, 1),
         "pipeline_vs_detector_cpu_ratio": round(
             alone_cpu_per_point / (pipeline_cpu_s / pipeline_points), 3),
+        # Per process: the worker's own first (its route stage), then its score processes.
+        "pipeline_worker_cpu_us_per_point_by_process": [
+            round(1e6 * cpu / pipeline_points, 1) for cpu in cpu_by_process.values()],
         # points/s = the worker's cores / its CPU per point: the cores each party used during
         # the throughput phase say how many the worker had.
         "throughput_cores": use.cores(pipeline_s),
